@@ -1,0 +1,36 @@
+# Two commands for newcomers (README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PYTHONSAFEPATH := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo plan-demo test venv goldens clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job on its embedded default: VRAM plans for the two built-in 1M-token models.
+plan-demo: $(STAMP)
+	$(BIN)/longserve plan --model Qwen/Qwen2.5-7B-Instruct-1M --gpu H200-141GB
+	$(BIN)/longserve plan --model Qwen/Qwen2.5-14B-Instruct-1M --gpu H100-80GB
+
+demo: plan-demo
+
+# The whole test suite (what CI runs through .ci/run).
+test: $(STAMP)
+	TRITON_INTERPRET=1 bash tools/check.sh
+
+# Regenerate golden files (review the diff like code).
+goldens: $(STAMP)
+	TRITON_INTERPRET=1 LONGSERVE_REGEN_GOLDENS=1 $(BIN)/pytest -q -m "not gpu and not cluster" tests
+
+clean:
+	rm -rf $(VENV) .tools build dist *.egg-info

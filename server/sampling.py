@@ -1,0 +1,74 @@
+"""`SamplingParams`: per-request generation settings (torch-free, validated at construction).
+
+Defaults follow the OpenAI/vLLM conventions in serving.md §1.2. `max_tokens=None` means
+"up to the engine's cap" (`EngineConfig.max_output_tokens`, also bounded by the context left).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0            # 0 => greedy
+    top_p: float = 1.0
+    top_k: int = -1                     # -1 or 0 => disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None         # number of top logprobs per generated token (0 => only the chosen)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # accept lists for convenience, store tuples (frozen + hashable)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        errors = []
+        if not isinstance(self.n, int) or self.n < 1:
+            errors.append(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            errors.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            errors.append(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            errors.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            errors.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2:
+            errors.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2 <= self.frequency_penalty <= 2:
+            errors.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            errors.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            errors.append(f"min_tokens must be >= 0, got {self.min_tokens}")
+        elif self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            errors.append(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            errors.append(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            errors.append("stop must be non-empty strings")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
