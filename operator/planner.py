@@ -1,0 +1,278 @@
+"""The VRAM planner: tensor parallelism and prefill chunk from a GPU memory budget.
+
+Pure and deterministic: `plan(model, gpu, request) -> Plan`. No I/O, no Kubernetes, no torch.
+The memory model and its arithmetic (incl. the published-floor check) live in `memory.py`.
+
+Plan choice (operator.md §4.3): TP candidates divide both head counts and are ≤ gpus_per_node;
+MinGPUs takes the smallest TP that fits, MaxPrefillThroughput the largest; for a TP the chunk is the
+largest of 131072, 65536, 32768, 16384, 8192 (≤ max_model_len) that fits. Manual TP/chunk are
+validated, not trusted. An infeasible request yields a Plan with feasible=False, the reason and
+alternatives (largest max_model_len per valid TP, the TP that would fit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from longserve.operator.catalog import GpuSpec, ModelEntry
+from longserve.operator.memory import (
+    GB, KV_BLOCK_SIZE, MemoryBreakdown, chunk_candidates, memory_breakdown, valid_tensor_parallel_sizes)
+from longserve.server.config import EngineConfig
+
+OBJECTIVES = ("MinGPUs", "MaxPrefillThroughput")
+MODES = ("Auto", "Manual", "DryRun")
+RUNTIMES = ("native", "vllm", "sglang")
+
+
+@dataclass(frozen=True, slots=True)
+class SizingRequest:
+    max_model_len: int
+    max_num_seqs: int = 1
+    objective: str = "MinGPUs"
+    mode: str = "Auto"
+    tensor_parallel_size: int | None = None
+    prefill_chunk_tokens: int | None = None
+    gpu_memory_utilization: float = 0.90
+    safety_margin_percent: float = 10.0
+    gpus_per_node: int = 8
+    runtime: str = "native"
+    memory_per_gpu_bytes: int | None = None
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.max_model_len < KV_BLOCK_SIZE:
+            errors.append(f"max_model_len must be >= {KV_BLOCK_SIZE}")
+        if self.max_num_seqs < 1:
+            errors.append("max_num_seqs must be >= 1")
+        if self.objective not in OBJECTIVES:
+            errors.append(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if self.mode not in MODES:
+            errors.append(f"sizing mode must be one of {', '.join(MODES)}")
+        if self.runtime not in RUNTIMES:
+            errors.append(f"runtime must be one of {', '.join(RUNTIMES)}")
+        if not 0.5 <= self.gpu_memory_utilization <= 0.98:
+            errors.append("gpu_memory_utilization must be within [0.5, 0.98]")
+        if not 0 <= self.safety_margin_percent <= 50:
+            errors.append("safety_margin_percent must be within [0, 50]")
+        if self.gpus_per_node < 1:
+            errors.append("gpus_per_node must be >= 1")
+        if self.memory_per_gpu_bytes is not None and self.memory_per_gpu_bytes <= 0:
+            errors.append("memory per GPU must be positive")
+        if self.mode == "Manual" and self.tensor_parallel_size is None:
+            errors.append("Manual sizing needs tensor_parallel_size")
+        if self.mode != "Manual" and self.tensor_parallel_size is not None:
+            errors.append("tensor_parallel_size is only set in Manual sizing mode")
+        if self.mode != "Manual" and self.prefill_chunk_tokens is not None:
+            errors.append("prefill_chunk_tokens is only set in Manual sizing mode")
+        chunk = self.prefill_chunk_tokens
+        if chunk is not None and (chunk < KV_BLOCK_SIZE or chunk % KV_BLOCK_SIZE):
+            errors.append(f"prefill_chunk_tokens must be a positive multiple of {KV_BLOCK_SIZE}, got {chunk}")
+        elif chunk is not None and chunk > self.max_model_len:
+            errors.append(f"prefill_chunk_tokens ({chunk}) must not exceed max_model_len ({self.max_model_len})")
+        return errors
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    feasible: bool
+    reason: str
+    model: str
+    gpu: str
+    runtime: str
+    objective: str
+    mode: str
+    tensor_parallel_size: int | None
+    prefill_chunk_tokens: int | None
+    max_model_len: int
+    max_num_seqs: int
+    kv_capacity_tokens: int
+    gpu_memory_utilization: float | None
+    kv_bytes_per_token: int
+    weight_bytes: int
+    memory_per_gpu_bytes: int
+    per_gpu_bytes: dict = field(default_factory=dict)
+    total_bytes: int = 0
+    explanation: str = ""
+    alternatives: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "feasible": self.feasible, "reason": self.reason, "model": self.model, "gpu": self.gpu,
+            "runtime": self.runtime, "objective": self.objective, "mode": self.mode,
+            "tensorParallelSize": self.tensor_parallel_size, "gpusPerReplica": self.tensor_parallel_size,
+            "prefillChunkTokens": self.prefill_chunk_tokens, "maxModelLen": self.max_model_len,
+            "maxNumSeqs": self.max_num_seqs, "kvCapacityTokens": self.kv_capacity_tokens,
+            "gpuMemoryUtilization": self.gpu_memory_utilization,
+            "kvBytesPerToken": self.kv_bytes_per_token, "weightBytes": self.weight_bytes,
+            "memoryPerGpuBytes": self.memory_per_gpu_bytes, "perGpuBytes": dict(self.per_gpu_bytes),
+            "totalBytes": self.total_bytes, "explanation": self.explanation,
+            "alternatives": [dict(a) for a in self.alternatives],
+        }
+
+
+class _Ctx:
+    """Everything fixed for one planning call."""
+
+    def __init__(self, model: ModelEntry, gpu: GpuSpec | None, req: SizingRequest):
+        self.model, self.gpu, self.req = model, gpu, req
+        self.memory = float(req.memory_per_gpu_bytes or (gpu.memory_bytes if gpu else 0))
+        self.margin = req.safety_margin_percent / 100
+
+    def breakdown(self, tp: int, chunk: int, max_model_len: int | None = None) -> MemoryBreakdown:
+        return memory_breakdown(self.model, tp, chunk, max_model_len or self.req.max_model_len,
+                                self.req.max_num_seqs, self.req.runtime, self.memory,
+                                self.req.gpu_memory_utilization, self.margin)
+
+    def best_chunk(self, tp: int, max_model_len: int | None = None) -> tuple[int, MemoryBreakdown] | None:
+        for chunk in chunk_candidates(max_model_len or self.req.max_model_len):
+            bd = self.breakdown(tp, chunk, max_model_len)
+            if bd.feasible:
+                return chunk, bd
+        return None
+
+    def kv_capacity(self, tp: int, bd: MemoryBreakdown) -> int:
+        """KV tokens the budget holds once everything else is placed (all that is left goes to KV)."""
+        f = self.model.facts
+        per_token = f.kv_bytes_per_token(self.model.dtype_bytes) / tp
+        if self.req.runtime == "native":
+            room = bd.budget - (bd.total - bd.kv)
+        else:
+            room = bd.budget / (1 + bd.margin) - (bd.pool(self.req.runtime) - bd.kv)
+        tokens = int(max(room, 0) // per_token)
+        return tokens // KV_BLOCK_SIZE * KV_BLOCK_SIZE
+
+    def max_len_fitting(self, tp: int) -> tuple[int, int] | None:
+        """Largest max_model_len (multiple of 16) that fits at `tp`, with its chunk."""
+        limit = self.model.facts.max_position_embeddings
+        lo, hi = 0, limit // KV_BLOCK_SIZE
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.best_chunk(tp, mid * KV_BLOCK_SIZE):
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            return None
+        n = lo * KV_BLOCK_SIZE
+        return n, self.best_chunk(tp, n)[0]
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f}"
+
+
+def _describe(bd: MemoryBreakdown, runtime: str = "native") -> str:
+    terms = (f"weights {_gb(bd.weights)}, KV {_gb(bd.kv)}, activations {_gb(bd.activations)}, "
+             f"attention {_gb(bd.attention + bd.estimation)}, overhead {_gb(bd.overhead)}")
+    if runtime == "native":
+        return f"{_gb(bd.total)} of {_gb(bd.budget)} GB per GPU ({terms})"
+    pool = bd.pool(runtime)
+    return (f"{_gb(bd.total)} GB per GPU ({terms}), of which the {runtime} pool of {_gb(pool)} GB must fit "
+            f"its {_gb(bd.budget)} GB fraction")
+
+
+def _alternatives(ctx: _Ctx, all_tps: list[int]) -> list[dict]:
+    alts = []
+    for tp in all_tps:
+        fit = ctx.best_chunk(tp)
+        entry = {"tensorParallelSize": tp, "fitsRequestedLength": fit is not None,
+                 "withinGpusPerNode": tp <= ctx.req.gpus_per_node}
+        if fit:
+            entry["prefillChunkTokens"] = fit[0]
+        longest = ctx.max_len_fitting(tp)
+        entry["maxModelLen"] = longest[0] if longest else 0
+        if longest:
+            entry["prefillChunkTokensAtMaxModelLen"] = longest[1]
+        alts.append(entry)
+    return alts
+
+
+def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan:
+    """Size tensor parallelism and prefill chunk for `model` on `gpu` (pure, deterministic)."""
+    f = model.facts
+    ctx = _Ctx(model, gpu, request)
+    base = dict(model=model.hf_id, gpu=gpu.name if gpu else "custom", runtime=request.runtime,
+                objective=request.objective, mode=request.mode, max_model_len=request.max_model_len,
+                max_num_seqs=request.max_num_seqs, kv_bytes_per_token=f.kv_bytes_per_token(model.dtype_bytes),
+                weight_bytes=model.weight_bytes, memory_per_gpu_bytes=int(ctx.memory))
+
+    def infeasible(reason: str, explanation: str, alternatives=()) -> Plan:
+        return Plan(feasible=False, reason=reason, tensor_parallel_size=request.tensor_parallel_size,
+                    prefill_chunk_tokens=request.prefill_chunk_tokens, kv_capacity_tokens=0,
+                    gpu_memory_utilization=None, explanation=explanation,
+                    alternatives=tuple(alternatives), **base)
+
+    errors = request.validate()
+    if ctx.memory <= 0:
+        errors.append("the GPU memory is unknown: name a catalog GPU or set the memory per GPU")
+    if request.max_model_len > f.max_position_embeddings:
+        errors.append(f"max_model_len {request.max_model_len} exceeds the model's maximum "
+                      f"{f.max_position_embeddings} (max_position_embeddings)")
+    all_tps = valid_tensor_parallel_sizes(model, 8)
+    tps = [t for t in all_tps if t <= request.gpus_per_node]
+    heads = f"{f.num_heads} attention heads and {f.num_kv_heads} KV heads"
+    if request.tensor_parallel_size is not None and request.tensor_parallel_size not in all_tps:
+        errors.append(f"tensor parallel size {request.tensor_parallel_size} must divide both the {heads} "
+                      f"of {model.short_name}; valid: {', '.join(map(str, all_tps))}")
+    elif request.tensor_parallel_size is not None and request.tensor_parallel_size > request.gpus_per_node:
+        errors.append(f"tensor parallel size {request.tensor_parallel_size} exceeds the "
+                      f"{request.gpus_per_node} GPUs per node")
+    if errors:
+        return infeasible("InvalidSpec", "; ".join(errors))
+
+    candidates = [request.tensor_parallel_size] if request.mode == "Manual" else tps
+    if request.objective == "MaxPrefillThroughput" and request.mode != "Manual":
+        candidates = list(reversed(candidates))
+    intro = f"TP candidates {','.join(map(str, candidates))} (divide {heads}, ≤ {request.gpus_per_node} GPUs per node)."
+    chosen = None
+    for tp in candidates:
+        if request.prefill_chunk_tokens is not None:
+            bd = ctx.breakdown(tp, request.prefill_chunk_tokens)
+            fit = (request.prefill_chunk_tokens, bd) if bd.feasible else None
+        else:
+            fit = ctx.best_chunk(tp)
+        if fit:
+            chosen = (tp, *fit)
+            break
+    if chosen is None:
+        alts = _alternatives(ctx, all_tps)
+        hints = []
+        for a in alts:
+            if a["fitsRequestedLength"]:
+                where = "" if a["withinGpusPerNode"] else " (needs more GPUs per node)"
+                hints.append(f"TP {a['tensorParallelSize']} fits{where}")
+            elif a["maxModelLen"]:
+                hints.append(f"at TP {a['tensorParallelSize']} about {a['maxModelLen']:,} tokens fit")
+        smallest = ctx.breakdown(candidates[0], chunk_candidates(request.max_model_len)[-1])
+        explanation = (f"{intro} Nothing fits {request.max_model_len:,} tokens × {request.max_num_seqs} "
+                       f"sequence(s) on {base['gpu']}: at TP {candidates[0]} the smallest chunk needs "
+                       f"{_describe(smallest, request.runtime)}. Alternatives: {'; '.join(hints) or 'none'}.")
+        return infeasible("Infeasible", explanation, alts)
+
+    tp, chunk, bd = chosen
+    why_chunk = ("the requested chunk" if request.prefill_chunk_tokens is not None
+                 else "the largest chunk that fits")
+    why_tp = {"Manual": "the requested TP",
+              "MinGPUs": "the smallest TP that fits"}.get(request.mode if request.mode == "Manual"
+                                                         else request.objective, "the largest valid TP")
+    explanation = (f"{intro} TP={tp} ({why_tp}) fits with chunk {chunk} ({why_chunk}): {_describe(bd, request.runtime)}.")
+    if request.runtime != "native":
+        explanation += (f" {request.runtime} gets memory fraction {bd.fraction:.2f}: the DCA/sparse transients "
+                        f"({_gb(bd.attention + bd.estimation)} GB) lie outside its profiled pool.")
+    return Plan(feasible=True, reason="PlanComputed", tensor_parallel_size=tp, prefill_chunk_tokens=chunk,
+                kv_capacity_tokens=ctx.kv_capacity(tp, bd), gpu_memory_utilization=round(bd.fraction, 2),
+                per_gpu_bytes=bd.as_dict(), total_bytes=int(bd.total * tp), explanation=explanation,
+                **base)
+
+
+def engine_config_for(p: Plan, *, model_path: str, served_model_name: str, max_output_tokens: int = 8192,
+                      http_port: int = 8000, grpc_port: int = 50051, **overrides) -> EngineConfig:
+    """The EngineConfig a feasible plan renders into the pod (architecture.md §4)."""
+    if not p.feasible:
+        raise ValueError(f"cannot build an engine config from an infeasible plan: {p.explanation}")
+    cfg = EngineConfig(
+        schema_version=1, runtime=p.runtime, model_path=model_path, served_model_name=served_model_name,
+        tensor_parallel_size=p.tensor_parallel_size, max_model_len=p.max_model_len,
+        max_num_seqs=p.max_num_seqs, max_output_tokens=min(max_output_tokens, p.max_model_len - 1),
+        prefill_chunk_tokens=p.prefill_chunk_tokens, gpu_memory_utilization=p.gpu_memory_utilization,
+        http_port=http_port, grpc_port=grpc_port)
+    return replace(cfg, **overrides) if overrides else cfg
