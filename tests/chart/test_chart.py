@@ -1,0 +1,104 @@
+"""Helm chart: strict lint and offline rendering with a real helm binary, values schema, CRD copy,
+dashboards freshness, and every dashboard/alert expression naming metrics the server exports."""
+import importlib.util
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "longserve"
+HELM = ROOT / ".tools" / "bin" / "helm"
+
+
+@pytest.fixture(scope="module")
+def helm():
+    subprocess.run(["bash", str(ROOT / "tools" / "fetch_helm.sh")], check=True, capture_output=True, timeout=300)
+    return str(HELM)
+
+
+def _template(helm, *args):
+    run = subprocess.run([helm, "template", "t", str(CHART), "--namespace", "ls", *args],
+                         capture_output=True, text=True, timeout=60)
+    return run
+
+
+def test_lint_and_render(helm):
+    lint = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    out = _template(helm, "--include-crds")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "Deployment", "ClusterRole", "ClusterRoleBinding", "ServiceAccount",
+            "Service", "ConfigMap", "Job", "Pod"} <= kinds
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_namespaced_mode_uses_a_role(helm):
+    out = _template(helm, "--set", "watchNamespace=models")
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["metadata"]["namespace"] == "models"
+    assert not any(d["kind"] == "ClusterRole" and d["metadata"]["name"] == "t-longserve" for d in docs)
+
+
+@pytest.mark.parametrize("setting", ["operator.replicas=2", "image.pullPolicy=Sometimes",
+                                     "watchNamespace=Bad_Name", "monitoring.serviceMonitor.interval=often",
+                                     "surprise=1"])
+def test_values_schema_rejects_bad_values(helm, setting):
+    out = _template(helm, "--set", setting)
+    assert out.returncode != 0 and "schema" in (out.stderr + out.stdout).lower()
+
+
+def test_chart_crd_is_the_manifests_crd():
+    chart_crd = CHART / "crds" / "longcontextmodels.longserve.io.yaml"
+    manifests_crd = ROOT / "manifests" / "crd" / "longcontextmodels.longserve.io.yaml"
+    assert chart_crd.read_text() == manifests_crd.read_text()
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_dashboards", ROOT / "tools" / "gen_dashboards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboards_are_fresh():
+    for name, text in _load_generator().render().items():
+        assert (CHART / "dashboards" / name).read_text() == text, f"run python tools/gen_dashboards.py ({name})"
+
+
+METRIC = re.compile(r"\b((?:longserve|vllm)[:_][a-zA-Z0-9_:]+)")
+SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def _expressions(helm):
+    exprs = []
+    for path in (CHART / "dashboards").glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            exprs += [t["expr"] for t in panel["targets"]]
+    out = _template(helm, "--set", "monitoring.prometheusRule.enabled=true")
+    for doc in yaml.safe_load_all(out.stdout):
+        if doc and doc["kind"] == "PrometheusRule":
+            exprs += [r["expr"] for g in doc["spec"]["groups"] for r in g["rules"]]
+    return exprs
+
+
+def test_every_expression_uses_exported_metric_names(helm):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = pytest.importorskip("longserve.server.api.metrics")
+    exposition = metrics.sample_exposition() if hasattr(metrics, "sample_exposition") else None
+    assert exposition, "longserve.server.api.metrics.sample_exposition() must render a /metrics sample"
+    samples = {s.name for fam in text_string_to_metric_families(exposition) for s in fam.samples}
+    exprs = _expressions(helm)
+    assert len(exprs) >= 15
+    for expr in exprs:
+        for name in METRIC.findall(expr):
+            assert name in samples or any(name == s.removesuffix(x) for s in samples for x in SUFFIXES), \
+                f"{name} in {expr!r} is not exported"
