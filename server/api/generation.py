@@ -1,0 +1,356 @@
+"""Protocol-neutral request handling shared by HTTP and gRPC.
+
+Prompt resolution (tokenization off the event loop), the context-length rule of serving.md §1.3,
+sampling defaults (request -> generation_config.json -> OpenAI), and `EventStream`: engine
+requests pumped into one queue, with keep-alive ticks, metrics, and abort-on-close so a client
+that goes away frees its KV at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from longserve.server.api.engine_client import (CompletionDelta, EngineDeadError, PrefillProgress,
+                                                 RequestFinished, RequestRejected)
+from longserve.server.api.errors import APIError, BadRequest, EngineFailure, Overloaded, Unavailable, \
+    model_not_found
+from longserve.server.api.lifecycle import ServerState
+from longserve.server.api.metrics import Metrics
+from longserve.server.config import EngineConfig
+from longserve.server.sampling import SamplingParams
+
+log = logging.getLogger("longserve.server.api")
+
+TIMEOUT = object()   # EventStream.get: nothing arrived within the timeout
+END = object()       # EventStream.get: every engine request has ended
+_DONE = object()
+
+# generation_config.json keys that act as request defaults, mapped to SamplingParams fields
+_GEN_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_OVERLOAD_CODES = {"overloaded", "queue_full", "rate_limited"}
+
+
+def load_generation_defaults(model_path: str) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json ({} when absent or unreadable)."""
+    path = os.path.join(model_path, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in _GEN_CONFIG_KEYS if isinstance(data.get(k), (int, float))
+            and not isinstance(data.get(k), bool)}
+
+
+@dataclass
+class EngineRequest:
+    """One engine request; a multi-prompt completion has several, its choices offset by `choice_offset`."""
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    choice_offset: int = 0
+    prompt_text: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    request: EngineRequest
+    event: PrefillProgress | CompletionDelta | RequestFinished
+
+
+class RequestRecorder:
+    """Metrics of one engine request; guarantees exactly one outcome."""
+
+    def __init__(self, metrics: Metrics, arrival: float, n: int):
+        self.metrics = metrics
+        self.arrival = arrival
+        self.first_token: float | None = None
+        self.last_token = [None] * n
+        self.tokens = [0] * n
+        self.prefilled = 0
+        self.done = False
+
+    def on_event(self, event) -> None:
+        now = time.monotonic()
+        if isinstance(event, PrefillProgress):
+            self.prefilled = event.processed_tokens
+        elif isinstance(event, CompletionDelta) and event.token_ids:
+            if self.first_token is None:
+                self.first_token = now
+            i = event.index
+            if 0 <= i < len(self.tokens):
+                previous = self.last_token[i]
+                if previous is not None:
+                    step = (now - previous) / len(event.token_ids)
+                    for _ in event.token_ids:
+                        self.metrics.observe_itl(step)
+                self.last_token[i] = now
+                self.tokens[i] = event.num_output_tokens or self.tokens[i] + len(event.token_ids)
+        elif isinstance(event, RequestFinished):
+            ttft = event.timings.first_token_seconds
+            if ttft is None and self.first_token is not None:
+                ttft = self.first_token - self.arrival
+            if ttft is not None:
+                self.metrics.observe_first_token(ttft)
+            self.metrics.observe_finished(event, self.tokens)
+            reasons = event.finish_reasons
+            outcome = "abort" if "abort" in reasons else ("length" if reasons and all(
+                r == "length" for r in reasons) else "stop")
+            self.outcome(outcome)
+
+    def outcome(self, outcome: str) -> None:
+        if not self.done:
+            self.done = True
+            self.metrics.observe_outcome(outcome)
+
+    def unfinished(self, outcome: str) -> None:
+        """The engine request ended without RequestFinished (client gone, drain, engine error)."""
+        if self.done:
+            return
+        if self.first_token is not None:
+            self.metrics.observe_first_token(self.first_token - self.arrival)
+        self.metrics.prefill_tokens.inc(self.prefilled)
+        self.metrics.generation_tokens.inc(sum(self.tokens))
+        self.outcome(outcome)
+
+
+class EventStream:
+    """Events of one API request's engine requests, in arrival order. Always `close()` it."""
+
+    def __init__(self, core: "GenerationCore", requests: Sequence[EngineRequest]):
+        self._core = core
+        self._engine = core.state.require_engine()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._open = len(requests)
+        self._getter: asyncio.Task | None = None
+        self._pumps = [asyncio.create_task(self._pump(r)) for r in requests]
+        core.state.streams.add(self)
+
+    async def get(self, timeout: float | None = None):
+        """Next StreamItem, or TIMEOUT / END; raises APIError for a failed engine request."""
+        while True:
+            if self._open == 0 and self._queue.empty():
+                return END
+            if self._getter is None:
+                self._getter = asyncio.create_task(self._queue.get())
+            done, _ = await asyncio.wait({self._getter}, timeout=timeout)
+            if not done:
+                return TIMEOUT
+            item = self._getter.result()
+            self._getter = None
+            if item is _DONE:
+                self._open -= 1
+                continue
+            if isinstance(item, APIError):
+                raise item
+            return item
+
+    async def abort(self) -> None:
+        """Stop the engine requests (drain past the grace period); `get` then reaches END."""
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.abort()
+        if self._getter is not None:
+            self._getter.cancel()
+            self._getter = None
+        self._core.state.streams.discard(self)
+
+    async def _pump(self, req: EngineRequest) -> None:
+        recorder = RequestRecorder(self._core.metrics, req.arrival, req.params.n)
+        events = self._engine.generate(req.request_id, req.prompt_ids, req.params)
+        finished = False
+        outcome = "abort"
+        try:
+            async for event in events:
+                recorder.on_event(event)
+                finished = finished or isinstance(event, RequestFinished)
+                self._queue.put_nowait(StreamItem(req, event))
+        except RequestRejected as exc:
+            outcome = "rejected_overload" if exc.code in _OVERLOAD_CODES else (
+                "rejected_too_long" if exc.param == "input_tokens" else "rejected_invalid")
+            recorder.outcome(outcome)
+            error = Overloaded if exc.code in _OVERLOAD_CODES else BadRequest
+            self._queue.put_nowait(error(exc.message, exc.param))
+        except EngineDeadError as exc:
+            outcome = "error"
+            await self._core.state.mark_dead()
+            self._queue.put_nowait(Unavailable(f"Service unavailable: the engine has failed ({exc})."))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # an engine bug must not take the server down: report it as a value
+            outcome = "error"
+            log.exception("engine request %s failed", req.request_id)
+            self._queue.put_nowait(EngineFailure(f"Engine error: {type(exc).__name__}: {exc}"))
+        finally:
+            if not finished:
+                await self._stop_engine_request(events, req.request_id)
+                recorder.unfinished(outcome)
+            self._queue.put_nowait(_DONE)
+
+    async def _stop_engine_request(self, events, request_id: str) -> None:
+        try:
+            await events.aclose()
+        except Exception:
+            log.exception("closing engine request %s failed", request_id)
+        try:
+            await self._engine.abort(request_id)
+        except Exception:
+            log.exception("aborting engine request %s failed", request_id)
+
+
+class GenerationCore:
+    """Everything HTTP and gRPC share about turning a request into engine requests."""
+
+    def __init__(self, state: ServerState, metrics: Metrics, config: EngineConfig, *,
+                 keepalive_s: float = 10.0, admission_wait_s: float = 1.0):
+        self.state = state
+        self.metrics = metrics
+        self.config = config
+        self.served_model_name = config.served_model_name
+        self.keepalive_s = keepalive_s
+        self.admission_wait_s = admission_wait_s
+        self.defaults: dict = {}
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longserve-tokenize")
+
+    def engine_loaded(self, engine) -> None:
+        """Read what depends on the loaded engine (model path for generation_config.json)."""
+        self.defaults = load_generation_defaults(engine.model_info.model_path)
+
+    def shutdown(self) -> None:
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def max_model_len(self) -> int:
+        engine = self.state.engine
+        return engine.model_info.max_model_len if engine is not None else self.config.max_model_len
+
+    @property
+    def max_output_tokens(self) -> int:
+        engine = self.state.engine
+        return engine.model_info.max_output_tokens if engine is not None else self.config.max_output_tokens
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.served_model_name:
+            raise model_not_found(name)
+
+    async def _in_pool(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
+
+    async def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        engine = self.state.loaded_engine()
+        return list(await self._in_pool(engine.encode, text, add_special_tokens=add_special_tokens))
+
+    async def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+        if not messages:
+            raise BadRequest("messages must be a non-empty list", param="messages")
+        if continue_final_message and add_generation_prompt:
+            raise BadRequest("continue_final_message and add_generation_prompt cannot both be true",
+                             param="continue_final_message")
+        engine = self.state.loaded_engine()
+        kwargs = dict(template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        try:
+            return await self._in_pool(engine.apply_chat_template, messages,
+                                       add_generation_prompt=add_generation_prompt, **kwargs)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BadRequest(f"cannot apply the chat template: {exc}", param="messages") from None
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        self.check_token_ids(token_ids, param="tokens")
+        engine = self.state.loaded_engine()
+        return await self._in_pool(engine.decode, list(token_ids))
+
+    def check_token_ids(self, token_ids: Sequence[int], param: str = "prompt") -> None:
+        engine = self.state.loaded_engine()
+        vocab = engine.model_info.vocab_size
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise BadRequest(f"token id {t!r} is out of range [0, {vocab})", param=param)
+
+    def effective_max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+        """serving.md §1.3: default min(C, L - P); reject instead of truncating."""
+        limit, cap = self.max_model_len, self.max_output_tokens
+        if requested is None:
+            if prompt_tokens >= limit:
+                self.metrics.observe_outcome("rejected_too_long")
+                raise BadRequest(
+                    f"This model's maximum context length is {limit} tokens, but the request has "
+                    f"{prompt_tokens} tokens in the prompt, leaving no room for the completion. "
+                    "Shorten the prompt.", param="input_tokens")
+            return min(cap, limit - prompt_tokens)
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            self.metrics.observe_outcome("rejected_invalid")
+            raise BadRequest(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        if requested > cap:
+            self.metrics.observe_outcome("rejected_invalid")
+            raise BadRequest(f"max_tokens is too large: {requested}. This model supports at most {cap} "
+                             "completion tokens.", param="max_tokens")
+        if prompt_tokens + requested > limit:
+            self.metrics.observe_outcome("rejected_too_long")
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens, but the request needs "
+                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
+                "completion). Shorten the prompt or lower max_tokens.", param="input_tokens")
+        return requested
+
+    def sampling_params(self, prompt_tokens: int, fields: dict) -> SamplingParams:
+        """SamplingParams from explicitly set request fields, generation_config defaults and limits."""
+        fields = dict(fields)
+        max_tokens = self.effective_max_tokens(prompt_tokens, fields.pop("max_tokens", None))
+        merged = {**self.defaults, **{k: v for k, v in fields.items() if v is not None}}
+        try:
+            return SamplingParams(max_tokens=max_tokens, **merged)
+        except (ValueError, TypeError) as exc:
+            self.metrics.observe_outcome("rejected_invalid")
+            raise BadRequest(str(exc), param=_param_of(str(exc))) from None
+
+    def prepare(self, request_id: str, prompt_ids: list[int], fields: dict, *, choice_offset: int = 0,
+                prompt_text: str | None = None, truncate: int | None = None,
+                arrival: float | None = None) -> EngineRequest:
+        if truncate is not None:
+            if isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1:
+                raise BadRequest("truncate_prompt_tokens must be >= 1", param="truncate_prompt_tokens")
+            prompt_ids = prompt_ids[-truncate:]
+        if not prompt_ids:
+            self.metrics.observe_outcome("rejected_invalid")
+            raise BadRequest("the prompt is empty", param="prompt")
+        params = self.sampling_params(len(prompt_ids), fields)
+        return EngineRequest(request_id, prompt_ids, params, choice_offset, prompt_text,
+                             arrival if arrival is not None else time.monotonic())
+
+    def open(self, requests: Sequence[EngineRequest]) -> EventStream:
+        for req in requests:
+            self.metrics.observe_admitted(len(req.prompt_ids), req.params.max_tokens, req.params.n)
+        return EventStream(self, requests)
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait up to `grace_s` for open streams, then abort the rest (their clients see `abort`)."""
+        deadline = time.monotonic() + grace_s
+        while self.state.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leftover = list(self.state.streams)
+        if leftover:
+            log.warning("aborting %d request(s) still running after the %.1fs grace period",
+                        len(leftover), grace_s, extra={"event": "drain_abort"})
+        await asyncio.gather(*(s.abort() for s in leftover), return_exceptions=True)
+
+
+def _param_of(message: str) -> str | None:
+    """The SamplingParams field a validation message starts with (e.g. 'top_p must be ...')."""
+    head = message.split(" ", 1)[0]
+    return head if head.isidentifier() else None

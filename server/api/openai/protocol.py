@@ -1,0 +1,205 @@
+"""OpenAI-compatible request models (serving.md §1.2) and their conversion to sampling fields.
+
+Unknown fields are accepted (`extra="allow"`) and reported by `ignored_fields()` so the route
+can log them; v1-unsupported options are rejected with 400 here, before any tokenization.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from longserve.server.api.errors import BadRequest
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingRequest(_Open):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    response_format: dict[str, Any] | None = None
+    use_beam_search: bool = False
+
+    def _check_supported(self) -> None:
+        if self.use_beam_search:
+            raise BadRequest("use_beam_search is not supported", param="use_beam_search")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise BadRequest("only response_format type 'text' is supported", param="response_format")
+        if self.logit_bias:
+            raise BadRequest("logit_bias is not supported", param="logit_bias")
+        if self.n < 1:
+            raise BadRequest(f"n must be >= 1, got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+    def _common_fields(self, max_tokens: int | None, logprobs: int | None) -> dict:
+        """Explicitly set sampling fields; unset ones fall back to the server defaults."""
+        fields = {
+            "max_tokens": max_tokens, "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed, "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens, "logprobs": logprobs,
+            "stop": [self.stop] if isinstance(self.stop, str) else (self.stop or None),
+            "stop_token_ids": self.stop_token_ids or None,
+        }
+        if self.top_k == 0:
+            fields["top_k"] = -1
+        return fields
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class ChatMessage(_Open):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """Message content as text; only text parts are supported in v1."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"unsupported content part type {part.get('type')!r}; only 'text' is "
+                                 "supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def sampling_fields(self) -> dict:
+        self._check_supported()
+        if self.tools:
+            raise BadRequest("tools are not supported", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise BadRequest("tool_choice is not supported", param="tool_choice")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._common_fields(max_tokens, logprobs)
+
+    def message_dicts(self) -> list[dict]:
+        out = []
+        for m in self.messages:
+            item = {"role": m.role, "content": m.text()}
+            if m.name:
+                item["name"] = m.name
+            out.append(item)
+        return out
+
+
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: PromptInput
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def sampling_fields(self) -> dict:
+        self._check_supported()
+        if self.suffix is not None:
+            raise BadRequest("suffix is not supported", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise BadRequest("echo together with logprobs is not supported", param="echo")
+        return self._common_fields(self.max_tokens, self.logprobs)
+
+    def prompts(self) -> list[str | list[int]]:
+        """Normalize the four prompt forms into a list of texts or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise BadRequest("prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return [x if isinstance(x, str) else list(x) for x in p]
+
+
+class TokenizeRequest(_Open):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Open):
+    model: str | None = None
+    tokens: list[int]
+
+
+RequestKind = Literal["chat", "completion", "tokenize", "detokenize"]
+_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest,
+           "tokenize": TokenizeRequest, "detokenize": DetokenizeRequest}
+
+
+def parse_request(kind: RequestKind, body: Any):
+    """Validate a decoded JSON body; pydantic errors become one 400 naming the first bad field."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        return _MODELS[kind].model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        param = str(first["loc"][0]) if first.get("loc") else None
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+        raise BadRequest(f"invalid request: {details}", param=param) from None

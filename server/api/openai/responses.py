@@ -1,0 +1,132 @@
+"""Response bodies and SSE framing for the OpenAI routes (serving.md §1.4–§1.5), as plain dicts.
+
+`Choice` accumulates one choice's output; the same state feeds the non-streaming body and the
+stream's chunks, so usage and finish reasons cannot disagree between the two.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from longserve.server.api.engine_client import CompletionDelta, TokenLogprob
+
+
+def sse(data) -> str:
+    """One SSE event: a single `data:` line and a blank line (no event/id fields)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+def sse_comment(text: str) -> str:
+    """An SSE comment line: ignored by parsers, counted as traffic by proxies."""
+    return f": {text}\n\n"
+
+
+DONE = sse("[DONE]")
+
+
+@dataclass
+class Choice:
+    index: int
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text_len: int = 0          # characters emitted so far, for completions' text_offset
+
+    def add(self, delta: CompletionDelta) -> None:
+        self.text.append(delta.text)
+        self.num_tokens = max(self.num_tokens + len(delta.token_ids), delta.num_output_tokens)
+        self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
+
+
+def _top(entry: TokenLogprob) -> list[tuple[str, float]]:
+    return [(text, lp) for _, text, lp in entry.top]
+
+
+def chat_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict:
+    return {"content": [{
+        "token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode("utf-8")),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in _top(e)],
+    } for e in entries]}
+
+
+def completion_logprobs(entries, start_offset: int) -> dict:
+    offsets, pos = [], start_offset
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(_top(e)) for e in entries], "text_offset": offsets}
+
+
+def chat_body(rid: str, created: int, model: str, choices: list[Choice], use: dict,
+              want_logprobs: bool) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": c.index,
+                         "message": {"role": "assistant", "content": "".join(c.text)},
+                         "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
+            "usage": use}
+
+
+def completion_body(rid: str, created: int, model: str, choices: list[Choice], use: dict,
+                    want_logprobs: bool, echo: list[str] | None) -> dict:
+    out = []
+    for c in choices:
+        prefix = echo[c.index] if echo else ""
+        out.append({"index": c.index, "text": prefix + "".join(c.text),
+                    "logprobs": completion_logprobs(c.logprobs, len(prefix)) if want_logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": out, "usage": use}
+
+
+class ChunkWriter:
+    """Builds the stream's chunk events for chat (`chat.completion.chunk`) or completions."""
+
+    def __init__(self, chat: bool, rid: str, created: int, model: str, *, include_usage: bool,
+                 want_logprobs: bool):
+        self.chat, self.rid, self.created, self.model = chat, rid, created, model
+        self.include_usage = include_usage
+        self.want_logprobs = want_logprobs
+
+    def _chunk(self, choices: list[dict], use: dict | None = None) -> str:
+        body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage or use is not None:
+            body["usage"] = use
+        return sse(body)
+
+    def role(self, index: int) -> str:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}])
+
+    def content(self, choice: Choice, text: str, entries, finish_reason: str | None,
+                stop_reason, use: dict | None = None) -> str:
+        if self.chat:
+            item = {"index": choice.index, "delta": {"content": text} if text or not finish_reason else {},
+                    "logprobs": chat_logprobs(entries) if self.want_logprobs and entries else None}
+        else:
+            item = {"index": choice.index, "text": text,
+                    "logprobs": completion_logprobs(entries, choice.text_len) if self.want_logprobs
+                    and entries else None}
+        choice.text_len += len(text)
+        item["finish_reason"] = finish_reason
+        item["stop_reason"] = stop_reason
+        return self._chunk([item], use)
+
+    def usage(self, use: dict) -> str:
+        return self._chunk([], use)

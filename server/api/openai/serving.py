@@ -1,0 +1,207 @@
+"""Chat, completions, tokenize and models over `GenerationCore` (HTTP-agnostic: returns bodies or SSE text).
+
+Validation and admission happen before anything is returned, so errors up to the first engine
+event are plain HTTP errors; once the stream has started they become an in-stream error event.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from longserve.server.api.engine_client import CompletionDelta, PrefillProgress, RequestFinished
+from longserve.server.api.errors import APIError, BadRequest
+from longserve.server.api.generation import END, TIMEOUT, EngineRequest, EventStream, GenerationCore
+from longserve.server.api.openai import responses as R
+from longserve.server.api.openai.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                  DetokenizeRequest, TokenizeRequest)
+
+log = logging.getLogger("longserve.server.api")
+
+
+class _Totals:
+    """Per API request: choices and usage, filled from stream items."""
+
+    def __init__(self, requests: list[EngineRequest]):
+        self.requests = requests
+        self.choices: dict[int, R.Choice] = {}
+        for req in requests:
+            for i in range(req.params.n):
+                index = req.choice_offset + i
+                self.choices[index] = R.Choice(index)
+        self.cached = 0
+
+    def ordered(self) -> list[R.Choice]:
+        return [self.choices[i] for i in sorted(self.choices)]
+
+    def on_finished(self, event: RequestFinished) -> None:
+        chunks = event.timings.prefill_chunk_tokens
+        if chunks:
+            self.cached += max(event.num_prompt_tokens - sum(chunks), 0)
+
+    def close_unfinished(self) -> list[R.Choice]:
+        """Choices the engine never finished (client gone, drain abort) end as `abort`."""
+        left = [c for c in self.ordered() if c.finish_reason is None]
+        for c in left:
+            c.finish_reason = "abort"
+        return left
+
+    def usage(self) -> dict:
+        prompt = sum(len(r.prompt_ids) for r in self.requests)
+        return R.usage(prompt, sum(c.num_tokens for c in self.choices.values()), self.cached)
+
+
+class OpenAIServing:
+    def __init__(self, core: GenerationCore):
+        self.core = core
+
+    # --- metadata ------------------------------------------------------------------------------
+    def models(self) -> dict:
+        info = self.core.state.loaded_engine().model_info
+        card = {"id": self.core.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "longserve", "root": info.model_path, "parent": None,
+                "max_model_len": info.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        self.core.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise BadRequest("give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            text = await self.core.render_chat([m.model_dump(exclude_none=True) | {"content": m.text()}
+                                                for m in req.messages],
+                                               req.add_generation_prompt, req.continue_final_message,
+                                               req.chat_template_kwargs)
+            ids = await self.core.encode(text)
+        else:
+            ids = await self.core.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        body = {"count": len(ids), "max_model_len": self.core.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            engine = self.core.state.loaded_engine()
+            body["token_strs"] = [engine.decode([t], skip_special_tokens=False) for t in ids]
+        return body
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        self.core.check_model(req.model)
+        return {"prompt": await self.core.decode(req.tokens)}
+
+    # --- generation ----------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, arrival: float):
+        self.core.check_model(req.model)
+        fields = req.sampling_fields()
+        self._log_ignored(req)
+        text = await self.core.render_chat(req.message_dicts(), req.add_generation_prompt,
+                                           req.continue_final_message, req.chat_template_kwargs)
+        self.core.metrics.observe_prompt_bytes(len(text.encode("utf-8")), "http")
+        ids = await self.core.encode(text)
+        rid = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        requests = [self.core.prepare(rid, ids, fields, truncate=req.truncate_prompt_tokens, arrival=arrival)]
+        return await self._run(True, req, rid, requests, echo=None)
+
+    async def completions(self, req: CompletionRequest, arrival: float):
+        self.core.check_model(req.model)
+        fields = req.sampling_fields()
+        self._log_ignored(req)
+        prompts = req.prompts()
+        rid = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+        requests, echo = [], []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                self.core.metrics.observe_prompt_bytes(len(prompt.encode("utf-8")), "http")
+                ids, text = await self.core.encode(prompt), prompt
+            else:
+                self.core.check_token_ids(prompt)
+                ids, text = prompt, (await self.core.decode(prompt) if req.echo else None)
+            sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+            requests.append(self.core.prepare(sub_id, ids, fields, choice_offset=i * req.n, prompt_text=text,
+                                              truncate=req.truncate_prompt_tokens, arrival=arrival))
+            echo.extend([text or ""] * req.n)
+        return await self._run(False, req, rid, requests, echo=echo if req.echo else None)
+
+    def _log_ignored(self, req) -> None:
+        ignored = req.ignored_fields()
+        if ignored:
+            log.info("ignoring unknown request field(s): %s", ", ".join(ignored),
+                     extra={"event": "ignored_fields", "fields": ignored})
+
+    async def _run(self, chat: bool, req, rid: str, requests: list[EngineRequest], echo):
+        """Admit, wait for the first engine event (or the admission window), then answer."""
+        stream = self.core.open(requests)
+        try:
+            first = await stream.get(timeout=self.core.admission_wait_s if req.stream else None)
+        except BaseException:
+            await stream.close()
+            raise
+        totals = _Totals(requests)
+        created = int(time.time())
+        model = self.core.served_model_name
+        want_logprobs = req.logprobs is not None and req.logprobs is not False
+        if req.stream:
+            writer = R.ChunkWriter(chat, rid, created, model, include_usage=req.include_usage,
+                                   want_logprobs=want_logprobs)
+            return self._sse(stream, first, totals, writer, chat, req.continuous_usage, echo)
+        try:
+            item = first
+            while item is not END:
+                self._apply(item, totals)
+                item = await stream.get()
+        finally:
+            await stream.close()
+        totals.close_unfinished()
+        if chat:
+            return R.chat_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs)
+        return R.completion_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs, echo)
+
+    @staticmethod
+    def _apply(item, totals: _Totals) -> None:
+        event = item.event
+        if isinstance(event, CompletionDelta):
+            totals.choices[item.request.choice_offset + event.index].add(event)
+        elif isinstance(event, RequestFinished):
+            totals.on_finished(event)
+
+    async def _sse(self, stream: EventStream, first, totals: _Totals, writer: R.ChunkWriter, chat: bool,
+                   continuous_usage: bool, echo) -> AsyncIterator[str]:
+        keepalive = self.core.keepalive_s
+        try:
+            if chat:
+                for choice in totals.ordered():
+                    yield writer.role(choice.index)
+            elif echo:
+                for choice in totals.ordered():
+                    yield writer.content(choice, echo[choice.index], (), None, None)
+            item = first
+            while item is not END:
+                if item is TIMEOUT:
+                    yield R.sse_comment("keep-alive")
+                else:
+                    for text in self._render(item, totals, writer, continuous_usage):
+                        yield text
+                try:
+                    item = await stream.get(timeout=keepalive)
+                except APIError as exc:
+                    yield R.sse(exc.envelope())
+                    yield R.DONE
+                    return
+            use = totals.usage()
+            for choice in totals.close_unfinished():
+                yield writer.content(choice, "", (), "abort", None, use if continuous_usage else None)
+            if writer.include_usage:
+                yield writer.usage(use)
+            yield R.DONE
+        finally:
+            await stream.close()
+
+    def _render(self, item, totals: _Totals, writer: R.ChunkWriter, continuous_usage: bool) -> list[str]:
+        event = item.event
+        if isinstance(event, PrefillProgress):
+            return [R.sse_comment(f"prefill {event.processed_tokens}/{event.total_tokens}")]
+        self._apply(item, totals)
+        if not isinstance(event, CompletionDelta):
+            return []
+        if not event.text and not event.finish_reason and not event.logprobs:
+            return []
+        choice = totals.choices[item.request.choice_offset + event.index]
+        use = totals.usage() if continuous_usage else None
+        return [writer.content(choice, event.text, event.logprobs, event.finish_reason, event.stop_reason, use)]
