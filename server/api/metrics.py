@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from longserve.server.api.engine_client import LoadStats, RequestFinished
@@ -47,6 +47,7 @@ class Metrics:
     """All series of one server; `model_name` is bound here so callers never pass labels."""
 
     def __init__(self, config: EngineConfig, *, legacy_vllm_aliases: bool = False):
+        disable_created_metrics()     # process-wide: `_created` series only double the scrape (as vLLM does)
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = config.served_model_name
         self.attention_threshold: int | None = None
