@@ -26,10 +26,10 @@ BLOCK_N = 64
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K_CACHE, V_CACHE, BLOCK_TABLES, KEY_START, KEY_END, O_PART, LSE_PART,
+    Q, K_CACHE, V_CACHE, BLOCK_TABLES, KEY_START, KEY_END, QK_SCALE, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kg, stride_vb, stride_vs, stride_vg,
     stride_btb, stride_op, stride_ob, stride_oh, stride_lp, stride_lb, stride_lh,
-    group, keys_per_split, qk_scale,
+    group, keys_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -44,6 +44,7 @@ def _paged_decode_kernel(
     d_ok = offs_d < HEAD_DIM
     start = tl.load(KEY_START + b) + split * keys_per_split
     end = tl.minimum(tl.load(KEY_END + b), start + keys_per_split)
+    qk_scale = tl.load(QK_SCALE + b)            # per-sequence softmax scale (YaRN m(N)^2), base-2 units
 
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)
@@ -103,11 +104,20 @@ def _num_splits(max_keys: int, programs: int) -> int:
     return max(1, min(wanted, triton.cdiv(max_keys, 256)))
 
 
-def paged_attention_decode(q, k_cache, v_cache, block_tables, key_start, key_end, *, scale: float,
+def paged_attention_decode(q, k_cache, v_cache, block_tables, key_start, key_end, *, scale,
                            max_num_keys: int | None = None, num_splits: int | None = None):
-    """One decode query per sequence over its paged key range; returns (O fp32 [B, H, D], LSE fp32 [B, H])."""
+    """One decode query per sequence over its paged key range; returns (O fp32 [B, H, D], LSE fp32 [B, H]).
+
+    ``scale`` is a float or a per-sequence tensor ``[B]`` (each sequence's own YaRN factor).
+    """
     _check(q, k_cache, v_cache, block_tables, key_start, key_end)
     B, H, D = q.shape
+    qk_scale = torch.as_tensor(scale, dtype=torch.float64, device=q.device)
+    if qk_scale.dim() == 0:
+        qk_scale = qk_scale.expand(B)
+    if qk_scale.shape != (B,):
+        raise ValueError(f"scale must be a float or a tensor [B={B}], got shape {tuple(qk_scale.shape)}")
+    qk_scale = (qk_scale * _LOG2E).to(torch.float32).contiguous()
     G, page = k_cache.shape[2], k_cache.shape[1]
     key_start = key_start.to(torch.int32).contiguous()
     key_end = torch.maximum(key_end.to(torch.int32), key_start).contiguous()
@@ -129,12 +139,12 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, key_start, key_end
         return o_part[0], lse_part[0]
     group = H // G
     _paged_decode_kernel[(B, G, num_splits)](
-        q, k_cache, v_cache, block_tables, key_start, key_end, o_part, lse_part,
+        q, k_cache, v_cache, block_tables, key_start, key_end, qk_scale, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        group, keys_per_split, float(scale) * _LOG2E,
+        group, keys_per_split,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=BLOCK_N, PAGE=page, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
     )

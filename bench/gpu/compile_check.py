@@ -49,7 +49,7 @@ def _variants(dtype: str):
             out.append((label, vs, vs_ptrs, cx, warps, stages))
     pg = paged_attention._paged_decode_kernel
     pg_ptrs = {"Q": dtype, "K_CACHE": dtype, "V_CACHE": dtype, "BLOCK_TABLES": "i32", "KEY_START": "i32",
-               "KEY_END": "i32", "O_PART": "fp32", "LSE_PART": "fp32"}
+               "KEY_END": "i32", "QK_SCALE": "fp32", "O_PART": "fp32", "LSE_PART": "fp32"}
     for block_h in (16,):
         cx = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_H": block_h, "BLOCK_N": 64, "PAGE": 16, "IEEE": ieee}
         out.append((f"paged_decode group<=16 {dtype}", pg, pg_ptrs, cx, 4, 2))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# LongServe GPU kernel check: one run, under 8 minutes on one H200 (testing.md §9).
+#
+# Exact commands (from the repository root):
+#   here, before the lease:   .venv/bin/pip wheel --no-deps -w dist .         # pure-Python wheel, a few kB
+#   on the GPU machine:       pip install --no-deps dist/longserve-*.whl      # over the image's torch/triton
+#                             (or: pip install --no-deps -e .)
+#                             bash bench/gpu/kernels.sh [OUT_DIR]               # default bench/results/gpu-<UTC time>
+# The script installs nothing. It runs `PYTHONSAFEPATH=1 python bench/gpu/check.py --out OUT_DIR` by path
+# (never `python -m` from the root: the repository's operator/ folder would shadow the stdlib module), with a hard
+# timeout. Sections (env, correctness, timing) are time-boxed inside check.py and report.json is rewritten after
+# each one, so a timeout still leaves data. The ratio table lands in OUT_DIR/table.md for bench/RESULTS.md.
+# Optional first step without a GPU: `PYTHONSAFEPATH=1 python bench/gpu/compile_check.py` compiles every kernel
+# for sm_90 on the CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${1:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
+PY="${PYTHON:-python}"
+unset TRITON_INTERPRET
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p "$OUT"
+"$PY" - <<'PYEOF'
+import importlib.util, sys
+if importlib.util.find_spec("longserve") is None:
+    sys.exit("longserve is not installed: pip install --no-deps dist/longserve-*.whl (or -e .) first")
+PYEOF
+status=0
+timeout --signal=TERM --kill-after=10 470 "$PY" bench/gpu/check.py --out "$OUT" 2>&1 | tee "$OUT/log.txt" \
+    || status=$?
+echo "report: $OUT/report.json  table: $OUT/table.md  exit: $status"
+exit "$status"
