@@ -10,6 +10,7 @@ class APIError(Exception):
     status = 500
     err_type = "InternalServerError"
     grpc_code = "INTERNAL"
+    counted = False        # already recorded as a request outcome (metrics)
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)

@@ -18,8 +18,8 @@ from typing import Sequence
 
 from longserve.server.api.engine_client import (CompletionDelta, EngineDeadError, PrefillProgress,
                                                  RequestFinished, RequestRejected)
-from longserve.server.api.errors import APIError, BadRequest, EngineFailure, Overloaded, Unavailable, \
-    model_not_found
+from longserve.server.api.errors import (APIError, BadRequest, EngineFailure, NotFound, Overloaded, Unavailable,
+                                         model_not_found)
 from longserve.server.api.lifecycle import ServerState
 from longserve.server.api.metrics import Metrics
 from longserve.server.config import EngineConfig
@@ -181,18 +181,23 @@ class EventStream:
             outcome = "rejected_overload" if exc.code in _OVERLOAD_CODES else (
                 "rejected_too_long" if exc.param == "input_tokens" else "rejected_invalid")
             recorder.outcome(outcome)
-            error = Overloaded if exc.code in _OVERLOAD_CODES else BadRequest
-            self._queue.put_nowait(error(exc.message, exc.param))
+            error = (Overloaded if exc.code in _OVERLOAD_CODES else BadRequest)(exc.message, exc.param)
+            error.counted = True
+            self._queue.put_nowait(error)
         except EngineDeadError as exc:
             outcome = "error"
             await self._core.state.mark_dead()
-            self._queue.put_nowait(Unavailable(f"Service unavailable: the engine has failed ({exc})."))
+            error = Unavailable(f"Service unavailable: the engine has failed ({exc}).")
+            error.counted = True
+            self._queue.put_nowait(error)
         except asyncio.CancelledError:
             raise
         except Exception as exc:   # an engine bug must not take the server down: report it as a value
             outcome = "error"
             log.exception("engine request %s failed", req.request_id)
-            self._queue.put_nowait(EngineFailure(f"Engine error: {type(exc).__name__}: {exc}"))
+            error = EngineFailure(f"Engine error: {type(exc).__name__}: {exc}")
+            error.counted = True
+            self._queue.put_nowait(error)
         finally:
             if not finished:
                 await self._stop_engine_request(events, req.request_id)
@@ -241,6 +246,18 @@ class GenerationCore:
         engine = self.state.engine
         return engine.model_info.max_output_tokens if engine is not None else self.config.max_output_tokens
 
+    def count_rejection(self, exc: APIError) -> None:
+        """Record the outcome of a request refused before admission (once per request)."""
+        if exc.counted:
+            return
+        exc.counted = True
+        if isinstance(exc, Overloaded):
+            self.metrics.observe_outcome("rejected_overload")
+        elif exc.param == "input_tokens":
+            self.metrics.observe_outcome("rejected_too_long")
+        elif isinstance(exc, (BadRequest, NotFound)):
+            self.metrics.observe_outcome("rejected_invalid")
+
     def check_model(self, name: str | None) -> None:
         if name and name != self.served_model_name:
             raise model_not_found(name)
@@ -287,21 +304,17 @@ class GenerationCore:
         limit, cap = self.max_model_len, self.max_output_tokens
         if requested is None:
             if prompt_tokens >= limit:
-                self.metrics.observe_outcome("rejected_too_long")
                 raise BadRequest(
                     f"This model's maximum context length is {limit} tokens, but the request has "
                     f"{prompt_tokens} tokens in the prompt, leaving no room for the completion. "
                     "Shorten the prompt.", param="input_tokens")
             return min(cap, limit - prompt_tokens)
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            self.metrics.observe_outcome("rejected_invalid")
             raise BadRequest(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
         if requested > cap:
-            self.metrics.observe_outcome("rejected_invalid")
             raise BadRequest(f"max_tokens is too large: {requested}. This model supports at most {cap} "
                              "completion tokens.", param="max_tokens")
         if prompt_tokens + requested > limit:
-            self.metrics.observe_outcome("rejected_too_long")
             raise BadRequest(
                 f"This model's maximum context length is {limit} tokens, but the request needs "
                 f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
@@ -316,7 +329,6 @@ class GenerationCore:
         try:
             return SamplingParams(max_tokens=max_tokens, **merged)
         except (ValueError, TypeError) as exc:
-            self.metrics.observe_outcome("rejected_invalid")
             raise BadRequest(str(exc), param=_param_of(str(exc))) from None
 
     def prepare(self, request_id: str, prompt_ids: list[int], fields: dict, *, choice_offset: int = 0,
@@ -327,7 +339,6 @@ class GenerationCore:
                 raise BadRequest("truncate_prompt_tokens must be >= 1", param="truncate_prompt_tokens")
             prompt_ids = prompt_ids[-truncate:]
         if not prompt_ids:
-            self.metrics.observe_outcome("rejected_invalid")
             raise BadRequest("the prompt is empty", param="prompt")
         params = self.sampling_params(len(prompt_ids), fields)
         return EngineRequest(request_id, prompt_ids, params, choice_offset, prompt_text,

@@ -10,7 +10,7 @@ import time
 import uuid
 
 from longserve.server.api.engine_client import CompletionDelta, PrefillProgress, RequestFinished
-from longserve.server.api.errors import BadRequest
+from longserve.server.api.errors import APIError, BadRequest
 from longserve.server.api.generation import END, TIMEOUT, GenerationCore
 from longserve.server.api.grpc.pb import generation_pb2 as pb
 from longserve.server.api.grpc.pb import generation_pb2_grpc as pb_grpc
@@ -69,13 +69,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         arrival = time.monotonic()
         core = self.core
-        core.state.require_engine()
-        core.check_model(request.model)
-        ids = await self._prompt_ids(request)
-        sp = request.sampling
-        truncate = sp.truncate_prompt_tokens if sp.HasField("truncate_prompt_tokens") else None
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
-        req = core.prepare(rid, ids, sampling_fields(sp), truncate=truncate, arrival=arrival)
+        try:
+            core.state.require_engine()
+            core.check_model(request.model)
+            ids = await self._prompt_ids(request)
+            sp = request.sampling
+            truncate = sp.truncate_prompt_tokens if sp.HasField("truncate_prompt_tokens") else None
+            req = core.prepare(rid, ids, sampling_fields(sp), truncate=truncate, arrival=arrival)
+        except APIError as exc:
+            core.count_rejection(exc)
+            raise
         stream = core.open([req])
         try:
             item = await stream.get(timeout=core.admission_wait_s)

@@ -131,16 +131,19 @@ def build_http_app(state: ServerState, serving: OpenAIServing, metrics: Metrics,
 
     async def generate(request: Request, kind: str):
         arrival = time.monotonic()
-        state.require_engine()
-        req = parse_request(kind, await read_json(request, max_body_bytes))
-        work = serving.chat(req, arrival) if kind == "chat" else serving.completions(req, arrival)
-        if req.stream:
+        try:
+            state.require_engine()
+            req = parse_request(kind, await read_json(request, max_body_bytes))
+            work = serving.chat(req, arrival) if kind == "chat" else serving.completions(req, arrival)
             result = await _unless_disconnected(request, work)
-            if isinstance(result, Response):
-                return result
+        except APIError as exc:
+            serving.core.count_rejection(exc)
+            raise
+        if isinstance(result, Response):
+            return result
+        if req.stream:
             return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await _unless_disconnected(request, work)
-        return result if isinstance(result, Response) else JSONResponse(result)
+        return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

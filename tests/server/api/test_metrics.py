@@ -54,6 +54,8 @@ def test_counters_equal_the_workload(server, engine):
     for prompt, max_tokens in workload:
         assert httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}).status_code == 200
     assert httpx.post(base + "/v1/completions", json={"prompt": "x" * 5000}).status_code == 400
+    assert httpx.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"}).status_code == 404
+    assert httpx.post(base + "/v1/completions", content=b"{").status_code == 400
     f = _scrape(server)
     prompt_total, output_total = 910, 15
     assert _value(f, "longserve_prefill_tokens", "longserve_prefill_tokens_total") == prompt_total
@@ -73,6 +75,8 @@ def test_counters_equal_the_workload(server, engine):
     assert _value(f, "longserve_request_outcomes", "longserve_request_outcomes_total", outcome="length") == 3
     assert _value(f, "longserve_request_outcomes", "longserve_request_outcomes_total",
                   outcome="rejected_too_long") == 1
+    assert _value(f, "longserve_request_outcomes", "longserve_request_outcomes_total",
+                  outcome="rejected_invalid") == 2
     assert _value(f, "vllm:request_success", "vllm:request_success_total", finished_reason="length") == 3
     assert _value(f, "vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_count") == 3
     assert _value(f, "vllm:request_generation_tokens", "vllm:request_generation_tokens_sum") == output_total

@@ -1,0 +1,215 @@
+"""`longserve serve`: one process serving the OpenAI HTTP API, gRPC and /metrics around the engine.
+
+Ports open at once in the loading phase (/health 503, gRPC NOT_SERVING); the engine loads in a
+worker thread, is warmed up with a one-token generation, then the server goes ready. SIGTERM
+drains: health flips, new requests get 503/UNAVAILABLE, running ones finish within
+`--drain-grace-seconds` (or are aborted), and the process exits 0. Logs are JSON lines on stderr.
+Only the standard library is imported at module level (server/cli.py rule).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+HELP = "serve a model over the OpenAI-compatible HTTP API, gRPC and Prometheus metrics"
+log = logging.getLogger("longserve.serve")
+
+_STANDARD_RECORD_KEYS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime",
+                                                                                      "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _STANDARD_RECORD_KEYS and not key.startswith("_"):
+                body[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+        if record.exc_info:
+            body["exc"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="checkpoint directory (config.json, weights, tokenizer)")
+    src.add_argument("--config", metavar="FILE", help="engine_config.json written by the operator")
+    parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: config http_port, else 8000)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default: config grpc_port, else 50051)")
+    parser.add_argument("--served-model-name", help="model name clients send (default: the --model path)")
+    parser.add_argument("--api-key-file", metavar="F",
+                        help="file holding the bearer token clients must send (default: $LONGSERVE_API_KEY)")
+    eng = parser.add_argument_group("engine (override --config values, or size a --model run)")
+    eng.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    eng.add_argument("--max-output-tokens", type=int, help="default and cap for max_tokens (default 8192)")
+    eng.add_argument("--max-num-seqs", type=int, help="concurrent sequences (default 16)")
+    eng.add_argument("--prefill-chunk-tokens", type=int, help="tokens per prefill step (default 8192)")
+    eng.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica (default 1)")
+    eng.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory (default 0.9)")
+    eng.add_argument("--kv-capacity-tokens", type=int, help="explicit KV capacity (default: from memory)")
+    eng.add_argument("--kv-block-size", type=int, help="tokens per KV block (default 16)")
+    eng.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights/activations dtype")
+    eng.add_argument("--no-dca", dest="dca", action="store_false", default=None, help="disable dual chunk attention")
+    eng.add_argument("--no-sparse-prefill", dest="sparse_prefill", action="store_false", default=None,
+                     help="disable vertical-slash sparse prefill")
+    eng.add_argument("--sparse-threshold", type=int, help="prompt length from which prefill is sparse")
+    eng.add_argument("--seed", type=int, help="engine seed")
+    ops = parser.add_argument_group("operations")
+    ops.add_argument("--drain-grace-seconds", type=float, default=30.0,
+                     help="on SIGTERM, how long running requests may finish before they are aborted (default 30)")
+    ops.add_argument("--keepalive-seconds", type=float, default=10.0,
+                     help="SSE keep-alive / gRPC progress interval while nothing else is sent (default 10)")
+    ops.add_argument("--legacy-vllm-metrics", action="store_true",
+                     help="also export vllm:gpu_cache_usage_perc and vllm:time_per_output_token_seconds")
+    ops.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+_ENGINE_FLAGS = ("max_model_len", "max_output_tokens", "max_num_seqs", "prefill_chunk_tokens",
+                 "tensor_parallel_size", "gpu_memory_utilization", "kv_capacity_tokens", "kv_block_size", "dtype",
+                 "dca", "sparse_prefill", "sparse_threshold", "seed")
+
+
+def build_config(args):
+    """EngineConfig from --config (plus explicit overrides) or from --model and flags; ValueError if invalid."""
+    from longserve.server.config import SCHEMA_VERSION, EngineConfig, load_model_facts
+    overrides = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
+    if args.served_model_name:
+        overrides["served_model_name"] = args.served_model_name
+    if args.port is not None:
+        overrides["http_port"] = args.port
+    if args.grpc_port is not None:
+        overrides["grpc_port"] = args.grpc_port
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ValueError(f"cannot read --config {args.config}: {exc.strerror}") from None
+        return EngineConfig.from_json(text).replace(**overrides)
+    facts = load_model_facts(args.model)
+    max_model_len = overrides.pop("max_model_len", facts.max_position_embeddings)
+    values = dict(schema_version=SCHEMA_VERSION, runtime="native", model_path=args.model,
+                  served_model_name=args.model, tensor_parallel_size=1, max_model_len=max_model_len,
+                  max_num_seqs=16, max_output_tokens=min(8192, max_model_len - 1), prefill_chunk_tokens=8192,
+                  gpu_memory_utilization=0.9)
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def read_api_key(args) -> str | None:
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as fh:
+                key = fh.read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get("LONGSERVE_API_KEY") or None
+
+
+def run(args) -> int:
+    configure_logging(args.log_level)
+    try:
+        config = build_config(args)
+        api_key = read_api_key(args)
+    except ValueError as exc:
+        print(f"longserve serve: {exc}", file=sys.stderr)
+        return 2
+    import asyncio
+    return asyncio.run(_serve(config, args, api_key))
+
+
+def _load_engine(config):
+    from longserve.server.engine.async_engine import AsyncEngine
+    return AsyncEngine(config)
+
+
+async def _warm_up(engine) -> None:
+    """One short greedy generation through the whole path before declaring ready."""
+    from longserve.server.sampling import SamplingParams
+    ids = engine.encode("warm up") or [0]
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    async for _ in engine.generate("warmup-0", ids, params):
+        pass
+
+
+async def _serve(config, args, api_key) -> int:
+    import asyncio
+
+    from longserve.server.api.app import ServingStack
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stack = ServingStack(config, host=args.host, api_key=api_key, keepalive_s=args.keepalive_seconds,
+                         legacy_vllm_metrics=args.legacy_vllm_metrics)
+    await stack.start()
+    log.info("loading model", extra={"event": "loading", "model_path": config.model_path,
+                                     "config": config.to_dict()})
+    started = time.monotonic()
+    loaded: asyncio.Future = loop.create_future()
+
+    def load() -> None:
+        try:
+            result = _load_engine(config)
+        except BaseException as exc:   # reported to the loop; the process exits 1
+            loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_exception(exc))
+        else:
+            loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_result(result))
+    threading.Thread(target=load, name="longserve-load", daemon=True).start()
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loaded, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not loaded.done():
+        log.info("SIGTERM while loading; exiting", extra={"event": "shutdown"})
+        await stack.stop()
+        return 0
+    engine = None
+    try:
+        engine = loaded.result()
+        await _warm_up(engine)
+    except Exception:
+        log.exception("engine failed to load", extra={"event": "load_failed"})
+        await stack.state.mark_dead()
+        await stack.stop()
+        _shutdown_engine(engine)
+        return 1
+    load_seconds = time.monotonic() - started
+    await stack.set_engine(engine, load_seconds=load_seconds)
+    log.info("ready", extra={"event": "ready", "load_seconds": round(load_seconds, 3),
+                             "http_port": stack.http_port, "grpc_port": stack.grpc_port})
+    await stop_wait
+    log.info("draining", extra={"event": "draining", "grace_seconds": args.drain_grace_seconds,
+                                "in_flight": len(stack.state.streams)})
+    await stack.drain(args.drain_grace_seconds)
+    await stack.stop()
+    _shutdown_engine(engine)
+    log.info("stopped", extra={"event": "stopped"})
+    return 0
+
+
+def _shutdown_engine(engine) -> None:
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:
+            log.exception("engine shutdown failed")
