@@ -65,6 +65,8 @@ def _vs_attn_fwd_kernel(
     CAUSAL: tl.constexpr, DENSE: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest (last) query blocks first: better tail balance
     head = tl.program_id(1)
     kv_head = head // group
     off = kv_len - q_len                       # bottom-right alignment (causal only)

@@ -66,8 +66,8 @@ def _variants(dtype: str):
     return out
 
 
-def compile_all(dtypes=("bf16", "fp16", "fp32"), arch: int = 90) -> list[dict]:
-    """Compile each variant to cubin for ``sm_<arch>``; returns one result dict per variant."""
+def compile_all(dtypes=("bf16", "fp16", "fp32"), arch: int = 90, only: str = "") -> list[dict]:
+    """Compile each variant to cubin for ``sm_<arch>`` (labels containing ``only``); one result dict each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -76,7 +76,7 @@ def compile_all(dtypes=("bf16", "fp16", "fp32"), arch: int = 90) -> list[dict]:
     results, seen = [], set()
     for dtype in dtypes:
         for label, fn, ptrs, cx, warps, stages in _variants(dtype):
-            if label in seen:
+            if label in seen or only not in label:
                 continue
             seen.add(label)
             t0 = time.perf_counter()
@@ -97,11 +97,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--only", default="", help="compile only variants whose label contains this text")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check needs TRITON_INTERPRET unset", file=sys.stderr)
         return 2
-    results = compile_all(tuple(args.dtypes.split(",")), args.arch)
+    results = compile_all(tuple(args.dtypes.split(",")), args.arch, args.only)
     for r in results:
         print(json.dumps(r))
     return 0 if all(r["ok"] for r in results) else 1

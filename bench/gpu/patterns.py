@@ -17,12 +17,11 @@ import torch
 FLOORS = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _distinct_sorted(values: torch.Tensor, forced: torch.Tensor, budget: int, limit: int) -> torch.Tensor:
-    """Forced entries first, then the candidates, deduplicated in first-appearance order, capped at ``budget``."""
-    cand = torch.cat([forced, values])
+def _distinct_sorted(values: torch.Tensor, forced: torch.Tensor, budget: int, limit: int, gen) -> torch.Tensor:
+    """Forced entries first, then the candidates (then random fill), deduplicated in first-appearance order,
+    capped at ``budget``."""
+    cand = torch.cat([forced, values, torch.randperm(limit, generator=gen)[:budget]])   # the tail fills short budgets
     cand = cand[(cand >= 0) & (cand < limit)]
-    if cand.numel() == 0:
-        return cand
     uniq, inverse = torch.unique(cand, return_inverse=True)
     first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
@@ -37,14 +36,14 @@ def qwen_like_pattern(n: int, num_heads: int, *, vertical: int = 1000, slash: in
     verts, slashes = [], []
     for _ in range(num_heads):
         v = torch.randint(0, n, (2 * nv + 64,), generator=g)
-        verts.append(_distinct_sorted(v, torch.arange(min(30, n)), nv, n).sort().values)
+        verts.append(_distinct_sorted(v, torch.arange(min(30, n)), nv, n, g).sort().values)
         n_local = (ns - min(100, ns)) // 2
         local = torch.randint(0, max(1, min(local_window, n)), (2 * n_local + 1,), generator=g)
         n_runs = max(1, (ns - n_local) // run_length + 1)
         starts = torch.randint(0, max(1, n - run_length), (n_runs,), generator=g)
         runs = (starts[:, None] + torch.arange(run_length)[None, :]).reshape(-1)
         cand = torch.cat([local[:n_local], runs, torch.randint(0, n, (ns,), generator=g)])
-        slashes.append(_distinct_sorted(cand, torch.arange(min(100, n)), ns, n).sort(descending=True).values)
+        slashes.append(_distinct_sorted(cand, torch.arange(min(100, n)), ns, n, g).sort(descending=True).values)
     return _pack(verts, slashes, device)
 
 
@@ -54,10 +53,10 @@ def random_pattern(n: int, num_heads: int, *, vertical: int, slash: int, device=
     g = torch.Generator(device="cpu").manual_seed(seed)
     limit = n if slash_limit is None else slash_limit
     nv, ns = min(vertical, n), min(slash, limit)
-    verts = [_distinct_sorted(torch.randint(0, n, (2 * nv + 8,), generator=g), torch.arange(min(30, n)), nv, n)
+    verts = [_distinct_sorted(torch.randint(0, n, (2 * nv + 8,), generator=g), torch.arange(min(30, n)), nv, n, g)
              .sort().values for _ in range(num_heads)]
     slashes = [_distinct_sorted(torch.randint(0, limit, (2 * ns + 8,), generator=g),
-                                torch.arange(min(100, limit)), ns, limit).sort(descending=True).values
+                                torch.arange(min(100, limit)), ns, limit, g).sort(descending=True).values
                for _ in range(num_heads)]
     return _pack(verts, slashes, device)
 
