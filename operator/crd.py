@@ -1,0 +1,209 @@
+"""The `longcontextmodels.longserve.io` CRD, generated from code (one source of truth).
+
+`manifests/crd/longcontextmodels.longserve.io.yaml` is this module's output; a test fails when the
+file is stale and `LONGSERVE_REGEN_GOLDENS=1` (`make goldens`) rewrites it. Defaults come from
+`types.DEFAULTS`; the CEL rules mirror what `types.parse` re-checks (operator.md §2.1).
+"""
+from __future__ import annotations
+
+from longserve.operator.types import (
+    DEFAULTS, GROUP, KIND, MAX_NAME_LENGTH, MODES, OBJECTIVES, PLURAL, RUNTIMES, SHORT_NAMES, SINGULAR, VERSION)
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+
+
+def _s(description: str, **extra) -> dict:
+    return {"type": "string", "description": description, **extra}
+
+
+def _i(description: str, **extra) -> dict:
+    return {"type": "integer", "description": description, **extra}
+
+
+def _obj(description: str, properties: dict, **extra) -> dict:
+    return {"type": "object", "description": description, "properties": properties, **extra}
+
+
+def _quantity(description: str, default: str | None = None) -> dict:
+    out = {**QUANTITY, "description": description}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+FREE_LIST = {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
+
+
+def spec_schema() -> dict:
+    d = DEFAULTS
+    model = _obj("Which weights to serve.", {
+        "uri": _s("hf://org/name or pvc://claim/path", maxLength=512,
+                  pattern=r"^(hf://[^/\s]+/[^/\s]+|pvc://[a-z0-9][-a-z0-9.]*(/\S*)?)$"),
+        "revision": _s("Hub revision; pin a commit for reproducible caches.", default=d["revision"], maxLength=128),
+        "servedModelName": _s("Name in the OpenAI API (default: metadata.name).", maxLength=128),
+        "authSecretRef": _obj("Secret holding a hub token, for gated models.", {
+            "name": _s("Secret name."), "key": _s("Key in the Secret.")}, required=["name", "key"]),
+    }, required=["uri"])
+    runtime = _obj("Serving runtime.", {
+        "name": _s("native | vllm | sglang", enum=list(RUNTIMES), default=d["runtime"]),
+        "image": _s("Required for vllm/sglang; native defaults to the operator's engine image.",
+                    default="", maxLength=512),
+        "extraArgs": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
+                      "description": "Appended to the rendered command."},
+        "env": {**FREE_LIST, "description": "Extra container environment (EnvVar objects)."},
+    }, default={})
+    context = _obj("Context window and concurrency.", {
+        "maxModelLen": _i("Tokens per sequence (default: the model's maximum).", minimum=16),
+        "maxNumSeqs": _i("Concurrent sequences at full length.", minimum=1, default=d["maxNumSeqs"]),
+        "maxOutputTokens": _i("Default and cap for max_tokens.", minimum=1, default=d["maxOutputTokens"]),
+    }, default={})
+    sizing = _obj("How tensor parallelism and prefill chunk are chosen.", {
+        "mode": _s("Auto | Manual | DryRun (plan into status, deploy nothing)", enum=list(MODES), default=d["mode"]),
+        "objective": _s("MinGPUs | MaxPrefillThroughput", enum=list(OBJECTIVES), default=d["objective"]),
+        "tensorParallelSize": _i("Manual only, required there.", minimum=1, maximum=8),
+        "prefillChunkTokens": _i("Manual only, optional (else the largest chunk that fits).", minimum=16),
+        "gpuMemoryUtilization": {"type": "number", "minimum": 0.5, "maximum": 0.98,
+                                 "default": d["gpuMemoryUtilization"], "description": "Upper bound for the planner."},
+        "safetyMarginPercent": {"type": "number", "minimum": 0, "maximum": 50, "default": d["safetyMarginPercent"],
+                                "description": "Headroom kept under the budget."},
+    }, default={})
+    accelerator = _obj("GPU product and placement.", {
+        "gpuProduct": _s("Value of node label nvidia.com/gpu.product, or a catalog name.", maxLength=128),
+        "memoryPerGpu": _quantity("Usable memory per device; overrides the catalog (CPU mode: host memory "
+                                  "given to the engine)."),
+        "gpusPerNode": _i("Upper bound for TP (single node in v1alpha1).", minimum=1, maximum=8,
+                          default=d["gpusPerNode"]),
+        "resourceName": _s("Extended resource requested per GPU; empty runs on CPUs (local demo clusters).",
+                           default=d["resourceName"], maxLength=253),
+        "nodeSelector": STRING_MAP,
+        "tolerations": {**FREE_LIST, "description": "Added to the GPU toleration."},
+    })
+    resources = _obj("Pod resources; auto derives them from the plan.", {
+        "cpu": _quantity("auto: 4 + 2 per GPU", "auto"),
+        "memory": _quantity("auto: shm + max(32Gi, weights)", "auto"),
+        "shmSize": _quantity("auto: 1Gi at TP 1, 16Gi above", "auto"),
+        "ephemeralStorage": _quantity("auto: 10Gi with cache; weights x 1.2 + 10Gi without", "auto"),
+    }, default={})
+    cache = _obj("Model cache PVC filled once by a Job.", {
+        "enabled": {"type": "boolean", "default": d["cacheEnabled"], "description": "Cache hf:// weights in a PVC."},
+        "storageClassName": _s("RWX/ROX class recommended for replicas > 1.", default=""),
+        "size": _quantity("auto: weights x 1.2 + 1Gi", "auto"),
+        "existingClaim": _s("Use this PVC instead of creating one.", default=""),
+    }, default={})
+    serving = _obj("Ports.", {
+        "httpPort": _i("OpenAI API, /health, /metrics.", minimum=1, maximum=65535, default=d["httpPort"]),
+        "grpcPort": _i("native only.", minimum=1, maximum=65535, default=d["grpcPort"]),
+    }, default={}, **{"x-kubernetes-validations": [
+        {"rule": "self.httpPort != self.grpcPort", "message": "httpPort and grpcPort must differ"}]})
+    monitoring = _obj("Prometheus Operator objects (rendered when its CRDs exist).", {
+        "serviceMonitor": _obj("ServiceMonitor scraping /metrics.", {
+            "enabled": {"type": "boolean", "default": d["serviceMonitorEnabled"]},
+            "interval": _s("Scrape interval.", default=d["serviceMonitorInterval"], pattern=r"^[0-9]+(ms|s|m|h)$"),
+            "labels": STRING_MAP}, default={}),
+        "prometheusRule": _obj("Per-model alerts.", {
+            "enabled": {"type": "boolean", "default": d["prometheusRuleEnabled"]}}, default={}),
+    }, default={})
+    return _obj("Desired state of a long-context model endpoint.", {
+        "model": model, "runtime": runtime, "context": context, "sizing": sizing, "accelerator": accelerator,
+        "resources": resources, "cache": cache,
+        "replicas": _i("Engine replicas.", minimum=0, default=d["replicas"]),
+        "serving": serving, "monitoring": monitoring,
+    }, required=["model", "accelerator"], **{"x-kubernetes-validations": CEL_RULES})
+
+
+CEL_RULES = [
+    {"rule": "self.sizing.mode == 'Manual' ? has(self.sizing.tensorParallelSize) : "
+             "!has(self.sizing.tensorParallelSize) && !has(self.sizing.prefillChunkTokens)",
+     "message": "TP/chunk are set only, and TP always, in Manual mode"},
+    {"rule": "!has(self.sizing.tensorParallelSize) || self.sizing.tensorParallelSize in [1, 2, 4, 8]",
+     "message": "TP must be 1, 2, 4 or 8"},
+    {"rule": "!has(self.sizing.prefillChunkTokens) || (self.sizing.prefillChunkTokens % 16 == 0 && "
+             "(!has(self.context.maxModelLen) || self.sizing.prefillChunkTokens <= self.context.maxModelLen))",
+     "message": "chunk: multiple of 16, <= maxModelLen"},
+    {"rule": "!has(self.context.maxModelLen) || self.context.maxOutputTokens < self.context.maxModelLen",
+     "message": "output cap below the context"},
+    {"rule": "self.runtime.name == 'native' || size(self.runtime.image) > 0", "message": "vllm/sglang need an image"},
+    {"rule": "has(self.accelerator.gpuProduct) || has(self.accelerator.memoryPerGpu)",
+     "message": "the planner needs GPU memory"},
+    {"rule": "!self.cache.enabled || self.model.uri == oldSelf.model.uri",
+     "message": "a cached model's URI is immutable; create a new resource"},
+]
+
+
+def status_schema() -> dict:
+    condition = _obj("metav1.Condition", {
+        "type": _s("SpecValid, Sized, ModelCached, WorkloadAvailable, CapacityVerified, Ready"),
+        "status": _s("True, False or Unknown", enum=["True", "False", "Unknown"]),
+        "reason": _s("CamelCase reason."), "message": _s("Human-readable detail."),
+        "lastTransitionTime": _s("When the status last changed.", format="date-time"),
+        "observedGeneration": _i("Generation the condition was computed for."),
+    }, required=["type", "status"])
+    return _obj("Observed state, written by the operator.", {
+        "observedGeneration": _i("Generation last reconciled."),
+        "phase": _s("Pending | Sizing | Caching | Starting | Ready | Degraded | Failed | Planned"),
+        "conditions": {"type": "array", "items": condition, "x-kubernetes-list-type": "map",
+                       "x-kubernetes-list-map-keys": ["type"]},
+        "plan": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                 "description": "The planner's verdict: TP, chunk, per-GPU memory, explanation."},
+        "observed": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                     "description": "Values measured by the engine."},
+        "cache": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                  "description": "Which model revision the cache PVC holds."},
+        "replicas": _i("Engine pods."), "readyReplicas": _i("Ready engine pods."),
+        "selector": _s("Label selector of the engine pods (scale subresource)."),
+        "endpoints": {**STRING_MAP, "description": "OpenAI and gRPC endpoints inside the cluster."},
+    })
+
+
+def printer_columns() -> list[dict]:
+    def col(name, type_, path, **extra):
+        return {"name": name, "type": type_, "jsonPath": path, **extra}
+    return [
+        col("Ready", "string", '.status.conditions[?(@.type=="Ready")].status'),
+        col("Runtime", "string", ".spec.runtime.name"),
+        col("TP", "integer", ".status.plan.tensorParallelSize"),
+        col("Chunk", "integer", ".status.plan.prefillChunkTokens"),
+        col("MaxLen", "integer", ".status.plan.maxModelLen"),
+        col("Replicas", "integer", ".status.readyReplicas"),
+        col("Phase", "string", ".status.phase"),
+        col("Age", "date", ".metadata.creationTimestamp"),
+        col("Endpoint", "string", ".status.endpoints.openai", priority=1),
+    ]
+
+
+def custom_resource_definition() -> dict:
+    schema = {"type": "object", "properties": {
+        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+        "spec": spec_schema(), "status": status_schema()}, "required": ["spec"],
+        "x-kubernetes-validations": [{"rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+                                      "message": "name too long for derived object names"}]}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "longserve",
+                                                  "app.kubernetes.io/part-of": "longserve"}},
+        "spec": {"group": GROUP, "scope": "Namespaced",
+                 "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "shortNames": list(SHORT_NAMES),
+                           "listKind": f"{KIND}List", "categories": ["longserve"]},
+                 "versions": [{"name": VERSION, "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": schema},
+                               "subresources": {"status": {}, "scale": {
+                                   "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                                   "labelSelectorPath": ".status.selector"}},
+                               "additionalPrinterColumns": printer_columns()}]},
+    }
+
+
+def crd_yaml() -> str:
+    """The manifest text; a JSON round trip keeps shared sub-schemas from becoming YAML aliases."""
+    import json
+
+    import yaml
+    header = "# Generated by longserve.operator.crd (make goldens); do not edit by hand.\n"
+    data = json.loads(json.dumps(custom_resource_definition()))
+    return header + yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def openapi_schema() -> dict:
+    return custom_resource_definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

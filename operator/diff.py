@@ -1,0 +1,70 @@
+"""Pure diff of desired vs live children -> the actions that make live match desired.
+
+A child is patched when its `longserve.io/spec-hash` label differs (the desired content changed)
+or when a field the operator renders was edited by hand (drift): the desired object must be
+contained in the live one (the API server adds defaults and status, so live is a superset).
+Children that are owned by the resource but no longer desired are deleted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longserve.operator.render import HASH_LABEL
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str                  # "create" | "patch" | "delete"
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    body: dict | None = None   # the desired object (create/patch)
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.verb} {self.kind}/{self.name} ({self.reason})"
+
+
+def key(obj: dict) -> tuple[str, str, str, str]:
+    meta = obj.get("metadata") or {}
+    return obj.get("apiVersion", ""), obj.get("kind", ""), meta.get("namespace") or "", meta.get("name", "")
+
+
+def contains(live, desired) -> bool:
+    """True when every field of `desired` is present with the same value in `live`.
+
+    Maps may carry extra keys (defaults); lists must match element-wise. Scalars compare equal, or
+    equal as strings (quantities such as 1 and "1").
+    """
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(live) == len(desired)
+                and all(contains(a, b) for a, b in zip(live, desired)))
+    if live == desired:
+        return True
+    return not isinstance(desired, bool) and not isinstance(live, bool) and str(live) == str(desired)
+
+
+def diff(desired: list[dict], live: list[dict]) -> list[Action]:
+    """Create missing, patch changed or drifted, delete unwanted children (in that order)."""
+    live_by_key = {key(obj): obj for obj in live}
+    wanted = set()
+    actions = []
+    for obj in desired:
+        k = key(obj)
+        wanted.add(k)
+        current = live_by_key.get(k)
+        if current is None:
+            actions.append(Action("create", *k, body=obj, reason="missing"))
+            continue
+        live_hash = ((current.get("metadata") or {}).get("labels") or {}).get(HASH_LABEL)
+        if live_hash != obj["metadata"]["labels"][HASH_LABEL]:
+            actions.append(Action("patch", *k, body=obj, reason=f"spec hash {live_hash} -> "
+                                                                f"{obj['metadata']['labels'][HASH_LABEL]}"))
+        elif not contains(current, obj):
+            actions.append(Action("patch", *k, body=obj, reason="drift repaired"))
+    for k in sorted(set(live_by_key) - wanted):
+        actions.append(Action("delete", *k, reason="no longer wanted"))
+    return actions

@@ -1,0 +1,187 @@
+"""kopf glue: one idempotent reconcile (parse -> plan -> render -> diff -> apply -> status).
+
+It runs on create, on spec updates and on resume, and from a timer that repairs drift of owned
+objects and refreshes status from the children (kopf reacts to the resource's own changes, not
+to its children's). Status goes through `patch.status`, never handler return values; progress
+lives in `longserve.io/` annotations. Errors carry intent: PermanentError after SpecValid/Sized
+are written as False, TemporaryError while the model downloads. `build_registry` registers the
+handlers on a fresh registry, so tests can run the real operator with a short timer.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+
+import kopf
+from prometheus_client import Counter, Histogram
+
+from longserve.operator import k8s_apply, status as status_mod
+from longserve.operator.diff import diff
+from longserve.operator.render import DEFAULT_IMAGE, desired, download_job_name
+from longserve.operator.types import GROUP, PLURAL, VERSION, SpecError
+
+RECONCILES = Counter("longserve_operator_reconcile", "Reconcile runs by result", ["result"])
+PLANS = Counter("longserve_operator_plans", "Sizing outcomes", ["outcome"])
+DOWNLOAD_SECONDS = Histogram("longserve_operator_model_download_seconds", "Model download Job duration",
+                             buckets=(60, 300, 600, 1200, 1800, 3600, 7200, 14400))
+DEFAULT_TIMER_SECONDS = 30.0
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
+
+
+def _job_state(job: dict | None) -> str:
+    st = (job or {}).get("status") or {}
+    if st.get("succeeded"):
+        return "DownloadComplete"
+    for cond in st.get("conditions") or []:
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return "DownloadFailed"
+    return "Downloading"
+
+
+def _cache_key(body: dict) -> dict:
+    model = (body.get("spec") or {}).get("model") or {}
+    return {"uri": model.get("uri"), "revision": model.get("revision") or "main"}
+
+
+def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = False) -> None:
+    """Make the children match the spec and write status; see the module docstring."""
+    api: k8s_apply.Api = memo.api
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    generation = meta.get("generation") or 0
+    status = dict(status or {})
+    previous = status.get("conditions")
+    cached = status.get("cache") == {**_cache_key(body), "complete": True}
+    try:
+        d = desired(body, image=memo.image, model_cached=cached, monitoring=memo.monitoring)
+    except SpecError as exc:
+        phase, conds = status_mod.invalid_status(exc)
+        patch.status.update(phase=phase, observedGeneration=generation,
+                            conditions=status_mod.merge_conditions(previous, conds, _now(), generation))
+        RECONCILES.labels("invalid").inc()
+        if not from_timer:
+            kopf.warn(body, reason="SpecInvalid", message=f"{exc.reason}: {exc.message}")
+            raise kopf.PermanentError(f"{exc.reason}: {exc.message}") from None
+        return
+    lcm, plan = d.resource, d.plan
+    if not from_timer and (status.get("plan") or {}).get("specHash") != d.spec_hash:
+        PLANS.labels("feasible" if plan.feasible else "infeasible").inc()
+        if plan.feasible:
+            kopf.info(body, reason="Sized", message=plan.explanation)
+        else:
+            kopf.warn(body, reason="SizingInfeasible", message=plan.explanation)
+    if not plan.feasible:       # keep whatever runs; nothing new is deployed
+        new = status_mod.build_status(d, namespace=namespace, deployment=None, cache_state=None)
+        _write(patch, new, previous, generation)
+        RECONCILES.labels("infeasible").inc()
+        if not from_timer:
+            raise kopf.PermanentError(f"Infeasible: {plan.explanation}")
+        return
+
+    live = api.list_children(namespace, name, uid)
+    objects = d.objects
+    cache_state = None
+    if lcm.downloads and lcm.mode != "DryRun":
+        job_name = download_job_name(lcm)
+        job = next((o for o in live if o["kind"] == "Job" and o["metadata"]["name"] == job_name), None)
+        cache_state = "DownloadComplete" if cached else _job_state(job)
+        if cache_state == "DownloadComplete" and not cached:
+            _downloaded(job, body, patch)
+            d = desired(body, image=memo.image, model_cached=True, monitoring=memo.monitoring)
+            objects = d.objects
+        elif cache_state != "DownloadComplete":   # the workload waits for the cache (and is left alone)
+            objects = [o for o in objects if o["kind"] != "Deployment"]
+            live = [o for o in live if o["kind"] != "Deployment"]
+    actions = diff(objects, live)
+    api.apply(actions)
+    if actions and not from_timer:
+        kopf.info(body, reason="Applied", message="; ".join(map(str, actions))[:1000])
+    elif actions:
+        logger.info("drift repaired: %s", "; ".join(map(str, actions)))
+    deployment = api.get("apps/v1", "Deployment", namespace, name) if any(
+        o["kind"] == "Deployment" for o in objects) else None
+    new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state)
+    _write(patch, new, previous, generation)
+    RECONCILES.labels("drift" if from_timer and actions else "ok").inc()
+    if cache_state == "Downloading" and not from_timer:
+        raise kopf.TemporaryError("waiting for the model download Job", delay=30)
+
+
+def _downloaded(job: dict | None, body: dict, patch) -> None:
+    patch.status["cache"] = {**_cache_key(body), "complete": True}
+    st = (job or {}).get("status") or {}
+    start, end = _parse_time(st.get("startTime")), _parse_time(st.get("completionTime"))
+    if start and end:
+        DOWNLOAD_SECONDS.observe((end - start).total_seconds())
+    kopf.info(body, reason="DownloadCompleted", message=f"{_cache_key(body)['uri']} cached")
+
+
+def _write(patch, new: dict, previous, generation: int) -> None:
+    new["conditions"] = status_mod.merge_conditions(previous, new["conditions"], _now(), generation)
+    new["observedGeneration"] = generation
+    for key, value in new.items():
+        patch.status[key] = value
+
+
+def build_registry(timer_interval: float = DEFAULT_TIMER_SECONDS) -> kopf.OperatorRegistry:
+    """A registry with the operator's handlers (a fresh one per operator run)."""
+    registry = kopf.OperatorRegistry()
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, memo, logger, **_):
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration")
+        settings.persistence.finalizer = f"{GROUP}/timer"
+        settings.posting.reporting_component = "longserve-operator"
+        settings.scanning.disabled = True
+        if memo.get("monitoring") is None:
+            memo.monitoring = memo.api.has_api("monitoring.coreos.com/v1")
+        logger.info("engine image %s; Prometheus Operator kinds %s", memo.image,
+                    "present" if memo.monitoring else "absent (no ServiceMonitor/PrometheusRule)")
+
+    @kopf.on.login(registry=registry)
+    def login(memo, **_):
+        return connection_info(memo.api.configuration)
+
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, field="spec", registry=registry)
+    @kopf.on.resume(*resource, registry=registry)
+    def on_change(body, meta, status, patch, memo, logger, **_):
+        reconcile(body, meta, status, patch, memo, logger)
+
+    @kopf.timer(*resource, interval=timer_interval, idle=timer_interval, registry=registry)
+    def on_timer(body, meta, status, patch, memo, logger, **_):
+        reconcile(body, meta, status, patch, memo, logger, from_timer=True)
+
+    return registry
+
+
+def connection_info(configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same client configuration k8s_apply uses."""
+    header = configuration.get_api_key_with_prefix("BearerToken") or \
+        configuration.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=configuration.host, ca_path=configuration.ssl_ca_cert, insecure=not configuration.verify_ssl,
+        username=configuration.username or None, password=configuration.password or None,
+        scheme=scheme, token=token, certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file, default_namespace=None)
+
+
+def make_memo(api: k8s_apply.Api, image: str = DEFAULT_IMAGE, monitoring: bool | None = None) -> kopf.Memo:
+    return kopf.Memo(api=api, image=image, monitoring=monitoring)
+
+
+logging.getLogger("kubernetes.client.rest").setLevel(logging.WARNING)

@@ -1,0 +1,161 @@
+"""The only module that talks to the Kubernetes API: get, list, create, patch, delete by kind.
+
+Built on the official client's `ApiClient` (auth, TLS, retries) with plain JSON bodies, so every
+kind the operator renders — built-in or a Prometheus Operator CRD — goes through one small path,
+and no generated model classes re-shape objects. AlreadyExists on create and NotFound on delete
+count as success (operator.md §7); label selectors are also applied client-side.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import quote
+
+import kubernetes
+
+from longserve.operator.diff import Action
+from longserve.operator.render import MANAGED_BY
+
+log = logging.getLogger(__name__)
+
+PLURALS = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("v1", "Pod"): "pods",
+    ("apps/v1", "Deployment"): "deployments",
+    ("batch/v1", "Job"): "jobs",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
+    ("longserve.io/v1alpha1", "LongContextModel"): "longcontextmodels",
+}
+CHILD_KINDS = [k for k in PLURALS if k[1] not in ("Pod", "LongContextModel")]
+MONITORING_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def load_configuration(kubeconfig: str | None = None) -> "kubernetes.client.Configuration":
+    """In-cluster service account first, then a kubeconfig file (the explicit one, or the default)."""
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig is None:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except kubernetes.config.ConfigException:
+            pass
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return configuration
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+    try:
+        plural = PLURALS[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"kind {api_version}/{kind} is not managed by the operator") from None
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    ns = f"/namespaces/{quote(namespace)}" if namespace else ""
+    return f"{base}{ns}/{plural}" + (f"/{quote(name)}" if name else "")
+
+
+class Api:
+    def __init__(self, configuration: "kubernetes.client.Configuration", timeout: float = 30.0):
+        self.configuration = configuration
+        self.client = kubernetes.client.ApiClient(configuration)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.client.close()
+
+    def request(self, method: str, resource_path: str, body=None, *, content_type: str = "application/json",
+                query: list | None = None) -> tuple[int, dict | None]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        serialized = self.client.param_serialize(method, resource_path, query_params=query or [],
+                                                 header_params=headers, body=body, auth_settings=["BearerToken"])
+        response = self.client.call_api(*serialized, _request_timeout=self.timeout)
+        raw = response.read()
+        try:
+            data = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            data = {"message": raw.decode(errors="replace")[:500]}
+        return response.status, data
+
+    def _checked(self, method: str, resource_path: str, body=None, ok=(200, 201, 202), **kw) -> dict | None:
+        status, data = self.request(method, resource_path, body, **kw)
+        if status not in ok:
+            message = (data or {}).get("message", "") if isinstance(data, dict) else str(data)
+            raise ApiError(status, f"{method} {resource_path}: {message}")
+        return data
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        data = self._checked("GET", path(api_version, kind, namespace, name), ok=(200, 404))
+        return None if not data or data.get("kind") == "Status" else data
+
+    def has_api(self, group_version: str) -> bool:
+        status, _ = self.request("GET", f"/apis/{group_version}")
+        return status == 200
+
+    def list_children(self, namespace: str, instance: str, owner_uid: str, kinds=None) -> list[dict]:
+        """Objects of the managed kinds labelled for `instance` and owned by `owner_uid`."""
+        selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/managed-by={MANAGED_BY}"
+        found = []
+        for api_version, kind in kinds or CHILD_KINDS:
+            status, data = self.request("GET", path(api_version, kind, namespace),
+                                        query=[("labelSelector", selector)])
+            if status == 404:            # kind not installed (e.g. no Prometheus Operator)
+                continue
+            if status != 200:
+                raise ApiError(status, f"list {kind}: {(data or {}).get('message', '')}")
+            for item in (data or {}).get("items") or []:
+                meta = item.get("metadata") or {}
+                labels = meta.get("labels") or {}
+                owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+                if labels.get("app.kubernetes.io/instance") != instance \
+                        or labels.get("app.kubernetes.io/managed-by") != MANAGED_BY or owner_uid not in owners:
+                    continue
+                if meta.get("deletionTimestamp") or (meta.get("namespace") or namespace) != namespace:
+                    continue
+                found.append({"apiVersion": api_version, "kind": kind, **item})
+        return found
+
+    def create(self, obj: dict) -> dict:
+        meta = obj["metadata"]
+        status, data = self.request("POST", path(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)
+        if status == 409:          # created meanwhile (a concurrent reconcile): converge by patching
+            return self.patch(obj)
+        if status not in (200, 201, 202):
+            raise ApiError(status, f"create {obj['kind']}/{meta['name']}: {(data or {}).get('message', '')}")
+        return data
+
+    def patch(self, obj: dict) -> dict:
+        meta = obj["metadata"]
+        status, data = self.request("PATCH", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
+                                    obj, content_type="application/merge-patch+json")
+        if status == 404:
+            return self.create(obj)
+        if status not in (200, 201):
+            raise ApiError(status, f"patch {obj['kind']}/{meta['name']}: {(data or {}).get('message', '')}")
+        return data
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self._checked("DELETE", path(api_version, kind, namespace, name), {"propagationPolicy": "Background"},
+                      ok=(200, 202, 404))
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            log.info("%s", action)
+            if action.verb == "create":
+                self.create(action.body)
+            elif action.verb == "patch":
+                self.patch(action.body)
+            elif action.verb == "delete":
+                self.delete(action.api_version, action.kind, action.namespace, action.name)
+            else:
+                raise ValueError(f"unknown action {action.verb!r}")

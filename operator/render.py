@@ -1,0 +1,342 @@
+"""Pure rendering: a parsed `LongContextModel` and its plan -> the Kubernetes objects it owns.
+
+`desired(body, ...)` is the whole offline pipeline (parse -> size -> render) shared by the
+operator's reconcile and `longserve render`. Output is deterministic: the same resource gives
+byte-identical YAML, and every object carries `longserve.io/spec-hash`, a hash of its own content,
+which `diff.py` compares with the live object.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from longserve.operator import runtimes
+from longserve.operator.catalog import GiB, GpuSpec, ModelEntry, lookup_gpu, lookup_model
+from longserve.operator.memory import valid_tensor_parallel_sizes
+from longserve.operator.planner import Plan, SizingRequest, engine_config_for, plan
+from longserve.operator.types import (
+    API_VERSION, KIND, AUTO, LongContextModel, SpecError, gib_quantity, parse, parse_quantity)
+from longserve.server.config import EngineConfig
+
+DEFAULT_IMAGE = "ghcr.io/longserve/longserve:0.1.0"
+MANAGED_BY = "longserve-operator"
+HASH_LABEL = "longserve.io/spec-hash"
+CONFIG_HASH_ANNOTATION = "longserve.io/config-hash"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+MODEL_DIR = "/models"
+DOWNLOAD_IMAGE = "python:3.12-slim"
+RUNBOOKS = "https://longserve.io/runbooks"
+
+
+def content_hash(obj) -> str:
+    """Short, stable hash of JSON-serialisable content."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Outcome of parse -> size -> render for one resource."""
+    resource: LongContextModel
+    model: ModelEntry
+    plan: Plan
+    spec_hash: str
+    objects: list = field(default_factory=list)
+    startup_probe_seconds: int = 0
+    shm_size: str = "1Gi"
+
+
+def gpu_for(lcm: LongContextModel) -> GpuSpec | None:
+    if lcm.gpu_product is None:
+        return None
+    try:
+        return lookup_gpu(lcm.gpu_product)
+    except ValueError as exc:
+        if lcm.memory_per_gpu_bytes is None:
+            raise SpecError("UnknownGPU", f"{exc}") from None
+        return None
+
+
+def size(lcm: LongContextModel) -> tuple[ModelEntry, Plan]:
+    """The catalog model and the planner's verdict; SpecError for what the planner cannot judge."""
+    try:
+        model = lookup_model(lcm.model.catalog_key)
+    except ValueError as exc:
+        raise SpecError("UnknownModel", f"{exc}; v1alpha1 plans built-in models only") from None
+    gpu = gpu_for(lcm)
+    valid = valid_tensor_parallel_sizes(model, 8)
+    if lcm.tensor_parallel_size is not None and lcm.tensor_parallel_size not in valid:
+        f = model.facts
+        raise SpecError("InvalidTP", f"tensorParallelSize {lcm.tensor_parallel_size} must divide the "
+                                     f"{f.num_heads} attention heads and {f.num_kv_heads} KV heads of "
+                                     f"{model.short_name}; valid: {', '.join(map(str, valid))}")
+    request = SizingRequest(
+        max_model_len=lcm.max_model_len or model.facts.max_position_embeddings, max_num_seqs=lcm.max_num_seqs,
+        objective=lcm.objective, mode=lcm.mode, tensor_parallel_size=lcm.tensor_parallel_size,
+        prefill_chunk_tokens=lcm.prefill_chunk_tokens, gpu_memory_utilization=lcm.gpu_memory_utilization,
+        safety_margin_percent=lcm.safety_margin_percent, gpus_per_node=lcm.gpus_per_node, runtime=lcm.runtime,
+        memory_per_gpu_bytes=lcm.memory_per_gpu_bytes)
+    result = plan(model, gpu, request)
+    if result.reason == "InvalidSpec":
+        raise SpecError("InvalidSpec", result.explanation)
+    return model, result
+
+
+def _labels(lcm: LongContextModel) -> dict:
+    return {"app.kubernetes.io/name": "longserve", "app.kubernetes.io/instance": lcm.name,
+            "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def selector(lcm: LongContextModel) -> dict:
+    return {"app.kubernetes.io/name": "longserve", "app.kubernetes.io/instance": lcm.name}
+
+
+def _meta(lcm: LongContextModel, name: str, component: str) -> dict:
+    meta = {"name": name, "namespace": lcm.namespace,
+            "labels": {**_labels(lcm), "app.kubernetes.io/component": component}}
+    if lcm.uid:
+        meta["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": KIND, "name": lcm.name, "uid": lcm.uid,
+                                    "controller": True, "blockOwnerDeletion": True}]
+    return meta
+
+
+def _stamp(obj: dict) -> dict:
+    obj["metadata"]["labels"][HASH_LABEL] = content_hash(obj)
+    return obj
+
+
+def model_path(lcm: LongContextModel) -> str:
+    if lcm.model.scheme == "pvc":
+        return f"{MODEL_DIR}/{lcm.model.pvc_path}".rstrip("/")
+    if lcm.cache_enabled:
+        return f"{MODEL_DIR}/{lcm.model.hf_id}"
+    return lcm.model.hf_id
+
+
+def download_job_name(lcm: LongContextModel) -> str:
+    rev = re.sub(r"[^a-z0-9]+", "-", lcm.model.revision.lower()).strip("-")[:12].strip("-") or "rev"
+    return f"{lcm.name}-download-{rev}"
+
+
+def cache_claim(lcm: LongContextModel) -> str | None:
+    if lcm.model.scheme == "pvc":
+        return lcm.model.pvc_claim
+    if lcm.cache_enabled:
+        return lcm.existing_claim or f"{lcm.name}-weights"
+    return None
+
+
+def shm_bytes(lcm: LongContextModel, tp: int) -> int:
+    if lcm.shm_size != AUTO:
+        return parse_quantity(lcm.shm_size, "spec.resources.shmSize")
+    return GiB if tp == 1 else 16 * GiB
+
+
+def _resources(lcm: LongContextModel, model: ModelEntry, p: Plan) -> dict:
+    tp = p.tensor_parallel_size
+    shm = shm_bytes(lcm, tp)
+    if lcm.memory != AUTO:
+        memory = lcm.memory
+    elif lcm.cpu_mode:   # the "device" is host memory: the planner's whole budget lives in the pod
+        memory = gib_quantity(shm + p.memory_per_gpu_bytes)
+    else:
+        memory = gib_quantity(shm + max(32 * GiB, model.weight_bytes))
+    cpu = str(4 + 2 * tp) if lcm.cpu == AUTO else lcm.cpu
+    uncached = lcm.model.scheme == "hf" and not lcm.cache_enabled
+    if lcm.ephemeral_storage != AUTO:
+        storage = lcm.ephemeral_storage
+    else:
+        storage = gib_quantity(model.weight_bytes * 1.2 + 10 * GiB) if uncached else "10Gi"
+    requests = {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}
+    limits = {"memory": memory}
+    if not lcm.cpu_mode:
+        requests[lcm.resource_name] = str(tp)
+        limits[lcm.resource_name] = str(tp)
+    return {"requests": requests, "limits": limits}
+
+
+def _env(lcm: LongContextModel, cfg: EngineConfig) -> list[dict]:
+    items = runtimes.env(cfg)
+    if lcm.model.scheme == "hf" and not lcm.cache_enabled:
+        items.append({"name": "HF_HOME", "value": f"{MODEL_DIR}/hf-home"})
+    if lcm.model.auth_secret_name:
+        items.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": lcm.model.auth_secret_name, "key": lcm.model.auth_secret_key}}})
+    return items + [dict(e) for e in lcm.env]
+
+
+def _config_map(lcm: LongContextModel, cfg: EngineConfig) -> dict:
+    return _stamp({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(lcm, f"{lcm.name}-engine", "config"),
+                   "data": {runtimes.CONFIG_FILE: cfg.to_json()}})
+
+
+def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineConfig, config_map: dict,
+                image: str) -> dict:
+    tp = p.tensor_parallel_size
+    claim = cache_claim(lcm)
+    mounts = [{"name": "engine-config", "mountPath": runtimes.CONFIG_DIR, "readOnly": True},
+              {"name": "dshm", "mountPath": "/dev/shm"},
+              {"name": "models", "mountPath": MODEL_DIR, "readOnly": claim is not None}]
+    volumes = [{"name": "engine-config", "configMap": {"name": config_map["metadata"]["name"]}},
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": gib_quantity(shm_bytes(lcm, tp))}},
+               {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+               if claim else {"name": "models", "emptyDir": {}}]
+    container = {
+        "name": "engine", "image": image, "imagePullPolicy": "IfNotPresent",
+        "command": runtimes.command(cfg, lcm.extra_args), "env": _env(lcm, cfg), "ports": runtimes.ports(cfg),
+        "resources": _resources(lcm, model, p), "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError", **runtimes.probes(model.weight_bytes)}
+    node_selector = dict(lcm.node_selector)
+    tolerations = [dict(t) for t in lcm.tolerations]
+    if not lcm.cpu_mode:
+        gpu = gpu_for(lcm)
+        if lcm.gpu_product:
+            node_selector.setdefault(GPU_PRODUCT_LABEL, gpu.product_label if gpu else lcm.gpu_product)
+        tolerations.append({"key": lcm.resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    pod_spec = {"containers": [container], "volumes": volumes, "enableServiceLinks": False,
+                "terminationGracePeriodSeconds": 60}
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    meta = _meta(lcm, lcm.name, "engine")
+    return _stamp({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+        "spec": {"replicas": lcm.replicas, "revisionHistoryLimit": 3,
+                 "selector": {"matchLabels": selector(lcm)},
+                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                 "template": {"metadata": {"labels": {**_labels(lcm), "app.kubernetes.io/component": "engine"},
+                                           "annotations": {CONFIG_HASH_ANNOTATION:
+                                                           config_map["metadata"]["labels"][HASH_LABEL]}},
+                              "spec": pod_spec}}})
+
+
+def _service(lcm: LongContextModel) -> dict:
+    ports = [{"name": "http", "port": lcm.http_port, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    if lcm.runtime == "native":
+        ports.append({"name": "grpc", "port": lcm.grpc_port, "targetPort": "grpc", "protocol": "TCP",
+                      "appProtocol": "kubernetes.io/h2c"})
+    return _stamp({"apiVersion": "v1", "kind": "Service", "metadata": _meta(lcm, lcm.name, "engine"),
+                   "spec": {"type": "ClusterIP", "selector": selector(lcm), "ports": ports}})
+
+
+def _pdb(lcm: LongContextModel) -> dict:
+    return _stamp({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(lcm, lcm.name, "engine"),
+                   "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(lcm)}}})
+
+
+def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
+    size = lcm.cache_size if lcm.cache_size != AUTO else gib_quantity(model.weight_bytes * 1.2 + GiB)
+    spec = {"accessModes": ["ReadWriteOnce" if lcm.replicas <= 1 else "ReadWriteMany"],
+            "resources": {"requests": {"storage": size}}}
+    if lcm.storage_class_name:
+        spec["storageClassName"] = lcm.storage_class_name
+    return _stamp({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": _meta(lcm, f"{lcm.name}-weights", "cache"), "spec": spec})
+
+
+DOWNLOAD_SCRIPT = """set -eu
+marker="$TARGET/.longserve-complete-$REVISION"
+if [ -f "$marker" ]; then echo "already cached: $REPO@$REVISION"; exit 0; fi
+pip install --no-cache-dir --quiet 'huggingface_hub>=0.30'
+python3 -c 'import os; from huggingface_hub import snapshot_download; snapshot_download(os.environ["REPO"], revision=os.environ["REVISION"], local_dir=os.environ["TARGET"])'
+touch "$marker"
+"""
+
+
+def _download_job(lcm: LongContextModel) -> dict:
+    env = [{"name": "REPO", "value": lcm.model.hf_id}, {"name": "REVISION", "value": lcm.model.revision},
+           {"name": "TARGET", "value": model_path(lcm)}, {"name": "HF_HOME", "value": f"{MODEL_DIR}/.hf-home"}]
+    if lcm.model.auth_secret_name:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": lcm.model.auth_secret_name, "key": lcm.model.auth_secret_key}}})
+    container = {"name": "download", "image": DOWNLOAD_IMAGE, "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
+                 "env": env, "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}],
+                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}}
+    return _stamp({"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(lcm, download_job_name(lcm), "download"),
+                   "spec": {"backoffLimit": 6, "template": {"metadata": {"labels": {
+                       **_labels(lcm), "app.kubernetes.io/component": "download"}},
+                       "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": [
+                           {"name": "models", "persistentVolumeClaim": {"claimName": cache_claim(lcm)}}]}}}})
+
+
+def _service_monitor(lcm: LongContextModel) -> dict:
+    meta = _meta(lcm, lcm.name, "engine")
+    meta["labels"].update(lcm.service_monitor_labels)
+    return _stamp({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
+                   "spec": {"selector": {"matchLabels": selector(lcm)},
+                            "namespaceSelector": {"matchNames": [lcm.namespace]},
+                            "endpoints": [{"port": "http", "path": "/metrics",
+                                           "interval": lcm.service_monitor_interval}]}})
+
+
+def _prometheus_rule(lcm: LongContextModel, startup_seconds: int) -> dict:
+    sel = f'namespace="{lcm.namespace}",service="{lcm.name}"'
+    deploy = f'namespace="{lcm.namespace}",deployment="{lcm.name}"'
+
+    def rule(alert, expr, duration, severity, summary):
+        return {"alert": alert, "expr": expr, "for": duration, "labels": {"severity": severity},
+                "annotations": {"summary": summary, "runbook_url": f"{RUNBOOKS}/{alert.lower()}"}}
+    rules = [
+        rule("LongServeTTFTHigh", f"histogram_quantile(0.99, sum by (le) (rate("
+             f"longserve_time_to_first_token_seconds_bucket{{{sel}}}[15m]))) > 900", "15m", "warning",
+             f"{lcm.name}: p99 time to first token above 900 s"),
+        rule("LongServeKVCacheFull", f"max(vllm:kv_cache_usage_perc{{{sel}}}) > 0.95", "5m", "warning",
+             f"{lcm.name}: KV cache above 95% for 5 minutes"),
+        rule("LongServePreemptions", f"sum(rate(vllm:num_preemptions_total{{{sel}}}[5m])) > 0", "5m", "warning",
+             f"{lcm.name}: requests are preempted (mis-sized for maxNumSeqs {lcm.max_num_seqs})"),
+        rule("LongServeReplicasNotReady", f"kube_deployment_status_replicas_available{{{deploy}}} < "
+             f"kube_deployment_spec_replicas{{{deploy}}}", f"{max(1, startup_seconds // 60)}m", "critical",
+             f"{lcm.name}: replicas unavailable beyond the {startup_seconds} s start-up budget"),
+    ]
+    if lcm.downloads:
+        rules.append(rule("LongServeDownloadFailed", f'kube_job_status_failed{{namespace="{lcm.namespace}",'
+                          f'job_name="{download_job_name(lcm)}"}} > 0', "0m", "critical",
+                          f"{lcm.name}: model download Job failed"))
+    return _stamp({"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+                   "metadata": _meta(lcm, lcm.name, "alerts"),
+                   "spec": {"groups": [{"name": f"longserve-{lcm.name}", "rules": rules}]}})
+
+
+def engine_config(lcm: LongContextModel, p: Plan) -> EngineConfig:
+    return engine_config_for(p, model_path=model_path(lcm), served_model_name=lcm.model.served_model_name,
+                             max_output_tokens=lcm.max_output_tokens, http_port=lcm.http_port,
+                             grpc_port=lcm.grpc_port)
+
+
+def render(lcm: LongContextModel, model: ModelEntry, p: Plan, *, image: str = DEFAULT_IMAGE,
+           model_cached: bool = False, monitoring: bool = True) -> list[dict]:
+    """Objects for a feasible, deployable plan (DryRun and infeasible plans deploy nothing).
+
+    `model_cached`: the download Job finished for this revision, so it is no longer wanted.
+    `monitoring`: the monitoring.coreos.com kinds exist in the cluster.
+    """
+    if not p.feasible or lcm.mode == "DryRun":
+        return []
+    cfg = engine_config(lcm, p)
+    config_map = _config_map(lcm, cfg)
+    objects = [config_map]
+    if lcm.downloads and not lcm.existing_claim:
+        objects.append(_pvc(lcm, model))
+    if lcm.downloads and not model_cached:
+        objects.append(_download_job(lcm))
+    image = lcm.image or image
+    objects += [_deployment(lcm, model, p, cfg, config_map, image), _service(lcm), _pdb(lcm)]
+    if monitoring and lcm.service_monitor:
+        objects.append(_service_monitor(lcm))
+    if monitoring and lcm.prometheus_rule:
+        objects.append(_prometheus_rule(lcm, runtimes.startup_probe_seconds(model.weight_bytes)))
+    return objects
+
+
+def desired(body: dict, *, image: str = DEFAULT_IMAGE, model_cached: bool = False,
+            monitoring: bool = True) -> Desired:
+    """parse -> size -> render. Raises SpecError for invalid specs; infeasible plans give no objects."""
+    lcm = parse(body)
+    model, p = size(lcm)
+    objects = render(lcm, model, p, image=image, model_cached=model_cached, monitoring=monitoring)
+    spec_hash = content_hash({"spec": body.get("spec"), "plan": p.to_dict(), "image": image})[:8]
+    shm = gib_quantity(shm_bytes(lcm, p.tensor_parallel_size)) if p.feasible else ""
+    return Desired(resource=lcm, model=model, plan=p, spec_hash=spec_hash, objects=objects,
+                   startup_probe_seconds=runtimes.startup_probe_seconds(model.weight_bytes), shm_size=shm)
