@@ -14,6 +14,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longserve.server.api.errors import APIError, BadRequest, EngineFailure, PayloadTooLarge, Unauthorized
@@ -142,7 +143,8 @@ def build_http_app(state: ServerState, serving: OpenAIServing, metrics: Metrics,
         if isinstance(result, Response):
             return result
         if req.stream:
-            return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS,
+                                     background=BackgroundTask(result.aclose))
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")

@@ -52,6 +52,21 @@ class _Totals:
         return R.usage(prompt, sum(c.num_tokens for c in self.choices.values()), self.cached)
 
 
+class SSEBody:
+    """The SSE text of a stream; `aclose()` also closes the engine requests if iteration never started."""
+
+    def __init__(self, events: AsyncIterator[str], stream: EventStream):
+        self._events = events
+        self._stream = stream
+
+    def __aiter__(self):
+        return self._events
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        await self._stream.close()
+
+
 class OpenAIServing:
     def __init__(self, core: GenerationCore):
         self.core = core
@@ -140,7 +155,7 @@ class OpenAIServing:
         if req.stream:
             writer = R.ChunkWriter(chat, rid, created, model, include_usage=req.include_usage,
                                    want_logprobs=want_logprobs)
-            return self._sse(stream, first, totals, writer, chat, req.continuous_usage, echo)
+            return SSEBody(self._sse(stream, first, totals, writer, chat, req.continuous_usage, echo), stream)
         try:
             item = first
             while item is not END:
