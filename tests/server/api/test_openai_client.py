@@ -172,3 +172,12 @@ def test_generation_config_defaults_apply(tmp_path, server_factory, config_facto
     c = client(srv)
     texts = {c.completions.create(model="fake-model", prompt="same", max_tokens=8).choices[0].text for _ in range(3)}
     assert len(texts) == 1   # temperature 0 from generation_config.json => greedy, no seed needed
+
+
+def test_truncate_prompt_tokens_and_max_completion_tokens(server):
+    c = client(server)
+    r = c.completions.create(model="fake-model", prompt="abcdefgh", max_tokens=2,
+                             extra_body={"truncate_prompt_tokens": 3})
+    assert r.usage.prompt_tokens == 3
+    chat = c.chat.completions.create(model="fake-model", messages=MSG, max_tokens=50, max_completion_tokens=4)
+    assert chat.usage.completion_tokens == 4              # max_completion_tokens wins over max_tokens
