@@ -48,8 +48,18 @@ def render_documents(resources: list[dict], *, image: str | None, model_cached: 
 
 
 def dump_yaml(objects: list[dict]) -> str:
+    """Multi-document YAML, sorted keys; multi-line strings (scripts, JSON) as literal blocks."""
     import yaml
-    return "".join("---\n" + yaml.safe_dump(o, sort_keys=True, width=120) for o in objects)
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return "".join("---\n" + yaml.dump(o, Dumper=Dumper, sort_keys=True, width=120) for o in objects)
 
 
 def run(args) -> int:
