@@ -292,6 +292,10 @@ class GenerationCore:
         engine = self.state.loaded_engine()
         return await self._in_pool(engine.decode, list(token_ids))
 
+    async def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        engine = self.state.loaded_engine()
+        return await self._in_pool(lambda: [engine.decode([t], skip_special_tokens=False) for t in token_ids])
+
     def check_token_ids(self, token_ids: Sequence[int], param: str = "prompt") -> None:
         engine = self.state.loaded_engine()
         vocab = engine.model_info.vocab_size

@@ -93,8 +93,7 @@ class OpenAIServing:
             ids = await self.core.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         body = {"count": len(ids), "max_model_len": self.core.max_model_len, "tokens": ids}
         if req.return_token_strs:
-            engine = self.core.state.loaded_engine()
-            body["token_strs"] = [engine.decode([t], skip_special_tokens=False) for t in ids]
+            body["token_strs"] = await self.core.token_strs(ids)
         return body
 
     async def detokenize(self, req: DetokenizeRequest) -> dict:
