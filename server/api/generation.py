@@ -132,7 +132,13 @@ class EventStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._open = len(requests)
         self._getter: asyncio.Task | None = None
-        self._pumps = [asyncio.create_task(self._pump(r)) for r in requests]
+        self._pumps = []
+        for req in requests:
+            recorder = RequestRecorder(core.metrics, req.arrival, req.params.n)
+            pump = asyncio.create_task(self._pump(req, recorder))
+            # runs even for a pump cancelled before it started: END is always reached, one outcome recorded
+            pump.add_done_callback(lambda _t, rec=recorder: (rec.unfinished("abort"), self._queue.put_nowait(_DONE)))
+            self._pumps.append(pump)
         core.state.streams.add(self)
 
     async def get(self, timeout: float | None = None):
@@ -140,13 +146,16 @@ class EventStream:
         while True:
             if self._open == 0 and self._queue.empty():
                 return END
-            if self._getter is None:
-                self._getter = asyncio.create_task(self._queue.get())
-            done, _ = await asyncio.wait({self._getter}, timeout=timeout)
-            if not done:
-                return TIMEOUT
-            item = self._getter.result()
-            self._getter = None
+            if self._getter is None and not self._queue.empty():
+                item = self._queue.get_nowait()
+            else:
+                if self._getter is None:
+                    self._getter = asyncio.create_task(self._queue.get())
+                done, _ = await asyncio.wait({self._getter}, timeout=timeout)
+                if not done:
+                    return TIMEOUT
+                item = self._getter.result()
+                self._getter = None
             if item is _DONE:
                 self._open -= 1
                 continue
@@ -167,8 +176,7 @@ class EventStream:
             self._getter = None
         self._core.state.streams.discard(self)
 
-    async def _pump(self, req: EngineRequest) -> None:
-        recorder = RequestRecorder(self._core.metrics, req.arrival, req.params.n)
+    async def _pump(self, req: EngineRequest, recorder: RequestRecorder) -> None:
         events = self._engine.generate(req.request_id, req.prompt_ids, req.params)
         finished = False
         outcome = "abort"
@@ -202,7 +210,6 @@ class EventStream:
             if not finished:
                 await self._stop_engine_request(events, req.request_id)
                 recorder.unfinished(outcome)
-            self._queue.put_nowait(_DONE)
 
     async def _stop_engine_request(self, events, request_id: str) -> None:
         try:
