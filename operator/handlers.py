@@ -10,6 +10,7 @@ handlers on a fresh registry, so tests can run the real operator with a short ti
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 
 import kopf
@@ -56,17 +57,16 @@ def _cache_key(body: dict) -> dict:
 def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = False) -> None:
     """Make the children match the spec and write status; see the module docstring."""
     api: k8s_apply.Api = memo.api
+    body = json.loads(json.dumps(body, default=dict))     # kopf's read-only views -> plain data
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = meta.get("generation") or 0
-    status = dict(status or {})
-    previous = status.get("conditions")
+    status = json.loads(json.dumps(status or {}, default=dict))
     cached = status.get("cache") == {**_cache_key(body), "complete": True}
     try:
         d = desired(body, image=memo.image, model_cached=cached, monitoring=memo.monitoring)
     except SpecError as exc:
         phase, conds = status_mod.invalid_status(exc)
-        patch.status.update(phase=phase, observedGeneration=generation,
-                            conditions=status_mod.merge_conditions(previous, conds, _now(), generation))
+        _write(patch, {"phase": phase, "conditions": conds}, status, generation)
         RECONCILES.labels("invalid").inc()
         if not from_timer:
             kopf.warn(body, reason="SpecInvalid", message=f"{exc.reason}: {exc.message}")
@@ -81,7 +81,7 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
             kopf.warn(body, reason="SizingInfeasible", message=plan.explanation)
     if not plan.feasible:       # keep whatever runs; nothing new is deployed
         new = status_mod.build_status(d, namespace=namespace, deployment=None, cache_state=None)
-        _write(patch, new, previous, generation)
+        _write(patch, new, status, generation)
         RECONCILES.labels("infeasible").inc()
         if not from_timer:
             raise kopf.PermanentError(f"Infeasible: {plan.explanation}")
@@ -110,7 +110,7 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
     deployment = api.get("apps/v1", "Deployment", namespace, name) if any(
         o["kind"] == "Deployment" for o in objects) else None
     new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state)
-    _write(patch, new, previous, generation)
+    _write(patch, new, status, generation)
     RECONCILES.labels("drift" if from_timer and actions else "ok").inc()
     if cache_state == "Downloading" and not from_timer:
         raise kopf.TemporaryError("waiting for the model download Job", delay=30)
@@ -125,10 +125,29 @@ def _downloaded(job: dict | None, body: dict, patch) -> None:
     kopf.info(body, reason="DownloadCompleted", message=f"{_cache_key(body)['uri']} cached")
 
 
-def _write(patch, new: dict, previous, generation: int) -> None:
-    new["conditions"] = status_mod.merge_conditions(previous, new["conditions"], _now(), generation)
-    new["observedGeneration"] = generation
+MANAGED_STATUS = ("phase", "conditions", "plan", "replicas", "readyReplicas", "selector", "endpoints",
+                  "observedGeneration")
+
+
+def merge_patch(old, new):
+    """A JSON merge patch turning `old` into `new` (None deletes); {} when nothing changed."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    out = {k: None for k in old if k not in new}
     for key, value in new.items():
+        if key not in old:
+            out[key] = value
+        elif old[key] != value:
+            out[key] = merge_patch(old[key], value)
+    return out
+
+
+def _write(patch, new: dict, current: dict, generation: int) -> None:
+    """Patch only what changed in the operator's status fields (the timer runs often)."""
+    new["conditions"] = status_mod.merge_conditions(current.get("conditions"), new["conditions"], _now(), generation)
+    new["observedGeneration"] = generation
+    old = {k: current[k] for k in MANAGED_STATUS if k in current}
+    for key, value in merge_patch(old, new).items():
         patch.status[key] = value
 
 

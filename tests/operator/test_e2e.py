@@ -1,0 +1,163 @@
+"""End to end: the real kopf operator against the KMock-based API emulator over HTTP, driven with
+the real kubernetes client (testing.md §5). Each test starts a fresh emulator and operator."""
+import copy
+import json
+import time
+
+import pytest
+
+from longserve.operator.render import CONFIG_HASH_ANNOTATION, HASH_LABEL
+
+pytestmark = pytest.mark.timeout(60)
+
+DEPLOYMENTS, CONFIGMAPS, SERVICES = "apps/v1/deployments", "v1/configmaps", "v1/services"
+PDBS, JOBS, PVCS = "policy/v1/poddisruptionbudgets", "batch/v1/jobs", "v1/persistentvolumeclaims"
+
+
+def resource(name="qwen", **spec) -> dict:
+    base = {"model": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct-1M"}, "context": {"maxModelLen": 1010000},
+            "accelerator": {"gpuProduct": "NVIDIA-H200"}, "cache": {"enabled": False}}
+    base.update(spec)
+    return {"apiVersion": "longserve.io/v1alpha1", "kind": "LongContextModel",
+            "metadata": {"name": name, "namespace": "default"}, "spec": base}
+
+
+def conditions(obj) -> dict:
+    return {c["type"]: (c["status"], c["reason"]) for c in ((obj or {}).get("status") or {}).get("conditions", [])}
+
+
+def engine_config(cluster, name="qwen") -> dict:
+    cm = cluster.children(CONFIGMAPS).get(f"{name}-engine")
+    return json.loads(cm["data"]["engine_config.json"]) if cm else {}
+
+
+def status_of(cluster, name="qwen") -> dict:
+    return (cluster.get(name) or {}).get("status") or {}
+
+
+def test_create_renders_children_with_planned_gpus_and_owner_refs(cluster):
+    cluster.create(resource())
+    uid = cluster.get("qwen")["metadata"]["uid"]
+    deployment = cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
+    engine = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for path, name in [(DEPLOYMENTS, "qwen"), (CONFIGMAPS, "qwen-engine"), (SERVICES, "qwen"), (PDBS, "qwen")]:
+        obj = cluster.wait(lambda: cluster.children(path).get(name), path)
+        owner = obj["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == \
+            ("LongContextModel", "qwen", uid, True)
+    assert engine_config(cluster)["tensor_parallel_size"] == 1
+    st = cluster.wait(lambda: status_of(cluster).get("plan") and status_of(cluster), "status.plan")
+    assert st["plan"]["tensorParallelSize"] == 1 and st["plan"]["prefillChunkTokens"] == 131072
+    assert "TP=1" in st["plan"]["explanation"] and st["observedGeneration"] == 1
+    assert conditions(cluster.get("qwen"))["SpecValid"] == ("True", "SpecValid")
+    assert conditions(cluster.get("qwen"))["Sized"] == ("True", "PlanComputed")
+    assert st["phase"] == "Starting" and st["endpoints"]["openai"] == "http://qwen.default.svc:8000/v1"
+    # no controllers in the emulator: report the pod as ready; the timer refreshes status
+    cluster.patch_status("apps/v1", "deployments", "qwen", {"replicas": 1, "readyReplicas": 1})
+    cluster.wait(lambda: status_of(cluster).get("phase") == "Ready", "phase Ready")
+    assert conditions(cluster.get("qwen"))["Ready"] == ("True", "AllConditionsMet")
+    assert status_of(cluster)["readyReplicas"] == 1
+
+
+def test_update_max_model_len_rolls_config_and_deployment(cluster):
+    cluster.create(resource())
+    cluster.wait(lambda: status_of(cluster).get("plan"), "the first plan")
+    before = cluster.children(DEPLOYMENTS)["qwen"]
+    config_before = cluster.children(CONFIGMAPS)["qwen-engine"]
+    cluster.patch_spec("qwen", {"context": {"maxModelLen": 524288}})
+    cluster.wait(lambda: engine_config(cluster).get("max_model_len") == 524288, "the new engine config")
+    after = cluster.wait(lambda: (d := cluster.children(DEPLOYMENTS)["qwen"])["metadata"]["labels"][HASH_LABEL]
+                         != before["metadata"]["labels"][HASH_LABEL] and d, "the Deployment patched")
+    annotation = after["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    assert annotation != before["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    assert annotation == cluster.children(CONFIGMAPS)["qwen-engine"]["metadata"]["labels"][HASH_LABEL]
+    assert config_before["metadata"]["labels"][HASH_LABEL] != annotation
+    st = cluster.wait(lambda: status_of(cluster).get("observedGeneration") == 2 and status_of(cluster),
+                      "status for generation 2")
+    assert st["plan"]["maxModelLen"] == 524288
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]          # patched, not re-created
+
+
+def test_hand_edited_deployment_is_repaired_by_the_timer(cluster):
+    cluster.create(resource())
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
+    edit = {"spec": {"replicas": 3, "template": {"spec": {"containers": [
+        {"name": "engine", "image": "example.com/hacked:1", "resources": {"limits": {"nvidia.com/gpu": "2"}}}]}}}}
+    cluster.apps.patch_namespaced_deployment("qwen", "default", edit)
+    edited = cluster.children(DEPLOYMENTS)["qwen"]
+    assert edited["spec"]["replicas"] == 3
+    repaired = cluster.wait(lambda: (d := cluster.children(DEPLOYMENTS)["qwen"])["spec"]["replicas"] == 1 and d,
+                            "the timer's drift repair")
+    engine = repaired["spec"]["template"]["spec"]["containers"][0]
+    assert engine["image"] == "ghcr.io/longserve/longserve:0.1.0"
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert engine["startupProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_deleted_child_is_recreated(cluster):
+    cluster.create(resource())
+    cluster.wait(lambda: cluster.children(SERVICES).get("qwen"), "the Service")
+    cluster.api.delete("v1", "Service", "default", "qwen")
+    assert "qwen" not in cluster.children(SERVICES)
+    cluster.wait(lambda: cluster.children(SERVICES).get("qwen"), "the Service re-created")
+
+
+def test_infeasible_spec_sets_sized_false_and_deploys_nothing(cluster):
+    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"}, "sizing": {"mode": "Manual", "tensorParallelSize": 1}}
+    cluster.create(resource("big", **spec))
+    cluster.wait(lambda: conditions(cluster.get("big")).get("Sized", ("",))[0] == "False", "Sized=False")
+    st = status_of(cluster, "big")
+    assert conditions(cluster.get("big"))["Sized"] == ("False", "Infeasible")
+    assert conditions(cluster.get("big"))["Ready"] == ("False", "Infeasible")
+    assert st["phase"] == "Failed" and "tokens fit" in st["conditions"][1]["message"]
+    assert any(a["tensorParallelSize"] == 8 and a["fitsRequestedLength"] for a in st["plan"]["alternatives"])
+    time.sleep(3 * 0.3)                                # a few timer ticks: still nothing deployed
+    assert not cluster.children(DEPLOYMENTS) and not cluster.children(CONFIGMAPS)
+
+
+def test_invalid_tp_is_rejected_with_a_clear_condition(cluster):
+    spec = {"sizing": {"mode": "Manual", "tensorParallelSize": 8}}
+    cluster.create(resource("tp8", **spec))
+    cluster.wait(lambda: conditions(cluster.get("tp8")).get("SpecValid", ("",))[0] == "False", "SpecValid=False")
+    valid = next(c for c in status_of(cluster, "tp8")["conditions"] if c["type"] == "SpecValid")
+    assert valid["reason"] == "InvalidTP" and "valid: 1, 2, 4" in valid["message"]
+    assert status_of(cluster, "tp8")["phase"] == "Failed" and not cluster.children(DEPLOYMENTS)
+
+
+def test_dry_run_reports_the_plan_only(cluster):
+    cluster.create(resource("dry", sizing={"mode": "DryRun", "objective": "MaxPrefillThroughput"}))
+    st = cluster.wait(lambda: status_of(cluster, "dry").get("phase") == "Planned" and status_of(cluster, "dry"),
+                      "phase Planned")
+    assert st["plan"]["tensorParallelSize"] == 4 and st["plan"]["feasible"]
+    assert conditions(cluster.get("dry"))["Ready"] == ("False", "DryRun")
+    time.sleep(3 * 0.3)
+    assert not cluster.children(DEPLOYMENTS) and not cluster.children(CONFIGMAPS) and not cluster.children(SERVICES)
+
+
+def test_model_cache_gates_the_workload(cluster):
+    cluster.create(resource("cached", cache={"enabled": True}))
+    job = cluster.wait(lambda: cluster.children(JOBS).get("cached-download-main"), "the download Job")
+    assert cluster.children(PVCS)["cached-weights"]["spec"]["resources"]["requests"]["storage"] == "19Gi"
+    assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "cached-weights"
+    cluster.wait(lambda: status_of(cluster, "cached").get("phase") == "Caching", "phase Caching")
+    assert conditions(cluster.get("cached"))["ModelCached"] == ("False", "Downloading")
+    assert "cached" not in cluster.children(DEPLOYMENTS)
+    cluster.patch_status("batch/v1", "jobs", "cached-download-main", {"succeeded": 1})
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("cached"), "the Deployment after the download")
+    cluster.wait(lambda: "cached-download-main" not in cluster.children(JOBS), "the finished Job removed")
+    st = cluster.wait(lambda: status_of(cluster, "cached").get("cache"), "status.cache")
+    assert st["complete"] and st["revision"] == "main"
+    assert conditions(cluster.get("cached"))["ModelCached"] == ("True", "DownloadComplete")
+
+
+def test_delete_leaves_only_owned_children_for_garbage_collection(cluster):
+    cluster.create(resource())
+    uid = cluster.get("qwen")["metadata"]["uid"]
+    cluster.wait(lambda: len(cluster.children(DEPLOYMENTS)) == 1 and len(cluster.children(PDBS)) == 1, "children")
+    cluster.delete("qwen")
+    cluster.wait(lambda: cluster.get("qwen") is None, "the resource deleted (finalizer released)")
+    # the emulator has no garbage collector: every child must point at the deleted owner
+    for path in (DEPLOYMENTS, CONFIGMAPS, SERVICES, PDBS):
+        for obj in cluster.children(path).values():
+            assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [uid]
