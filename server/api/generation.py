@@ -177,10 +177,11 @@ class EventStream:
         self._core.state.streams.discard(self)
 
     async def _pump(self, req: EngineRequest, recorder: RequestRecorder) -> None:
-        events = self._engine.generate(req.request_id, req.prompt_ids, req.params)
+        events = None
         finished = False
         outcome = "abort"
         try:
+            events = self._engine.generate(req.request_id, req.prompt_ids, req.params)
             async for event in events:
                 recorder.on_event(event)
                 finished = finished or isinstance(event, RequestFinished)
@@ -212,10 +213,12 @@ class EventStream:
                 recorder.unfinished(outcome)
 
     async def _stop_engine_request(self, events, request_id: str) -> None:
-        try:
-            await events.aclose()
-        except Exception:
-            log.exception("closing engine request %s failed", request_id)
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                log.exception("closing engine request %s failed", request_id)
         try:
             await self._engine.abort(request_id)
         except Exception:

@@ -40,6 +40,7 @@ class FakeEngine:
         self.chunk_delay = chunk_delay
         self.fail_after_tokens = fail_after_tokens
         self.healthy = True
+        self.reject: RequestRejected | None = None     # set to make every generate() refuse up front
         self.kv_blocks_total = kv_blocks_total
         self.blocks: dict[str, int] = {}
         self.pending_prefill: dict[str, int] = {}
@@ -84,6 +85,8 @@ class FakeEngine:
     async def generate(self, request_id, prompt_token_ids, params):
         prompt = list(prompt_token_ids)
         limit = self.config.max_model_len
+        if self.reject is not None:
+            raise self.reject
         if len(prompt) + params.max_tokens > limit:
             raise RequestRejected(f"This model's maximum context length is {limit} tokens", "input_tokens")
         arrival = time.monotonic()

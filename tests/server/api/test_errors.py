@@ -130,3 +130,27 @@ def test_dead_engine_turns_503(server, engine):
     r = httpx.post(server.stack.http_url + "/v1/completions", json={"prompt": "a"})
     _assert_envelope(r, 503, "ServiceUnavailableError")
     assert httpx.get(server.stack.http_url + "/health").status_code == 503
+
+
+def test_engine_overload_is_429_on_both_protocols(server, engine):
+    import grpc
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from longserve.server.api.engine_client import RequestRejected
+    from longserve.server.api.grpc.pb import generation_pb2 as pb
+    from longserve.server.api.grpc.pb import generation_pb2_grpc as pb_grpc
+    engine.reject = RequestRejected("waiting queue is full", code="queue_full")
+    base = server.stack.http_url + "/v1/completions"
+    _assert_envelope(httpx.post(base, json={"prompt": "a"}), 429, "RateLimitError")
+    _assert_envelope(httpx.post(base, json={"prompt": "a", "stream": True}), 429, "RateLimitError")
+    with grpc.insecure_channel(server.stack.grpc_target) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            list(pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(prompt="a")))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == "waiting queue is full"
+    samples = {(s.name, s.labels.get("outcome")): s.value
+               for f in text_string_to_metric_families(httpx.get(server.stack.http_url + "/metrics").text)
+               for s in f.samples}
+    assert samples[("longserve_request_outcomes_total", "rejected_overload")] == 3
+    engine.reject = None
+    _still_serving(server)
