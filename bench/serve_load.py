@@ -128,6 +128,17 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int, timeo
             "completion_tokens": usage["completion_tokens"]}
 
 
+async def _fit(client, url: str, prompt: str, budget: int) -> str:
+    """Drop words until the prompt leaves room for the completion (checked with /tokenize, not timed)."""
+    words = prompt.split()
+    while len(words) > 1:
+        count = (await client.post(url + "/tokenize", json={"prompt": " ".join(words)}, timeout=30)).json()["count"]
+        if count <= budget:
+            break
+        words = words[:max(1, len(words) * budget // (count + 1))]
+    return " ".join(words)
+
+
 async def run_load(url: str, *, requests: int, concurrency: int, prompts: list[str], max_tokens: int,
                    seed: int, api_key: str, timeout: float) -> dict:
     import asyncio
@@ -139,6 +150,9 @@ async def run_load(url: str, *, requests: int, concurrency: int, prompts: list[s
     async with httpx.AsyncClient(limits=limits, headers=headers) as client:
         models = (await client.get(url + "/v1/models", timeout=30)).json()["data"]
         model = models[0]["id"]
+        if models[0].get("max_model_len"):
+            budget = models[0]["max_model_len"] - max_tokens
+            prompts = [await _fit(client, url, p, budget) for p in prompts]
         gate = asyncio.Semaphore(concurrency)
 
         async def bounded(prompt, n_tokens):
@@ -194,10 +208,15 @@ def run(args) -> int:
         summary = asyncio.run(run_load(url, requests=args.requests, concurrency=args.concurrency, prompts=prompts,
                                        max_tokens=args.max_tokens, seed=args.seed, api_key=args.api_key,
                                        timeout=args.request_timeout))
+    except Exception as exc:   # CLI boundary: unreachable server, failed start-up, bad reply
+        print(f"bench serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        summary = None
     finally:
         code = server.stop() if server is not None else None
         if workdir is not None:
             workdir.cleanup()
+    if summary is None:
+        return 1
     if code is not None:
         summary["server_exit_code"] = code
     _print(summary, args.json)

@@ -40,3 +40,11 @@ def test_percentile_and_argument_checks(capsys):
     assert math.isnan(serve_load.percentile([], 50))
     assert serve_load.run(_args("--url", "http://127.0.0.1:9", "--requests", "0")) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_unreachable_url_fails_cleanly(capsys):
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                      # bound, not listening: connection refused
+        assert serve_load.run(_args("--url", f"http://127.0.0.1:{port}", "--requests", "1")) == 1
+    assert "bench serve: ConnectError" in capsys.readouterr().err
