@@ -17,7 +17,7 @@ def _args(*argv):
 
 def test_bench_serve_against_url(server, engine, capsys):
     args = _args("--url", server.stack.http_url, "--requests", "200", "--concurrency", "16",
-                 "--max-prompt-words", "60", "--max-tokens", "12", "--json")
+                 "--max-prompt-words", "40", "--max-tokens", "6", "--json")
     assert serve_load.run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["completed"] == 200 and summary["errors"] == 0
