@@ -133,3 +133,13 @@ def test_health_reflection_and_auth(server_factory, config, engine):
         reply = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
         assert {"longserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_progress_repeats_during_a_slow_prefill(server_factory, config, fake_engine_cls):
+    srv = server_factory(config, fake_engine_cls(config, chunk_delay=0.25), keepalive_s=0.05, admission_wait_s=0.05)
+    with _channel(srv) as ch:
+        out = list(pb_grpc.GenerationStub(ch).Generate(
+            pb.GenerateRequest(prompt="z" * 300, sampling=pb.SamplingParams(max_tokens=1)), timeout=10))
+    done = [r.progress.prefill_tokens_done for r in out if r.WhichOneof("kind") == "progress"]
+    assert done[0] == 0 and done[-1] == 300 and done == sorted(done)
+    assert len(done) > 4 and {256, 300} <= set(done)    # keep-alive progress between the two chunks
