@@ -3,13 +3,20 @@
 A child is patched when its `longserve.io/spec-hash` label differs (the desired content changed)
 or when a field the operator renders was edited by hand (drift): the desired object must be
 contained in the live one (the API server adds defaults and status, so live is a superset).
-Children that are owned by the resource but no longer desired are deleted.
+Children that are owned by the resource but no longer desired are deleted. Two kinds have
+immutable parts: a PVC is only ever created (its claim is bound once; growing it is a manual
+step), and a Job whose content changed is deleted so the next pass creates it afresh (a Job's pod
+template cannot be patched).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from longserve.operator.render import HASH_LABEL
+
+
+CREATE_ONLY = {"PersistentVolumeClaim"}
+RECREATE = {"Job"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,12 @@ def diff(desired: list[dict], live: list[dict]) -> list[Action]:
             actions.append(Action("create", *k, body=obj, reason="missing"))
             continue
         live_hash = ((current.get("metadata") or {}).get("labels") or {}).get(HASH_LABEL)
-        if live_hash != obj["metadata"]["labels"][HASH_LABEL]:
+        changed = live_hash != obj["metadata"]["labels"][HASH_LABEL] or not contains(current, obj)
+        if obj["kind"] in CREATE_ONLY:
+            continue
+        if obj["kind"] in RECREATE and changed:
+            actions.append(Action("delete", *k, reason="immutable Job changed; re-created on the next pass"))
+        elif live_hash != obj["metadata"]["labels"][HASH_LABEL]:
             actions.append(Action("patch", *k, body=obj, reason=f"spec hash {live_hash} -> "
                                                                 f"{obj['metadata']['labels'][HASH_LABEL]}"))
         elif not contains(current, obj):

@@ -6,6 +6,11 @@ to its children's). Status goes through `patch.status`, never handler return val
 lives in `longserve.io/` annotations. Errors carry intent: PermanentError after SpecValid/Sized
 are written as False, TemporaryError while the model downloads. `build_registry` registers the
 handlers on a fresh registry, so tests can run the real operator with a short timer.
+
+No deletion handler: owner references clean up. kopf (1.45) does put a finalizer on every resource
+with a timer, so it can stop the timer before the object goes; it is named `longserve.io/timer`
+and released at once on deletion — but while no operator runs, deleting a resource waits for it
+(remove the finalizer by hand to force it).
 """
 from __future__ import annotations
 

@@ -228,8 +228,9 @@ def _pdb(lcm: LongContextModel) -> dict:
 
 def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
     size = lcm.cache_size if lcm.cache_size != AUTO else gib_quantity(model.weight_bytes * 1.2 + GiB)
-    spec = {"accessModes": ["ReadWriteOnce" if lcm.replicas <= 1 else "ReadWriteMany"],
-            "resources": {"requests": {"storage": size}}}
+    # ReadWriteOnce: the claim is created once and access modes are immutable; replicas spread over
+    # nodes need an RWX/ROX volume given as cache.existingClaim.
+    spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
     if lcm.storage_class_name:
         spec["storageClassName"] = lcm.storage_class_name
     return _stamp({"apiVersion": "v1", "kind": "PersistentVolumeClaim",

@@ -127,3 +127,16 @@ def test_transition_time_kept_while_status_unchanged():
     flipped = merge_conditions(same, [{"type": "Ready", "status": "True", "reason": "c", "message": ""}], "t3", 2)
     assert [c["lastTransitionTime"] for c in first + same + flipped] == ["t1", "t1", "t3"]
     assert same[0]["observedGeneration"] == 2
+
+
+def test_pvc_is_create_only_and_a_changed_job_is_recreated():
+    body = copy.deepcopy(BODY)
+    body["spec"]["cache"] = {"enabled": True}
+    objects = desired(body).objects
+    live = live_copy(objects)
+    body["spec"]["cache"] = {"enabled": True, "size": "40Gi"}
+    body["spec"]["model"]["authSecretRef"] = {"name": "hf", "key": "token"}
+    actions = diff(desired(body).objects, live)
+    kinds = [(a.verb, a.kind) for a in actions]
+    assert ("delete", "Job") in kinds and not any(k == "PersistentVolumeClaim" for _, k in kinds)
+    assert diff(objects, [o for o in live if o["kind"] != "PersistentVolumeClaim"])[0].verb == "create"
