@@ -70,9 +70,12 @@ class StreamItem:
 class RequestRecorder:
     """Metrics of one engine request; guarantees exactly one outcome."""
 
-    def __init__(self, metrics: Metrics, arrival: float, n: int):
+    def __init__(self, metrics: Metrics, request: EngineRequest):
         self.metrics = metrics
-        self.arrival = arrival
+        self.request_id = request.request_id
+        self.prompt_tokens = len(request.prompt_ids)
+        self.arrival = request.arrival
+        n = request.params.n
         self.first_token: float | None = None
         self.last_token = [None] * n
         self.tokens = [0] * n
@@ -108,9 +111,15 @@ class RequestRecorder:
             self.outcome(outcome)
 
     def outcome(self, outcome: str) -> None:
-        if not self.done:
-            self.done = True
-            self.metrics.observe_outcome(outcome)
+        if self.done:
+            return
+        self.done = True
+        self.metrics.observe_outcome(outcome)
+        ttft = None if self.first_token is None else round((self.first_token - self.arrival) * 1e3, 2)
+        log.info("request %s ended: %s", self.request_id, outcome, extra={
+            "event": "request_end", "request_id": self.request_id, "outcome": outcome,
+            "prompt_tokens": self.prompt_tokens, "output_tokens": sum(self.tokens), "ttft_ms": ttft,
+            "e2e_ms": round((time.monotonic() - self.arrival) * 1e3, 2)})
 
     def unfinished(self, outcome: str) -> None:
         """The engine request ended without RequestFinished (client gone, drain, engine error)."""
@@ -134,7 +143,7 @@ class EventStream:
         self._getter: asyncio.Task | None = None
         self._pumps = []
         for req in requests:
-            recorder = RequestRecorder(core.metrics, req.arrival, req.params.n)
+            recorder = RequestRecorder(core.metrics, req)
             pump = asyncio.create_task(self._pump(req, recorder))
             # runs even for a pump cancelled before it started: END is always reached, one outcome recorded
             pump.add_done_callback(lambda _t, rec=recorder: (rec.unfinished("abort"), self._queue.put_nowait(_DONE)))
