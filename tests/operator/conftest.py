@@ -112,3 +112,10 @@ def cluster():
             yield running
         finally:
             running.stop()
+
+
+@pytest.fixture
+def emulator():
+    """Only the API emulator (for running `longserve operator` as a separate process)."""
+    with kmock_emulator.EmulatorThread({LCM_PATH: "LongContextModel"}) as running:
+        yield running

@@ -161,3 +161,50 @@ def test_delete_leaves_only_owned_children_for_garbage_collection(cluster):
     for path in (DEPLOYMENTS, CONFIGMAPS, SERVICES, PDBS):
         for obj in cluster.children(path).values():
             assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [uid]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_longserve_operator_command_runs_against_the_emulator(emulator, tmp_path):
+    """The shipped entry point: kubeconfig login, liveness endpoint, reconcile, clean SIGTERM exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    import kubernetes
+    import yaml
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": emulator.url}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}]}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longserve.server.cli", "operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),
+         f"--liveness-port={port}", "--metrics-port=0", "--timer-interval=0.3", "--log-format=plain"],
+        env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=emulator.url))
+        kubernetes.client.CustomObjectsApi(client).create_namespaced_custom_object(
+            "longserve.io", "v1alpha1", "default", "longcontextmodels", resource())
+        deadline = time.monotonic() + 30
+        while "qwen" not in emulator.objects(DEPLOYMENTS, "default"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the operator did not reconcile"
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            assert response.status == 200
+        requests = [r for r in list(emulator.emulator) if r.headers.get("Authorization")]   # the request log
+        assert requests and all(r.headers["Authorization"] == "Bearer test-token" for r in requests)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0, output[-3000:]
