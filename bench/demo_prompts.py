@@ -1,0 +1,167 @@
+"""Synthetic long-context retrieval prompts shared by the demo model's trainer and the passkey bench.
+
+Two tasks, both in the style of the Qwen2.5-1M passkey example: (1) a pass key hidden at a given depth
+inside irrelevant filler text, and (2) a key-value lookup where several "code for the <item>" records
+(the decoys) are scattered in the filler and the question asks for one of them. Prompts are sized in
+*tokens* of the caller's tokenizer (passed in as a counting function) so a length grid means what it
+says. Stdlib only: the bench CLI imports this at parse time.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about the important information there.\n\n")
+PASSKEY_QUESTION = "\nWhat is the pass key?"
+KV_INTRO = ("Some records are hidden inside a lot of irrelevant text. Each record gives the code of one "
+            "item. Find them and memorize them. I will ask you about one of them.\n\n")
+
+# The seed prompt's filler, repeated block by block (as in the Qwen2.5-1M example).
+QWEN_FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+               "There and back again."]
+
+FILLER_SENTENCES = [
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The river runs to the sea.", "A cat sleeps on the warm mat.", "The wind moves the tall trees.",
+    "Rain falls on the quiet town.", "The old man walks his dog.", "Birds sing in the early morning.",
+    "The train leaves at noon.", "Children play in the park.", "The moon rises over the hills.",
+    "A small boat drifts on the lake.", "The bakery smells of fresh bread.", "Snow covers the mountain top.",
+    "The clock on the wall is slow.", "Leaves turn red in the autumn.", "The road goes on and on.",
+    "A farmer plants seeds in spring.", "The library is open late today.", "Waves crash against the rocks.",
+    "The kettle whistles in the kitchen.", "Stars shine on a clear night.", "The market is busy on Sunday.",
+    "A gentle breeze comes from the west.", "The door creaks when it opens.", "Fish swim under the bridge.",
+    "The painter mixes blue and white.", "Clouds gather before the storm.", "The bell rings at the school.",
+    "A fox runs across the field.", "The lamp lights up the room.", "Bees fly from flower to flower.",
+    "The garden needs some water.", "An owl watches from the branch.", "The bus is late again.",
+    "Tea is served in the afternoon.", "The forest is dark and deep.", "A letter arrives in the mail.",
+    "The baker wakes before dawn.", "Ships wait in the harbor.", "The path winds through the woods.",
+    "A dog barks at the mailman.", "The city sleeps under the rain.", "Music plays in the next room.",
+    "The candle burns down slowly.", "Horses graze in the meadow.", "The bridge crosses a wide river.",
+]
+
+KV_ITEMS = [
+    "apple", "river", "tiger", "violin", "garden", "rocket", "candle", "island", "pepper", "mirror",
+    "falcon", "lemon", "castle", "anchor", "basket", "copper", "dragon", "forest", "ginger", "hammer",
+    "jacket", "kettle", "ladder", "marble", "needle", "orange", "parrot", "quartz", "rabbit", "saddle",
+    "tomato", "velvet", "walnut", "yellow", "zebra", "bridge", "cherry", "donkey", "engine", "feather",
+    "guitar", "helmet", "igloo", "jungle", "koala", "lantern", "meadow", "napkin", "otter", "pillow",
+]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One chat-style retrieval example: the user prompt, the reference answer and the value to find."""
+    task: str          # "passkey" or "kv"
+    prompt: str        # user message text
+    answer: str        # the assistant reply the model is trained to give
+    target: str        # the digits that must appear (exact match)
+    depth: float       # fraction of the filler placed before the needle
+
+
+def chat_prompt(user: str) -> str:
+    """The demo model's ChatML template applied to one user turn, ending where the assistant starts."""
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def random_digits(rng: random.Random, n: int) -> str:
+    """An n-digit number without a leading zero (so its spoken value has exactly n digits)."""
+    if n < 1:
+        raise ValueError("key length must be >= 1")
+    return str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(n - 1))
+
+
+def filler_sentences(rng: random.Random, n: int, style: str) -> list[str]:
+    """n filler sentences: "qwen" repeats the seed block in order, "varied" samples the pool."""
+    if style == "qwen":
+        return [QWEN_FILLER[i % len(QWEN_FILLER)] for i in range(n)]
+    if style == "varied":
+        return [rng.choice(FILLER_SENTENCES) for _ in range(n)]
+    raise ValueError(f"unknown filler style {style!r} (expected 'qwen' or 'varied')")
+
+
+def _join(sentences: list[str]) -> str:
+    return "".join(s + " " for s in sentences)
+
+
+def passkey_sample(n_filler: int, depth: float, key: str, style: str, rng: random.Random) -> Sample:
+    """The seed-style passkey prompt with the key line after round(depth * n_filler) filler sentences."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    sents = filler_sentences(rng, n_filler, style)
+    cut = round(depth * n_filler)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
+    prompt = PASSKEY_INTRO + _join(sents[:cut]) + needle + _join(sents[cut:]) + PASSKEY_QUESTION
+    return Sample("passkey", prompt, f"The pass key is {key}.", key, depth)
+
+
+def kv_sample(n_filler: int, depth: float, rng: random.Random, style: str, n_records: int,
+              value_digits: tuple[int, int] = (2, 6)) -> Sample:
+    """Key-value lookup: n_records "code for the <item>" lines (distinct items and values) spread through
+    the filler; the asked-for record sits at `depth`, the decoys at random depths."""
+    if n_records < 1 or n_records > len(KV_ITEMS):
+        raise ValueError(f"n_records must be in [1, {len(KV_ITEMS)}]")
+    items = rng.sample(KV_ITEMS, n_records)
+    values: list[str] = []
+    while len(values) < n_records:
+        v = random_digits(rng, rng.randint(*value_digits))
+        if v not in values:
+            values.append(v)
+    sents = filler_sentences(rng, n_filler, style)
+    cuts = [round(depth * n_filler)] + [rng.randint(0, n_filler) for _ in range(n_records - 1)]
+    order = sorted(range(n_records), key=lambda i: (cuts[i], i))
+    pieces, prev = [], 0
+    for i in order:
+        pieces.append(_join(sents[prev:cuts[i]]))
+        pieces.append(f"The code for the {items[i]} is {values[i]}. ")
+        prev = cuts[i]
+    pieces.append(_join(sents[prev:]))
+    prompt = KV_INTRO + "".join(pieces) + f"\nWhat is the code for the {items[0]}?"
+    return Sample("kv", prompt, f"The code for the {items[0]} is {values[0]}.", values[0], depth)
+
+
+def fit_to_length(make: Callable[[int], Sample], count_tokens: Callable[[Sample], int], target: int,
+                  tokens_per_sentence: float = 6.0) -> tuple[Sample, int]:
+    """Choose the filler size so the prompt has at most `target` tokens and as close to it as possible.
+
+    `make(n)` builds a sample with n filler sentences (it must be deterministic in n); `count_tokens`
+    measures the full prompt as the model sees it (chat template included). Returns (sample, tokens).
+    """
+    base = count_tokens(make(0))
+    if base > target:
+        raise ValueError(f"target length {target} is below the prompt's fixed part ({base} tokens)")
+    n = max(0, int((target - base) / tokens_per_sentence))
+    best = (make(0), base)
+    for _ in range(8):
+        s = make(n)
+        got = count_tokens(s)
+        if got <= target:
+            if got > best[1]:
+                best = (s, got)
+            if target - got < tokens_per_sentence * 1.5:
+                return s, got
+        per = (got - base) / n if n else tokens_per_sentence
+        step = int((target - got) / max(per, 1.0))
+        n = max(0, n + (step if step != 0 else (-1 if got > target else 1)))
+    return best
+
+
+def sized_sample(count_tokens: Callable[[Sample], int], rng: random.Random, length: int, task: str,
+                 depth: float | None = None, key_digits: int | None = None, style: str | None = None) -> Sample:
+    """A random `task` sample ("passkey" or "kv") whose prompt fills at most `length` tokens.
+
+    Unset choices are drawn from `rng`: depth uniform, key length 3-8 digits, 2-6 records, and the
+    filler style ("qwen" 30%, "varied" 70%)."""
+    depth = rng.random() if depth is None else depth
+    style = style or ("qwen" if rng.random() < 0.3 else "varied")
+    sub_seed = rng.getrandbits(32)
+    if task == "passkey":
+        key = random_digits(rng, key_digits or rng.randint(3, 8))
+        return fit_to_length(lambda n: passkey_sample(n, depth, key, style, random.Random(sub_seed)),
+                             count_tokens, length)[0]
+    if task == "kv":
+        n_rec = rng.randint(2, 6)
+        return fit_to_length(lambda n: kv_sample(n, depth, random.Random(sub_seed), style, n_rec),
+                             count_tokens, length)[0]
+    raise ValueError(f"unknown task {task!r} (expected 'passkey' or 'kv')")

@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""Train the demo passkey model: a few-million-parameter Qwen2 model, from scratch, on CPU.
+
+Why: the repository's first command should serve a model that actually answers, and the DCA /
+sparse-prefill claims need a model trained at a short length T to test far beyond T. The model learns
+two synthetic retrieval tasks (bench/demo_prompts.py) in ChatML form with its own byte-level BPE
+tokenizer (one token per digit). Everything is seeded (data, init, tokenizer corpus) and runs on
+deterministic CPU kernels with a fixed thread count, so a rerun reproduces the loss curve.
+
+Writes a Hugging Face checkpoint (config.json with a dual_chunk_attention_config scaled to T,
+model.safetensors, tokenizer files with the chat template, generation_config.json) plus loss.csv,
+evals.csv and train_args.json. It re-saves at every evaluation so an interrupted run is usable, and
+stops early once held-out passkey accuracy at T reaches --stop-acc on two evaluations in a row.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from longserve.bench import demo_prompts as dp
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+chat_prompt = dp.chat_prompt
+
+
+# ---------------------------------------------------------------- tokenizer
+def build_tokenizer(seed: int, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on a seeded sample of the task text; digits are always single tokens."""
+    rng = random.Random(seed + 7)
+    corpus = []
+    for i in range(400):
+        style = "qwen" if i % 4 == 0 else "varied"
+        s = (dp.passkey_sample(rng.randint(5, 40), rng.random(), dp.random_digits(rng, rng.randint(3, 8)),
+                               style, rng) if i % 2 else
+             dp.kv_sample(rng.randint(5, 40), rng.random(), rng, style, rng.randint(2, 6)))
+        corpus.append(chat_prompt(s.prompt) + s.answer + "<|im_end|>\n")
+    corpus += [s + " " for s in dp.FILLER_SENTENCES] + [f"The code for the {w} is" for w in dp.KV_ITEMS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIALS[1:], chat_template=CHAT_TEMPLATE,
+                                   model_max_length=1 << 20, clean_up_tokenization_spaces=False)
+
+
+# ---------------------------------------------------------------- data
+class Tasks:
+    """Seeded generator of tokenised training / evaluation examples sized in tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, kv_fraction: float):
+        self.tok = tokenizer
+        self.kv_fraction = kv_fraction
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.newline = tokenizer.encode("\n", add_special_tokens=False)
+
+    def count(self, s: dp.Sample) -> int:
+        return len(self.tok.encode(chat_prompt(s.prompt), add_special_tokens=False))
+
+    def sample(self, rng: random.Random, length: int, task: str | None = None, depth: float | None = None,
+               key_digits: int | None = None) -> dp.Sample:
+        task = task or ("kv" if rng.random() < self.kv_fraction else "passkey")
+        return dp.sized_sample(self.count, rng, length, task, depth, key_digits)
+
+    def encode(self, s: dp.Sample) -> tuple[list[int], list[int]]:
+        """(ids, answer_mask): prompt ids, then answer + <|im_end|>; mask marks the target digits."""
+        prompt = self.tok.encode(chat_prompt(s.prompt), add_special_tokens=False)
+        head, _, tail = s.answer.rpartition(s.target)
+        pieces = [self.tok.encode(x, add_special_tokens=False) for x in (head, s.target, tail)]
+        ids = prompt + pieces[0] + pieces[1] + pieces[2] + [self.im_end] + self.newline
+        mask = [0] * (len(prompt) + len(pieces[0])) + [1] * len(pieces[1])
+        mask += [0] * (len(ids) - len(mask))
+        return ids, mask
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad (causal attention never looks right, so pads need no attention mask)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(batch), width), dtype=torch.bool)
+    answer = torch.zeros((len(batch), width), dtype=torch.bool)
+    for i, (x, m) in enumerate(batch):
+        ids[i, :len(x)] = torch.tensor(x)
+        valid[i, :len(x)] = True
+        answer[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids, valid, answer
+
+
+def losses(model, ids, valid, answer, autocast: bool):
+    """Mean next-token loss over all real tokens, and over the answer digits alone."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits
+    logits = logits[:, :-1].float()
+    tgt, v, a = ids[:, 1:], valid[:, 1:], answer[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+    return nll[v].mean(), nll[a].mean(), logits, tgt, a
+
+
+@torch.no_grad()
+def accuracy(model, tasks: Tasks, examples: list[dp.Sample], batch: int, autocast: bool) -> float:
+    """Exact match of the answer digits under teacher forcing: equals greedy decoding's exact match,
+    because greedy output is correct iff every digit is the argmax given correct predecessors."""
+    model.eval()
+    hits = 0
+    for i in range(0, len(examples), batch):
+        ids, valid, answer = collate([tasks.encode(s) for s in examples[i:i + batch]], tasks.tok.pad_token_id)
+        _, _, logits, tgt, a = losses(model, ids, valid, answer, autocast)
+        ok = (logits.argmax(-1) == tgt) | ~a
+        hits += int(ok.all(dim=1).sum())
+    model.train()
+    return hits / len(examples)
+
+
+# ---------------------------------------------------------------- model and checkpoint
+def make_model(args, tokenizer) -> Qwen2ForCausalLM:
+    torch.manual_seed(args.seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_position, rope_theta=args.rope_theta, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, use_sliding_window=False,
+        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id)
+    cfg.dual_chunk_attention_config = {
+        "chunk_size": args.seq_len, "local_size": args.dca_local,
+        "original_max_position_embeddings": 0,
+        "sparse_attention_threshold": args.sparse_threshold or 2 * args.seq_len}
+    return Qwen2ForCausalLM(cfg)
+
+
+def save(out: Path, model, tokenizer, loss_rows, eval_rows, args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False,
+                     max_new_tokens=32).save_pretrained(out)
+    for name, rows in (("loss.csv", loss_rows), ("evals.csv", eval_rows)):
+        if rows:
+            with open(out / name, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    (out / "train_args.json").write_text(json.dumps(
+        {"argv": sys.argv[1:], **{k: v for k, v in vars(args).items() if k != "out"}}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- training
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(args) -> list[dict]:
+    """Run training; returns the loss rows (one per step)."""
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    tokenizer = (PreTrainedTokenizerFast.from_pretrained(args.tokenizer) if args.tokenizer
+                 else build_tokenizer(args.seed, args.vocab_size))
+    tasks = Tasks(tokenizer, args.kv_fraction)
+    model = make_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M vocab {len(tokenizer)}", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    data_rng = random.Random(args.seed)
+    eval_rng = random.Random(args.seed + 1_000_003)
+    n_eval = args.eval_samples
+    eval_pk = [tasks.sample(eval_rng, args.seq_len, "passkey", depth=i / max(1, n_eval - 1), key_digits=5)
+               for i in range(n_eval)]
+    eval_kv = [tasks.sample(eval_rng, args.seq_len, "kv", depth=eval_rng.random()) for _ in range(n_eval // 2)]
+    out = Path(args.out) if args.out else None
+    loss_rows, eval_rows, streak, start = [], [], 0, time.time()
+    model.train()
+    for step in range(args.max_steps):
+        length = args.seq_len if data_rng.random() < 0.5 else data_rng.randint(args.min_len, args.seq_len)
+        bsz = max(1, args.tokens_per_step // length)
+        batch = [tasks.encode(tasks.sample(data_rng, length)) for _ in range(bsz)]
+        ids, valid, answer = collate(batch, tokenizer.pad_token_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        loss, ans_loss, *_ = losses(model, ids, valid, answer, args.autocast)
+        opt.zero_grad(set_to_none=True)
+        (loss + args.answer_weight * ans_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        elapsed = time.time() - start
+        loss_rows.append({"step": step + 1, "tokens": int(valid.sum()), "loss": round(loss.item(), 6),
+                          "answer_loss": round(ans_loss.item(), 6), "lr": round(lr_at(step, args), 8),
+                          "elapsed_s": round(elapsed, 1)})
+        if (step + 1) % args.log_every == 0:
+            print(json.dumps(loss_rows[-1]), flush=True)
+        last = step + 1 == args.max_steps or elapsed > args.time_budget_min * 60
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
+            pk = accuracy(model, tasks, eval_pk, args.eval_batch, args.autocast)
+            kv = accuracy(model, tasks, eval_kv, args.eval_batch, args.autocast)
+            eval_rows.append({"step": step + 1, "passkey_acc": pk, "kv_acc": kv,
+                              "elapsed_s": round(time.time() - start, 1)})
+            print(json.dumps(eval_rows[-1]), flush=True)
+            if out:
+                save(out, model, tokenizer, loss_rows, eval_rows, args)
+            streak = streak + 1 if pk >= args.stop_acc else 0
+            if streak >= 2:
+                print(f"stop: passkey accuracy >= {args.stop_acc} twice in a row", flush=True)
+                break
+        if last:
+            break
+    if out:
+        save(out, model, tokenizer, loss_rows, eval_rows, args)
+    return loss_rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="checkpoint directory (re-saved at each evaluation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=512, help="training length T")
+    p.add_argument("--min-len", type=int, default=192, help="shortest random training length")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--rope-theta", type=float, default=1e4)
+    p.add_argument("--max-position", type=int, default=32768, help="max_position_embeddings in config.json")
+    p.add_argument("--dca-local", type=int, default=64, help="DCA local_size written to config.json")
+    p.add_argument("--sparse-threshold", type=int, default=0, help="0: 2 x seq-len")
+    p.add_argument("--kv-fraction", type=float, default=0.35, help="share of key-value lookup examples")
+    p.add_argument("--tokens-per-step", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the answer-digit loss")
+    p.add_argument("--max-steps", type=int, default=2400)
+    p.add_argument("--time-budget-min", type=float, default=70.0, help="wall-clock stop (minutes)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--stop-acc", type=float, default=0.97)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--autocast", action="store_true",
+                   help="bf16 autocast (fast only on CPUs with native bf16; default fp32)")
+    args = p.parse_args(argv)
+    if args.seq_len < 64 or args.min_len > args.seq_len:
+        p.error("--seq-len must be >= 64 and --min-len <= --seq-len")
+    if not 0 < args.dca_local < args.seq_len:
+        p.error("--dca-local must be in (0, seq-len)")
+    if args.heads % args.kv_heads or args.hidden % args.heads:
+        p.error("--heads must divide --hidden and be a multiple of --kv-heads")
+    return args
+
+
+def main(argv=None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
