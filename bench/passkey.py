@@ -1,0 +1,195 @@
+"""`longserve bench passkey`: passkey retrieval accuracy over a (context length x depth) grid.
+
+Why: DCA's claim is that a model reads far past its training length without retraining, and sparse
+prefill's claim is that it keeps that accuracy while computing fewer (query, key) pairs; both are only
+worth anything measured. Prompts follow the Qwen2.5-1M passkey example (bench/demo_prompts.py), sized
+in the model's own tokens with its chat template, and go through our engine (greedy, `--backend engine`)
+or through the transformers oracle (`--backend oracle`, teacher-forced, engine-independent). A cell is
+correct when the first number in the answer equals the key. Output: a table on stdout, plus
+`passkey.csv`, `passkey.png` (heatmap in the style of the Qwen passkey figure) and `summary.json` in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+HELP = "passkey retrieval accuracy grid (length x depth), DCA and sparse prefill on or off"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError("lengths must be positive integers")
+    return vals
+
+
+def _fracs(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {text!r}") from None
+    if not vals or any(not 0.0 <= v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError("depths must be in [0, 1]")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--lengths", type=_ints, required=True, help="prompt lengths in tokens, e.g. 512,2048,4096")
+    p.add_argument("--depths", type=_fracs, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths as fractions of the filler (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--dca", choices=["on", "off"], default="on", help="dual chunk attention (default on)")
+    p.add_argument("--sparse", choices=["on", "off"], default="off",
+                   help="vertical-slash sparse prefill above the model's threshold (default off)")
+    p.add_argument("--sparse-threshold", type=int, default=None,
+                   help="override the sparse prefill threshold in tokens (default: the model's config)")
+    p.add_argument("--samples", type=int, default=5, help="prompts per cell (default 5)")
+    p.add_argument("--key-digits", type=int, default=5, help="pass key length in digits (default 5)")
+    p.add_argument("--filler", choices=["qwen", "varied"], default="qwen",
+                   help="filler text: the seed prompt's repeated block, or a sampled sentence pool")
+    p.add_argument("--backend", choices=["engine", "oracle"], default="engine",
+                   help="engine: greedy generation through longserve's LLM; oracle: transformers, teacher-forced")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (keys, filler)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="output directory (default bench/results/passkey-<time>)")
+
+
+def first_number(text: str) -> str | None:
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
+
+
+def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed):
+    """{(length, depth): [(Sample, prompt_token_ids)]}; the same seed gives the same prompts."""
+    from longserve.bench import demo_prompts as dp
+
+    def ids_of(sample):
+        return tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    grid = {}
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"{seed}/{length}/{depth}")
+            cell = []
+            for _ in range(samples):
+                key = dp.random_digits(rng, key_digits)
+                sub = rng.getrandbits(32)
+                sample, _ = dp.fit_to_length(
+                    lambda n: dp.passkey_sample(n, depth, key, filler, random.Random(sub)),  # noqa: B023
+                    lambda s: len(ids_of(s)), length)
+                cell.append((sample, list(ids_of(sample))))
+            grid[(length, depth)] = cell
+    return grid
+
+
+def _engine_answers(args, prompts: list[list[int]]) -> list[str]:
+    from longserve.server.engine import LLM, SamplingParams
+
+    overrides = {"dca": args.dca == "on", "sparse_prefill": args.sparse == "on", "dtype": "float32"}
+    if args.sparse_threshold is not None:
+        overrides["sparse_threshold"] = args.sparse_threshold
+    llm = LLM(args.model, **overrides)
+    params = SamplingParams(temperature=0.0, max_tokens=args.key_digits + 12)
+    return [o.outputs[0].text for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+def _oracle_correct(args, model, tokenizer, cell) -> list[bool]:
+    from longserve.bench.passkey_oracle import answer_correct
+
+    dca = model.config.dual_chunk_attention_config if args.dca == "on" else None
+    chunk, local = (dca["chunk_size"], dca["local_size"]) if dca else (None, None)
+    return [answer_correct(model, tokenizer, sample, chunk, local) for sample, _ in cell]
+
+
+def evaluate(args) -> dict:
+    """Runs the grid; returns {"cells": [...], ...} ready for the table, CSV and heatmap."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    grid = build_prompts(tokenizer, args.lengths, args.depths, args.samples, args.key_digits, args.filler,
+                         args.seed)
+    keys = list(grid)
+    t0 = time.time()
+    if args.backend == "engine":
+        flat = [ids for k in keys for _, ids in grid[k]]
+        texts = iter(_engine_answers(args, flat))
+        verdicts = {k: [first_number(next(texts)) == s.target for s, _ in grid[k]] for k in keys}
+    else:
+        from longserve.bench.passkey_oracle import load
+        model, _ = load(args.model)
+        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k]) for k in keys}
+    cells = [{"length": k[0], "depth": k[1], "samples": len(grid[k]), "correct": sum(verdicts[k]),
+              "accuracy": sum(verdicts[k]) / len(grid[k]),
+              "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1)}
+             for k in keys]
+    return {"cells": cells, "seconds": round(time.time() - t0, 1)}
+
+
+def format_table(cells, lengths, depths) -> str:
+    acc = {(c["length"], c["depth"]): c["accuracy"] for c in cells}
+    head = "length \\ depth " + "".join(f"{d:>8.2f}" for d in depths) + "     avg"
+    lines = [head, "-" * len(head)]
+    for n in lengths:
+        row = [acc[(n, d)] for d in depths]
+        lines.append(f"{n:>14} " + "".join(f"{100 * a:7.1f}%" for a in row) + f"{100 * sum(row) / len(row):7.1f}%")
+    return "\n".join(lines)
+
+
+def save_heatmap(path: Path, cells, lengths, depths, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = {(c["length"], c["depth"]): c["accuracy"] for c in cells}
+    data = [[100 * acc[(n, d)] for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    if args.samples < 1 or args.key_digits < 1:
+        raise SystemExit("error: --samples and --key-digits must be >= 1")
+    if not Path(args.model, "config.json").is_file():
+        raise SystemExit(f"error: {args.model} has no config.json")
+    out = Path(args.out or f"bench/results/passkey-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(args)
+    cells = result["cells"]
+    mode = f"dca={args.dca} sparse={args.sparse} backend={args.backend}"
+    print(f"passkey accuracy ({mode}, {args.samples} prompts per cell, {args.key_digits}-digit keys)")
+    print(format_table(cells, args.lengths, args.depths))
+    with open(out / "passkey.csv", "w") as f:
+        f.write("length,depth,samples,correct,accuracy,mean_prompt_tokens\n")
+        for c in cells:
+            f.write(f"{c['length']},{c['depth']},{c['samples']},{c['correct']},{c['accuracy']:.4f},"
+                    f"{c['mean_prompt_tokens']}\n")
+    save_heatmap(out / "passkey.png", cells, args.lengths, args.depths, f"passkey: {Path(args.model).name}, {mode}")
+    summary = {"model": args.model, "dca": args.dca, "sparse": args.sparse, "backend": args.backend,
+               "samples": args.samples, "seed": args.seed, "seconds": result["seconds"],
+               "average_by_length": {str(n): sum(c["accuracy"] for c in cells if c["length"] == n)
+                                     / len(args.depths) for n in args.lengths}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}/passkey.csv, passkey.png, summary.json")
+    return 0

@@ -1,0 +1,90 @@
+"""A transformers oracle for long-context retrieval: Qwen2 with DCA positions, teacher-forced scoring.
+
+Why: the passkey bench and the demo model's DCA-window choice need a measurement that does not depend
+on our engine (an independent check of it, and usable before it exists). The Hugging Face model is
+called with all position ids 0, so its own rotary is the identity, and an attention function rotates
+q/k at the DCA-remapped positions of algorithms.md §1.2 (or at absolute positions for plain RoPE),
+concatenates the inter / successive / intra key ranges of each query sub-block and takes one softmax
+over them (equal to the LSE merge of §1.4). Scoring is exact match of the answer digits under teacher
+forcing, which equals greedy decoding's exact match on those digits when the answer prefix is right.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+from longserve.bench import demo_prompts as dp
+
+ATTN_NAME = "longserve_dca_oracle"
+_SETTINGS: dict = {"chunk_size": None, "local_size": None}
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """NeoX half-split RoPE of x [..., n, D] at integer positions pos [n] (fp64 angles)."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def dca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention over un-rotated q [B,H,L,D], k/v [B,G,L,D] with DCA positions (or plain RoPE
+    when _SETTINGS has no chunk_size). Returns ([B,L,H,D], None) like transformers' attention functions."""
+    theta = float(module.config.rope_parameters["rope_theta"])
+    B, H, L, D = query.shape
+    g = H // key.shape[1]
+    k = key.repeat_interleave(g, dim=1)
+    v = value.repeat_interleave(g, dim=1)
+    scale = scaling if scaling is not None else D ** -0.5
+    chunk, local = _SETTINGS["chunk_size"], _SETTINGS["local_size"]
+    cl = L if chunk is None else chunk - local
+    pos = torch.arange(L)
+    kpos = pos if chunk is None else pos % cl
+    k = rope(k, kpos, theta)
+    out = torch.empty_like(query)
+    for b0 in range(0, L, cl):
+        e = min(b0 + cl, L)
+        rows = pos[b0:e]
+        o = rows - b0
+        qb = query[:, :, b0:e]
+        parts = []
+        if b0 >= 2 * cl:
+            q_inter = rope(qb, torch.full_like(rows, min(2 * cl - 1, chunk)), theta)
+            parts.append(q_inter @ k[:, :, : b0 - cl].transpose(-1, -2))
+        if b0 >= cl:
+            q_succ = rope(qb, torch.clamp(o + cl, max=chunk), theta)
+            parts.append(q_succ @ k[:, :, b0 - cl: b0].transpose(-1, -2))
+        q_intra = rope(qb, o if chunk is not None else rows, theta)
+        intra = q_intra @ k[:, :, b0:e].transpose(-1, -2)
+        parts.append(intra.masked_fill(torch.ones(e - b0, e - b0, dtype=torch.bool).triu(1), float("-inf")))
+        probs = torch.softmax(torch.cat(parts, -1).float() * scale, dim=-1).to(v.dtype)
+        out[:, :, b0:e] = probs @ v[:, :, :e]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, dca_attention)
+
+
+def load(model_dir: str):
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation=ATTN_NAME, dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+@torch.no_grad()
+def answer_correct(model, tok, sample: dp.Sample, chunk_size: int | None, local_size: int | None) -> bool:
+    """True iff every target digit is the argmax given the prompt and the correct answer prefix."""
+    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size)
+    prompt = tok.encode(dp.chat_prompt(sample.prompt), add_special_tokens=False)
+    head = sample.answer.rpartition(sample.target)[0]
+    head_ids = tok.encode(head, add_special_tokens=False)
+    digits = tok.encode(sample.target, add_special_tokens=False)
+    ids = torch.tensor([prompt + head_ids + digits])
+    hidden = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
+    first = len(prompt) + len(head_ids) - 1
+    logits = model.lm_head(hidden[0, first: first + len(digits)])
+    return bool((logits.argmax(-1) == torch.tensor(digits)).all())
