@@ -98,3 +98,12 @@ def test_queue_gauges_follow_the_engine(server, engine):
     assert _value(f, "longserve_requests_running", "longserve_requests_running") == 1
     assert _value(f, "longserve_prefill_tokens_pending", "longserve_prefill_tokens_pending") == 1234
     assert _value(f, "longserve_kv_cache_usage_ratio", "longserve_kv_cache_usage_ratio") == 0.25
+
+
+def test_legacy_vllm_aliases_only_behind_the_flag(server, server_factory, config, fake_engine_cls):
+    assert "vllm:gpu_cache_usage_perc" not in _scrape(server)
+    srv = server_factory(config, fake_engine_cls(config), legacy_vllm_metrics=True)
+    httpx.post(srv.stack.http_url + "/v1/completions", json={"prompt": "a", "max_tokens": 3})
+    f = _scrape(srv)
+    assert _value(f, "vllm:gpu_cache_usage_perc", "vllm:gpu_cache_usage_perc") == 0
+    assert _value(f, "vllm:time_per_output_token_seconds", "vllm:time_per_output_token_seconds_count") == 2
