@@ -40,27 +40,29 @@ def dca_attention(module, query, key, value, attention_mask, scaling=None, dropo
     v = value.repeat_interleave(g, dim=1)
     scale = scaling if scaling is not None else D ** -0.5
     chunk, local = _SETTINGS["chunk_size"], _SETTINGS["local_size"]
-    cl = L if chunk is None else chunk - local
+    blk = 512 if chunk is None else chunk - local        # query block: a DCA chunk, or a memory bound
     pos = torch.arange(L)
-    kpos = pos if chunk is None else pos % cl
-    k = rope(k, kpos, theta)
+    k = rope(k, pos if chunk is None else pos % blk, theta)
     out = torch.empty_like(query)
-    for b0 in range(0, L, cl):
-        e = min(b0 + cl, L)
+    for b0 in range(0, L, blk):
+        e = min(b0 + blk, L)
         rows = pos[b0:e]
-        o = rows - b0
         qb = query[:, :, b0:e]
-        parts = []
-        if b0 >= 2 * cl:
-            q_inter = rope(qb, torch.full_like(rows, min(2 * cl - 1, chunk)), theta)
-            parts.append(q_inter @ k[:, :, : b0 - cl].transpose(-1, -2))
-        if b0 >= cl:
-            q_succ = rope(qb, torch.clamp(o + cl, max=chunk), theta)
-            parts.append(q_succ @ k[:, :, b0 - cl: b0].transpose(-1, -2))
-        q_intra = rope(qb, o if chunk is not None else rows, theta)
-        intra = q_intra @ k[:, :, b0:e].transpose(-1, -2)
-        parts.append(intra.masked_fill(torch.ones(e - b0, e - b0, dtype=torch.bool).triu(1), float("-inf")))
-        probs = torch.softmax(torch.cat(parts, -1).float() * scale, dim=-1).to(v.dtype)
+        if chunk is None:
+            parts = [rope(qb, rows, theta) @ k[:, :, :e].transpose(-1, -2)]
+        else:
+            o = rows - b0
+            parts = []
+            if b0 >= 2 * blk:
+                q_inter = rope(qb, torch.full_like(rows, min(2 * blk - 1, chunk)), theta)
+                parts.append(q_inter @ k[:, :, : b0 - blk].transpose(-1, -2))
+            if b0 >= blk:
+                q_succ = rope(qb, torch.clamp(o + blk, max=chunk), theta)
+                parts.append(q_succ @ k[:, :, b0 - blk: b0].transpose(-1, -2))
+            parts.append(rope(qb, o, theta) @ k[:, :, b0:e].transpose(-1, -2))
+        scores = torch.cat(parts, -1)
+        scores[..., b0:e].masked_fill_(torch.ones(e - b0, e - b0, dtype=torch.bool).triu(1), float("-inf"))
+        probs = torch.softmax(scores.float() * scale, dim=-1).to(v.dtype)
         out[:, :, b0:e] = probs @ v[:, :, :e]
     return out.transpose(1, 2).contiguous(), None
 

@@ -176,9 +176,19 @@ def lr_at(step: int, args) -> float:
 
 
 def train(args) -> list[dict]:
-    """Run training; returns the loss rows (one per step)."""
+    """Run training; returns the loss rows (one per step). Thread count and deterministic mode are set
+    for the run and restored afterwards (the function is also called in-process by the tests)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(args) -> list[dict]:
     tokenizer = (PreTrainedTokenizerFast.from_pretrained(args.tokenizer) if args.tokenizer
                  else build_tokenizer(args.seed, args.vocab_size))
     tasks = Tasks(tokenizer, args.kv_fraction)
