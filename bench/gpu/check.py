@@ -86,7 +86,7 @@ def section_correctness(device, args, deadline, log) -> dict:
     from longserve.bench.gpu import correctness
 
     sizes = correctness.SMOKE if args.smoke else correctness.FULL
-    dtypes = [torch.float16, torch.float32] if args.smoke else [torch.bfloat16, torch.float16, torch.float32]
+    dtypes = [torch.float16] if args.smoke else [torch.bfloat16, torch.float16, torch.float32]
     return run_checks(correctness.plan(sizes, device, dtypes), deadline, log)
 
 
@@ -96,7 +96,7 @@ def section_timing(device, args, deadline, log) -> dict:
     from longserve.bench.gpu import timing
 
     if args.smoke:
-        shape, lengths, dtype, tune_n, decode_len = (4, 2, 32), (128, 256), torch.float16, 128, 300
+        shape, lengths, dtype, tune_n, decode_len = (4, 2, 32), (64, 96), torch.float16, 64, 300
         chunk, local, budget = (96, 32, 0.05)
     else:
         shape, lengths, dtype, tune_n, decode_len = (28, 4, 128), (32768, 131072, 524288), torch.bfloat16, \

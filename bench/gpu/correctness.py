@@ -29,12 +29,13 @@ class Sizes:
     dca_cfg: tuple                # (chunk_size, local_size, original_max_position_embeddings)
     dca_heads: tuple              # (H, G) for the DCA checks (the reference is memory-hungry)
     rows_per_sample: int
+    small: int                    # length of the merge, full-budget and determinism checks
 
 
 FULL = Sizes(28, 4, 128, (8192, 32768, 131072), (8192, 32768), (8192, 32768), (4096, 8192, 256, 384),
-             (8192, 32785, 131077), 8192, (3072, 512, 2048), (7, 1), 16)
-SMOKE = Sizes(4, 2, 32, (65, 160), (40, 130), (160,), (130, 200, 24, 40), (1, 100, 257), 160, (48, 16, 64),
-              (4, 2), 8)
+             (8192, 32785, 131077), 8192, (3072, 512, 2048), (7, 1), 16, 1024)
+SMOKE = Sizes(4, 2, 32, (65,), (40, 130), (130,), (130, 200, 24, 40), (1, 100, 257), 130, (48, 16, 64),
+              (4, 2), 8, 65)
 
 
 def _qkv(n_q, n_k, H, G, D, device, seed):
@@ -186,7 +187,7 @@ def check_merge(sizes: Sizes, device, seed=0):
     from longserve.kernels.reference.attention import merge_lse
 
     g = torch.Generator().manual_seed(seed)
-    n, H, D = 257, sizes.heads, sizes.head_dim
+    n, H, D = sizes.small, sizes.heads, sizes.head_dim
     parts = []
     for p in range(3):
         o = torch.randn((n, H, D), generator=g)
@@ -274,9 +275,9 @@ def plan(sizes: Sizes, device, dtypes):
         checks.append((f"sparse random {dtype}",
                        lambda d=dtype: check_sparse(sizes, d, device, sizes.sparse_lengths[0], "random")))
         checks.append((f"full budget {dtype}",
-                       lambda d=dtype: check_full_budget(sizes, d, device, min(sizes.sparse_lengths[0], 1024))))
+                       lambda d=dtype: check_full_budget(sizes, d, device, sizes.small)))
         checks.append((f"paged {dtype}", lambda d=dtype: check_paged(sizes, d, device)))
         checks.append((f"dca {dtype}", lambda d=dtype: check_dca(sizes, d, device)))
         checks.append((f"dca decode {dtype}", lambda d=dtype: check_dca_decode(sizes, d, device)))
-    checks.append(("determinism", lambda: check_determinism(sizes, dtypes[0], device, sizes.sparse_lengths[0])))
+    checks.append(("determinism", lambda: check_determinism(sizes, dtypes[0], device, sizes.small)))
     return checks
