@@ -62,7 +62,8 @@ def dca_attention(module, query, key, value, attention_mask, scaling=None, dropo
             parts.append(rope(qb, o, theta) @ k[:, :, b0:e].transpose(-1, -2))
         scores = torch.cat(parts, -1)
         scores[..., b0:e].masked_fill_(torch.ones(e - b0, e - b0, dtype=torch.bool).triu(1), float("-inf"))
-        probs = torch.softmax(scores.float() * scale, dim=-1).to(v.dtype)
+        work = torch.promote_types(scores.dtype, torch.float32)
+        probs = torch.softmax(scores.to(work) * scale, dim=-1).to(v.dtype)
         out[:, :, b0:e] = probs @ v[:, :, :e]
     return out.transpose(1, 2).contiguous(), None
 
