@@ -1,0 +1,116 @@
+"""Dense attention with log-sum-exp and the LSE merge: the ground truth every kernel is checked against.
+
+Shapes follow the kernel contract: q ``[n_q, H, D]``, k/v ``[n_k, G, D]`` with ``H = G * group`` and query head
+``h`` reading KV head ``h // group`` (K/V are never repeated). LSE is natural-log, ``[n_q, H]``. A row with no keys
+returns ``O = 0, LSE = -inf`` (never NaN). Work happens in ``promote(dtype, float32)`` so fp64 inputs give an fp64
+truth; rows are processed in tiles so long inputs never hold an ``n_q x n_k`` score matrix at once.
+"""
+from __future__ import annotations
+
+import torch
+
+# Scores held per tile (elements); 2**24 fp32 scores = 64 MiB.
+TILE_ELEMENTS = 1 << 24
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays fp64, everything else runs in fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Validate contract shapes; returns the GQA group size."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"expected q [n_q, H, D], k/v [n_k, G, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape[:2] != v.shape[:2] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"k/v and head dims disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    H, G = q.shape[1], k.shape[1]
+    if G == 0 or H % G:
+        raise ValueError(f"query heads {H} must be a multiple of KV heads {G}")
+    return H // G
+
+
+def softmax_with_lse(scores: torch.Tensor, allowed: torch.Tensor | None):
+    """Row softmax over the last axis with -inf where not allowed; returns (p, lse), safe for empty rows."""
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(scores - m)
+    s = e.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(s)).squeeze(-1)            # log(0) = -inf for empty rows
+    p = e / torch.where(s > 0, s, torch.ones_like(s))
+    return p, lse
+
+
+def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | None = None):
+    """Like ``attention_with_lse`` but returns O in the working dtype (for merges that must stay in fp32)."""
+    group = check_shapes(q, k, v)
+    n_q, H, D = q.shape
+    n_k, G, Dv = v.shape
+    wd = work_dtype(q.dtype)
+    if mask is not None and (mask.dim() != 3 or mask.shape[0] not in (1, H) or tuple(mask.shape[1:]) != (n_q, n_k)):
+        raise ValueError(f"mask must be bool [H or 1, {n_q}, {n_k}], got {tuple(mask.shape)}")
+    out = torch.zeros((n_q, H, Dv), dtype=wd, device=q.device)
+    lse = torch.full((n_q, H), float("-inf"), dtype=wd, device=q.device)
+    if n_q == 0 or n_k == 0:
+        return out, lse
+    off = n_k - n_q
+    qg = q.to(wd).reshape(n_q, G, group, D).permute(1, 2, 0, 3)        # [G, g, n_q, D]
+    kg = k.to(wd).permute(1, 0, 2)                                      # [G, n_k, D]
+    vg = v.to(wd).permute(1, 0, 2)
+    tile = max(1, TILE_ELEMENTS // max(1, H * n_k))
+    for r0 in range(0, n_q, tile):
+        r1 = min(n_q, r0 + tile)
+        kend = n_k if not causal else max(0, min(n_k, off + r1))       # keys past the tile's last row unused
+        if kend == 0:
+            continue
+        s = torch.matmul(qg[:, :, r0:r1], kg[:, None, :kend].transpose(-1, -2)) * scale   # [G, g, T, kend]
+        allowed = None
+        if causal:
+            rows = torch.arange(r0, r1, device=q.device)
+            allowed = torch.arange(kend, device=q.device)[None, :] <= (off + rows)[:, None]
+            allowed = allowed[None, None]
+        if mask is not None:
+            mt = mask[:, r0:r1, :kend].to(q.device)
+            mt = mt.reshape(G, group, r1 - r0, kend) if mt.shape[0] == H else mt[None]
+            allowed = mt if allowed is None else allowed & mt
+        p, l_ = softmax_with_lse(s, allowed)
+        o = torch.matmul(p, vg[:, None, :kend])                         # [G, g, T, Dv]
+        out[r0:r1] = o.permute(2, 0, 1, 3).reshape(r1 - r0, H, Dv)
+        lse[r0:r1] = l_.permute(2, 0, 1).reshape(r1 - r0, H)
+    return out, lse
+
+
+def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | None = None):
+    """Softmax attention -> (O like q's dtype ``[n_q, H, Dv]``, LSE ``[n_q, H]`` fp32/fp64).
+
+    ``causal`` is bottom-right aligned (row r sees keys ``<= (n_k - n_q) + r``); ``mask`` is a bool
+    ``[H or 1, n_q, n_k]`` of allowed pairs, combined with ``causal`` when both are given.
+    """
+    out, lse = attend(q, k, v, scale=scale, causal=causal, mask=mask)
+    return out.to(q.dtype), lse
+
+
+def merge_lse(parts):
+    """Merge partial attentions over disjoint key sets: list of (O ``[n, H, D]``, LSE ``[n, H]``) -> (O, LSE).
+
+    Equals one softmax over the union of the parts' keys (algorithms.md §1.4 step 3). Runs in fp32 (fp64 if any
+    input is fp64); parts with ``LSE = -inf`` get weight exactly 0 and all-empty rows give ``O = 0, LSE = -inf``.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_lse needs at least one part")
+    wd = torch.float32
+    for o, l_ in parts:
+        wd = torch.promote_types(wd, torch.promote_types(o.dtype, l_.dtype))
+    os_ = torch.stack([o.to(wd) for o, _ in parts])          # [P, n, H, D]
+    ls = torch.stack([l_.to(wd) for _, l_ in parts])         # [P, n, H]
+    m = ls.amax(dim=0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(ls - m)                                      # exp(-inf) = 0: empty parts drop out
+    total = w.sum(dim=0)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = (w[..., None] * torch.nan_to_num(os_, nan=0.0)).sum(dim=0) / safe[..., None]
+    return out, m + torch.log(total)

@@ -1,0 +1,191 @@
+"""Dual chunk attention reference (algorithms.md §1): positions, R(t, j), YaRN factor, prefill and paged decode.
+
+Keys carry RoPE at ``j mod cl`` (``cl = chunk_size - local_size``); queries are rotated three ways (intra, succ,
+inter). A prefill cuts its queries into sub-blocks at multiples of ``cl``; each sub-block attends its intra keys
+(causal, bottom-right aligned), the previous chunk (succ) and all older chunks (inter), and the parts are
+LSE-merged in fp32/fp64. ``chunk_size = local_size = None`` turns DCA off: the same code with ``cl = infinity``,
+i.e. plain causal RoPE attention. The YaRN temperature ``m(N)^2`` multiplies the logits on the query side with
+N the full prompt length, so cached keys stay unscaled (§1.3).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longserve.kernels.reference.attention import attend, check_shapes, merge_lse
+from longserve.kernels.reference.rope import apply_rope
+
+
+def chunk_length(chunk_size, local_size):
+    """``cl = chunk_size - local_size``, or None when DCA is off (both None)."""
+    if chunk_size is None and local_size is None:
+        return None
+    if chunk_size is None or local_size is None:
+        raise ValueError("chunk_size and local_size must both be set, or both be None (DCA off)")
+    if int(local_size) < 0 or int(chunk_size) - int(local_size) <= 0:
+        raise ValueError(f"need 0 <= local_size < chunk_size, got chunk_size={chunk_size}, local_size={local_size}")
+    return int(chunk_size) - int(local_size)
+
+
+def key_positions(positions: torch.Tensor, cl) -> torch.Tensor:
+    """RoPE position of the key stored for absolute position j: ``j mod cl`` (j when DCA is off)."""
+    return positions if cl is None else positions % cl
+
+
+def query_positions(positions: torch.Tensor, cl, chunk_size):
+    """(intra, succ, inter) RoPE positions for absolute query positions (§1.2); succ/inter None when DCA is off."""
+    if cl is None:
+        return positions, None, None
+    o = positions % cl
+    return o, torch.clamp(o + cl, max=chunk_size), torch.full_like(positions, min(2 * cl - 1, chunk_size))
+
+
+def selection_positions(positions: torch.Tensor, cl, chunk_size):
+    """(succ_sel, inter_sel) positions used only by sparse index estimation: ``o + cl`` and ``o + chunk_size``."""
+    o = positions % cl
+    return o + cl, o + chunk_size
+
+
+def relative_positions(L: int, chunk_size, local_size, clamp_max=None) -> torch.Tensor:
+    """``R[t, j]`` = query RoPE position minus key RoPE position for causal pairs, -1 above the diagonal.
+
+    ``clamp_max`` (default ``chunk_size``, the deployed-code convention) bounds the succ query position; pass
+    ``chunk_size - 1`` to reproduce the paper's figure (§1.2 off-by-one note).
+    """
+    cl = chunk_length(chunk_size, local_size)
+    pos = torch.arange(L, dtype=torch.int64)
+    kp = key_positions(pos, cl)
+    if cl is None:
+        rel = pos[:, None] - kp[None, :]
+    else:
+        cmax = int(chunk_size) if clamp_max is None else int(clamp_max)
+        o = pos % cl
+        succ = torch.clamp(o + cl, max=cmax)
+        inter = min(2 * cl - 1, cmax)
+        dc = (pos // cl)[:, None] - (pos // cl)[None, :]
+        q_pos = torch.where(dc == 0, o[:, None], torch.where(dc == 1, succ[:, None], torch.full_like(dc, inter)))
+        rel = q_pos - kp[None, :]
+    return torch.where(pos[None, :] <= pos[:, None], rel, torch.full_like(rel, -1))
+
+
+def yarn_mscale(n: int, original_max: int) -> float:
+    """``m(N) = max(1, 0.1 ln(N / original_max) + 1)``; 1 when scaling is off (original_max = 0)."""
+    if not original_max or n <= 0:
+        return 1.0
+    return max(1.0, 0.1 * math.log(n / original_max) + 1.0)
+
+
+def softmax_scale(head_dim: int, scale, original_max: int, n_tokens: int) -> float:
+    """``tau = (scale or 1/sqrt(D)) * m(N)^2`` (YaRN applied on the query side, §1.3)."""
+    base = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    m = yarn_mscale(n_tokens, original_max)
+    return base * m * m
+
+
+def sub_blocks(kv_len: int, n_q: int, cl):
+    """Query sub-blocks ``(b, e, P)``: absolute ``[b, e)`` inside the DCA chunk starting at ``P``."""
+    b = kv_len - n_q
+    while b < kv_len:
+        P = 0 if cl is None else (b // cl) * cl
+        e = kv_len if cl is None else min(P + cl, kv_len)
+        yield b, e, P
+        b = e
+
+
+def rotate_keys(k: torch.Tensor, positions: torch.Tensor, *, rope_theta, chunk_size, local_size) -> torch.Tensor:
+    """Keys ``[n, G, D]`` at absolute ``positions [n]`` rotated as the KV cache stores them (``j mod cl``)."""
+    cl = chunk_length(chunk_size, local_size)
+    positions = torch.as_tensor(positions, device=k.device).to(torch.int64)
+    return apply_rope(k, key_positions(positions, cl), rope_theta)
+
+
+def dense_regions(q_rows, P: int, e: int, b: int, cl, chunk_size, rope_theta):
+    """[(rotated q, key start, key end, causal)] for one sub-block: intra, then succ and inter when they exist."""
+    pos = torch.arange(b, e, device=q_rows.device)
+    p_intra, p_succ, p_inter = query_positions(pos, cl, chunk_size)
+    regions = [(apply_rope(q_rows, p_intra, rope_theta), P, e, True)]
+    if cl is not None and P >= cl:
+        regions.append((apply_rope(q_rows, p_succ, rope_theta), P - cl, P, False))
+    if cl is not None and P >= 2 * cl:
+        regions.append((apply_rope(q_rows, p_inter, rope_theta), 0, P - cl, False))
+    return regions
+
+
+def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_size, original_max_position_embeddings=0,
+                                   prompt_len=None, sparse=None, return_lse=False, keys_rotated=False, scale=None):
+    """DCA prefill for queries at ``[kv_len - n_q, kv_len)`` over keys ``[0, kv_len)``.
+
+    Returns O ``[n_q, H, D]`` in q's dtype (and LSE ``[n_q, H]`` in fp32, fp64 for fp64 inputs). ``sparse`` (a
+    ``SparseHeadBudgets``) switches to exact-mask vertical-slash attention when the prompt length exceeds its
+    threshold (§2.5); ``keys_rotated`` means k already carries the cache rotation.
+    """
+    check_shapes(q, k, v)
+    cl = chunk_length(chunk_size, local_size)
+    chunk_size = None if cl is None else int(chunk_size)
+    n_q, H, D = q.shape
+    L = k.shape[0]
+    if n_q > L:
+        raise ValueError(f"n_q={n_q} exceeds kv_len={L}: the queries must be the tail of the keys")
+    n_prompt = L if prompt_len is None else int(prompt_len)
+    if n_prompt < L:
+        raise ValueError(f"prompt_len={n_prompt} is shorter than kv_len={L}")
+    tau = softmax_scale(D, scale, original_max_position_embeddings, n_prompt)
+    if not keys_rotated:
+        k = apply_rope(k, key_positions(torch.arange(L, device=k.device), cl), rope_theta)
+    use_sparse = sparse is not None and n_prompt > int(sparse.threshold)
+    if use_sparse and sparse.num_heads != H:
+        raise ValueError(f"sparse budgets cover {sparse.num_heads} heads, this call has {H}")
+    outs, lses = [], []
+    q0 = L - n_q
+    for b, e, P in sub_blocks(L, n_q, cl):
+        q_rows = q[b - q0:e - q0]
+        if use_sparse:
+            from longserve.kernels.reference.sparse_dca import sparse_subblock
+            o, l_ = sparse_subblock(q_rows, k, v, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
+                                    rope_theta=rope_theta, tau=tau, budgets=sparse)
+        else:
+            parts = [attend(qr, k[lo:hi], v[lo:hi], scale=tau, causal=causal)
+                     for qr, lo, hi, causal in dense_regions(q_rows, P, e, b, cl, chunk_size, rope_theta)]
+            o, l_ = parts[0] if len(parts) == 1 else merge_lse(parts)
+        outs.append(o)
+        lses.append(l_)
+    if outs:
+        out, lse = torch.cat(outs), torch.cat(lses)
+    else:
+        wd = torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros((0, H, v.shape[-1]), dtype=wd, device=q.device)
+        lse = torch.zeros((0, H), dtype=wd, device=q.device)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def paged_dca_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,
+                               original_max_position_embeddings=0, scale=None, return_lse=False):
+    """One decode step per sequence: gather its keys ``[0, seq_len)`` from the paged cache (stored rotated at
+    ``j mod cl``) and run the prefill math for the last position with ``m(seq_len)`` (§1.6). O ``[B, H, D]``."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"expected q [B, H, D], caches [blocks, block_size, G, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, H, _ = q.shape
+    if tuple(seq_lens.shape) != (B,) or block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"seq_lens must be [{B}] and block_tables [{B}, max_blocks]")
+    page = k_cache.shape[1]
+    wd = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros((B, H, v_cache.shape[-1]), dtype=wd, device=q.device)
+    lse = torch.full((B, H), float("-inf"), dtype=wd, device=q.device)
+    for i in range(B):
+        n = int(seq_lens[i])
+        if n < 1 or n > block_tables.shape[1] * page:
+            raise ValueError(f"sequence {i}: seq_len {n} outside [1, {block_tables.shape[1] * page}]")
+        pos = torch.arange(n, device=k_cache.device)
+        blocks = block_tables[i].to(k_cache.device).long()[pos // page]
+        k = k_cache[blocks, pos % page]
+        v = v_cache[blocks, pos % page]
+        o, l_ = dual_chunk_attention_reference(
+            q[i:i + 1], k, v, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size,
+            original_max_position_embeddings=original_max_position_embeddings, prompt_len=n, return_lse=True,
+            keys_rotated=True, scale=scale)
+        out[i], lse[i] = o[0].to(wd), l_[0].to(wd)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
