@@ -1,0 +1,184 @@
+"""Dual chunk attention composed from the Triton kernels: prefill (dense or vertical-slash) and paged decode.
+
+Same signatures and semantics as ``longserve.kernels.reference.dca`` (algorithms.md §1.4-§1.6, §2.5): queries
+are cut into sub-blocks at DCA chunk boundaries; each sub-block attends its intra keys (causal, bottom-right),
+the previous chunk (succ, non-causal) and all older chunks (inter, non-causal) with the three query rotations,
+and the parts are LSE-merged in fp32. Rotations run as torch ops (fp64 angles, via the reference RoPE); the
+attention parts run ``vertical_slash`` (dense or sparse work lists) and the merge runs the Triton merge kernel.
+The sparse path uses the reference estimation (vectorised torch, device-agnostic), the device index builder and
+the sparse kernel. Decode is three paged-attention calls per step (intra, succ, inter) plus the merge.
+Shapes follow the kernel contract: q ``[n_q, H, D]`` un-rotated for positions ``[L - n_q, L)``, k/v ``[L, G, D]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longserve.kernels.merge import merge_lse_stacked
+from longserve.kernels.paged_attention import paged_attention_decode
+from longserve.kernels.reference.dca import yarn_mscale
+from longserve.kernels.reference.estimate import estimate_dca_selection, split_regions
+from longserve.kernels.reference.rope import apply_rope
+from longserve.kernels.sparse_index import convert_vertical_slash_indexes
+from longserve.kernels.vertical_slash import dense_attention, vertical_slash_attention
+
+
+def chunk_params(chunk_size, local_size):
+    """(cl, chunk_size) with cl = chunk_size - local_size; (None, None) when DCA is off."""
+    if chunk_size is None and local_size is None:
+        return None, None
+    if chunk_size is None or local_size is None:
+        raise ValueError("chunk_size and local_size must both be set or both be None")
+    if local_size < 0 or chunk_size - local_size <= 0:
+        raise ValueError(f"need 0 <= local_size < chunk_size, got chunk_size={chunk_size}, local_size={local_size}")
+    return chunk_size - local_size, chunk_size
+
+
+def sub_blocks(kv_len: int, n_q: int, cl):
+    """Query sub-blocks ``(b, e, P)`` in absolute positions, cut at multiples of the chunk length."""
+    b = kv_len - n_q
+    while b < kv_len:
+        P = 0 if cl is None else (b // cl) * cl
+        e = kv_len if cl is None else min(P + cl, kv_len)
+        yield b, e, P
+        b = e
+
+
+def query_positions(pos: torch.Tensor, cl, chunk_size):
+    """RoPE positions of q_intra, q_succ and q_inter for absolute positions ``pos`` (§1.2)."""
+    if cl is None:
+        return pos, None, None
+    o = pos % cl
+    return o, torch.clamp(o + cl, max=chunk_size), torch.full_like(pos, min(2 * cl - 1, chunk_size))
+
+
+def key_positions(n: int, cl, device) -> torch.Tensor:
+    pos = torch.arange(n, device=device)
+    return pos if cl is None else pos % cl
+
+
+def _softmax_scale(q, scale, original_max, n_tokens: int) -> float:
+    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    m = float(yarn_mscale(n_tokens, original_max)) if original_max else 1.0
+    return base * m * m
+
+
+def _validate(q, k, v):
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [n_q, H, D], k/v [L, G, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[0] > k.shape[0]:
+        raise ValueError(f"n_q={q.shape[0]} exceeds kv_len={k.shape[0]}: queries must be the tail of the keys")
+
+
+def dual_chunk_attention_triton(q, k, v, *, rope_theta, chunk_size, local_size,
+                                original_max_position_embeddings=0, prompt_len=None, sparse=None,
+                                return_lse=False, keys_rotated=False, scale=None):
+    """DCA prefill on the Triton kernels; returns O ``[n_q, H, D]`` (and LSE fp32 ``[n_q, H]``)."""
+    _validate(q, k, v)
+    cl, chunk_size = chunk_params(chunk_size, local_size)
+    n_q, H, D = q.shape
+    L = k.shape[0]
+    n_prompt = L if prompt_len is None else int(prompt_len)
+    tau = _softmax_scale(q, scale, original_max_position_embeddings, n_prompt)
+    if not keys_rotated:
+        k = apply_rope(k, key_positions(L, cl, k.device), rope_theta)
+    out = torch.empty_like(q)
+    lse = torch.empty((n_q, H), dtype=torch.float32, device=q.device)
+    use_sparse = sparse is not None and n_prompt > int(sparse.threshold)
+    if use_sparse and sparse.num_heads != H:
+        raise ValueError(f"sparse budgets cover {sparse.num_heads} heads, this call has {H}")
+    q0 = L - n_q
+    for b, e, P in sub_blocks(L, n_q, cl):
+        rows = slice(b - q0, e - q0)
+        pos = torch.arange(b, e, device=q.device)
+        p_intra, p_succ, p_inter = query_positions(pos, cl, chunk_size)
+        qr = q[rows]
+        regions = [(apply_rope(qr, p_intra, rope_theta), P, e, True)]
+        if cl is not None and P >= cl:
+            regions.append((apply_rope(qr, p_succ, rope_theta), P - cl, P, False))
+        if cl is not None and P >= 2 * cl:
+            regions.append((apply_rope(qr, p_inter, rope_theta), 0, P - cl, False))
+        lists = None
+        if use_sparse:
+            lists = sparse_work_lists(qr, k, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size, rope_theta=rope_theta,
+                                      tau=tau, budgets=sparse)
+        single = len(regions) == 1
+        o_parts = out[rows][None] if single else torch.empty((len(regions), e - b, H, D), dtype=torch.float32,
+                                                             device=q.device)
+        l_parts = lse[rows][None] if single else torch.empty((len(regions), e - b, H), dtype=torch.float32,
+                                                             device=q.device)
+        for i, (qi, lo, hi, causal) in enumerate(regions):
+            if lists is None:
+                dense_attention(qi, k[lo:hi], v[lo:hi], scale=tau, causal=causal, out=o_parts[i],
+                                lse_out=l_parts[i])
+            else:
+                vertical_slash_attention(qi, k[lo:hi], v[lo:hi], *lists[i], scale=tau, causal=causal,
+                                         out=o_parts[i], lse_out=l_parts[i])
+        if not single:
+            _merge_into((o_parts, l_parts), out[rows], lse[rows])
+    return (out, lse) if return_lse else out
+
+
+def sparse_work_lists(q_rows, k_rot, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
+    """§2.5 for one sub-block: reference estimation and region split (vectorised torch), then the device index
+    builder; returns the (block_count, block_offset, column_count, column_index) lists of intra, succ, inter."""
+    sel = estimate_dca_selection(q_rows, k_rot, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size, rope_theta=rope_theta,
+                                 tau=tau, budgets=budgets)
+    return [convert_vertical_slash_indexes(r.vertical, r.vertical_count, r.slash, r.slash_count, e - b,
+                                           r.key_end - r.key_start, causal=r.causal)
+            for r in split_regions(sel, b=b, e=e, P=P, cl=cl)]
+
+
+def _merge_into(parts, out, lse):
+    o_parts, l_parts = parts
+    o, l_ = merge_lse_stacked(o_parts, l_parts, out_dtype=out.dtype)
+    out.copy_(o)
+    lse.copy_(l_)
+
+
+def _yarn_scales(seq_lens: torch.Tensor, base: float, original_max: int) -> torch.Tensor:
+    """Per-sequence softmax scale ``base * m(N)^2`` with N the sequence length including the new token."""
+    n = seq_lens.to(torch.float64)
+    if not original_max:
+        return torch.full_like(n, base)
+    m = torch.stack([torch.as_tensor(float(yarn_mscale(int(x), original_max)), dtype=torch.float64)
+                     for x in seq_lens.tolist()]).to(n.device) if n.numel() else n
+    return base * m * m
+
+
+def paged_dca_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,
+                            original_max_position_embeddings=0, scale=None, return_lse=False):
+    """One DCA decode step per sequence over the paged cache (keys stored rotated at ``j mod cl``)."""
+    if q.dim() != 3 or seq_lens.shape != (q.shape[0],):
+        raise ValueError(f"expected q [B, H, D] and seq_lens [B]; got {tuple(q.shape)}, {tuple(seq_lens.shape)}")
+    cl, chunk_size = chunk_params(chunk_size, local_size)
+    B, H, D = q.shape
+    lens = seq_lens.to(device=q.device, dtype=torch.int64)
+    if B and int(lens.min()) < 1:
+        raise ValueError("every sequence needs at least its new token in the cache (seq_lens >= 1)")
+    base = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scales = _yarn_scales(lens.cpu(), base, original_max_position_embeddings).to(q.device)
+    t = lens - 1
+    max_keys = int(lens.max()) if B else 0
+    if cl is None:
+        o, lse = paged_attention_decode(apply_rope(q, t, rope_theta), k_cache, v_cache, block_tables,
+                                        torch.zeros_like(lens), lens, scale=scales, max_num_keys=max_keys)
+        o = o.to(q.dtype)
+        return (o, lse) if return_lse else o
+    c = t // cl
+    p_intra, p_succ, p_inter = query_positions(t, cl, chunk_size)
+    zero = torch.zeros_like(lens)
+    ranges = [                                  # (query positions, key start, key end, most keys)
+        (p_intra, c * cl, lens, min(max_keys, cl)),
+        (p_succ, torch.where(c >= 1, (c - 1) * cl, zero), torch.where(c >= 1, c * cl, zero), cl),
+        (p_inter, zero, torch.where(c >= 2, (c - 1) * cl, zero), max_keys),
+    ]
+    o_parts = torch.empty((3, B, H, D), dtype=torch.float32, device=q.device)
+    l_parts = torch.empty((3, B, H), dtype=torch.float32, device=q.device)
+    for i, (pos, start, end, most) in enumerate(ranges):
+        o_parts[i], l_parts[i] = paged_attention_decode(apply_rope(q, pos, rope_theta), k_cache, v_cache,
+                                                        block_tables, start, end, scale=scales, max_num_keys=most)
+    o, lse = merge_lse_stacked(o_parts, l_parts, out_dtype=q.dtype)
+    return (o, lse) if return_lse else o
