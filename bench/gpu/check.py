@@ -97,11 +97,11 @@ def section_timing(device, args, deadline, log) -> dict:
 
     if args.smoke:
         shape, lengths, dtype, tune_n, decode_len = (4, 2, 32), (64, 96), torch.float16, 64, 300
-        chunk, local, budget = (96, 32, 0.05)
+        chunk, local, budget, vs_budgets = (96, 32, 0.05, (12, 20))
     else:
         shape, lengths, dtype, tune_n, decode_len = (28, 4, 128), (32768, 131072, 524288), torch.bfloat16, \
             32768, 1_000_000
-        chunk, local, budget = (262144, 8192, 1.5)
+        chunk, local, budget, vs_budgets = (262144, 8192, 1.5, (1000, 6096))
     out = {"ok": True, "records": [], "errors": []}
 
     def attempt(label, fn):
@@ -124,7 +124,8 @@ def section_timing(device, args, deadline, log) -> dict:
     out["tuning"] = tuned
     cfg = (tuned or {}).get("best")
     for n in lengths:
-        rec = attempt(f"length {n}", lambda n=n: timing.time_length(n, shape, dtype, device, cfg, budget_s=budget))
+        rec = attempt(f"length {n}", lambda n=n: timing.time_length(n, shape, dtype, device, cfg, budget_s=budget,
+                                                                         budgets=vs_budgets))
         if rec:
             out["records"].append(rec)
     out["decode"] = attempt(f"paged DCA decode {decode_len}", lambda: timing.time_decode(

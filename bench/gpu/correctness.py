@@ -30,12 +30,14 @@ class Sizes:
     dca_heads: tuple              # (H, G) for the DCA checks (the reference is memory-hungry)
     rows_per_sample: int
     small: int                    # length of the merge, full-budget and determinism checks
+    budgets: tuple = (1000, 6096)  # (vertical, slash) of the Qwen-like patterns
+    dca_sparse_len: int = 8192
 
 
 FULL = Sizes(28, 4, 128, (8192, 32768, 131072), (8192, 32768), (8192, 32768), (4096, 8192, 256, 384),
              (8192, 32785, 131077), 8192, (3072, 512, 2048), (7, 1), 16, 1024)
 SMOKE = Sizes(4, 2, 32, (65,), (40, 130), (130,), (130, 200, 24, 40), (1, 100, 257), 130, (48, 16, 64),
-              (4, 2), 8, 65)
+              (4, 2), 8, 65, (12, 20), 70)
 
 
 def _qkv(n_q, n_k, H, G, D, device, seed):
@@ -84,7 +86,7 @@ def check_sparse(sizes: Sizes, dtype, device, n, pattern="qwen", seed=0):
 
     H = sizes.heads
     if pattern == "qwen":
-        sel = qwen_like_pattern(n, H, vertical=1000, slash=6096, device=device, seed=seed)
+        sel = qwen_like_pattern(n, H, vertical=sizes.budgets[0], slash=sizes.budgets[1], device=device, seed=seed)
     else:
         sel = random_pattern(n, H, vertical=max(8, n // 16), slash=max(8, n // 8), device=device, seed=seed)
     lists = convert_vertical_slash_indexes(*sel, n, n, causal=True)
@@ -221,6 +223,32 @@ def check_dca(sizes: Sizes, dtype, device, seed=0):
     return _judge("dca_prefill", o_k, l_k, o_r, l_r, o_t, l_t, dtype, L=L, cfg=list(sizes.dca_cfg))
 
 
+def check_dca_sparse(sizes: Sizes, dtype, device, seed=0):
+    """Sparse DCA prefill on the Triton path: full budgets == dense Triton DCA (O7), and with Qwen-like budgets
+    every row keeps LSE <= the dense LSE (it attends a subset of the keys, O8)."""
+    from longserve.kernels.dca import dual_chunk_attention_triton
+    from longserve.kernels.sparse_config import SparseHeadBudgets
+
+    H, G = sizes.dca_heads
+    L = sizes.dca_sparse_len
+    chunk_size, local_size, orig = sizes.dca_cfg
+    q, k, v = (t.to(dtype) for t in _qkv(L, L, H, G, sizes.head_dim, device, seed))
+    kw = dict(rope_theta=1e6, chunk_size=chunk_size, local_size=local_size,
+              original_max_position_embeddings=orig, return_lse=True)
+    o_d, l_d = dual_chunk_attention_triton(q, k, v, **kw)
+    full = SparseHeadBudgets.uniform(H, L, L, threshold=L - 1)
+    o_f, l_f = dual_chunk_attention_triton(q, k, v, sparse=full, **kw)
+    part = SparseHeadBudgets.uniform(H, *sizes.budgets, threshold=L - 1)
+    o_p, l_p = dual_chunk_attention_triton(q, k, v, sparse=part, **kw)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 2e-5}[dtype]
+    diff = float((o_f.float() - o_d.float()).abs().max())
+    ldiff = float((l_f - l_d).abs().max())
+    recall = torch.exp(l_p.double() - l_d.double())
+    ok = diff <= tol and ldiff <= tol and bool((recall <= 1 + 1e-3).all()) and bool(torch.isfinite(o_p).all())
+    return {"check": "dca_sparse", "dtype": str(dtype).replace("torch.", ""), "L": L, "full_out_diff": diff,
+            "full_lse_diff": ldiff, "mean_recall": float(recall.mean()), "ok": ok}
+
+
 def check_dca_decode(sizes: Sizes, dtype, device, seed=0):
     """paged_dca_decode_triton vs paged_dca_decode_reference at lengths spanning 1, 2 and 3+ chunks."""
     from longserve.kernels.dca import paged_dca_decode_triton
@@ -248,8 +276,9 @@ def check_determinism(sizes: Sizes, dtype, device, n, seed=0):
     from longserve.kernels.vertical_slash import dense_attention, vertical_slash_attention
 
     q, k, v = (t.to(dtype) for t in _qkv(n, n, sizes.heads, sizes.kv_heads, sizes.head_dim, device, seed))
-    lists = convert_vertical_slash_indexes(*qwen_like_pattern(n, sizes.heads, device=device, seed=seed), n, n,
-                                           causal=True)
+    sel = qwen_like_pattern(n, sizes.heads, vertical=sizes.budgets[0], slash=sizes.budgets[1], device=device,
+                            seed=seed)
+    lists = convert_vertical_slash_indexes(*sel, n, n, causal=True)
     same = True
     for run in (lambda: dense_attention(q, k, v, scale=0.1, causal=True),
                 lambda: vertical_slash_attention(q, k, v, *lists, scale=0.1, causal=True)):
@@ -279,5 +308,6 @@ def plan(sizes: Sizes, device, dtypes):
         checks.append((f"paged {dtype}", lambda d=dtype: check_paged(sizes, d, device)))
         checks.append((f"dca {dtype}", lambda d=dtype: check_dca(sizes, d, device)))
         checks.append((f"dca decode {dtype}", lambda d=dtype: check_dca_decode(sizes, d, device)))
+        checks.append((f"dca sparse {dtype}", lambda d=dtype: check_dca_sparse(sizes, d, device)))
     checks.append(("determinism", lambda: check_determinism(sizes, dtypes[0], device, sizes.small)))
     return checks

@@ -94,7 +94,8 @@ def tune_dense(n, shape, dtype, device, budget_s) -> dict:
     return {"n": n, "best": best[0] if best else None, "configs": rows}
 
 
-def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True, seed=0) -> dict:
+def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True, seed=0,
+                budgets=(1000, 6096)) -> dict:
     """Dense Triton, SDPA flash, and sparse (index build + kernel) at one causal square length."""
     from longserve.kernels.sparse_index import convert_vertical_slash_indexes
     from longserve.kernels.vertical_slash import dense_attention, vertical_slash_attention
@@ -115,14 +116,14 @@ def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True,
             rec["dense_over_sdpa"] = dense["ms"] / sd["ms"]
         except Exception as exc:  # e.g. no flash backend for this GPU / dtype
             rec["sdpa_flash"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    sel = qwen_like_pattern(n, H, vertical=1000, slash=6096, device=device, seed=seed)
+    sel = qwen_like_pattern(n, H, vertical=budgets[0], slash=budgets[1], device=device, seed=seed)
     idx = time_call(lambda: convert_vertical_slash_indexes(*sel, n, n, causal=True), device,
                     budget_s=budget_s / 4, max_reps=3)
     lists = convert_vertical_slash_indexes(*sel, n, n, causal=True)
     computed = min(1.0, listed_pairs(lists[0], lists[2]) / (pairs * H))
     sp = time_call(lambda: vertical_slash_attention(q, k, v, *lists, scale=scale, causal=True), device,
                    budget_s=budget_s)
-    rec["sparse"] = {"index_ms": idx["ms"], "attn_ms": sp["ms"], "computed_fraction": computed,
+    rec["sparse"] = {"budgets": list(budgets), "index_ms": idx["ms"], "attn_ms": sp["ms"], "computed_fraction": computed,
                      "effective_tflops": flops / (sp["ms"] * 1e-3) / 1e12,
                      "actual_tflops": flops * computed / (sp["ms"] * 1e-3) / 1e12}
     rec["dense_over_sparse"] = dense["ms"] / (sp["ms"] + idx["ms"])
