@@ -33,6 +33,14 @@ def test_smoke_run_passes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+def test_full_run_without_gpu_exits_with_a_message(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full run is bench/gpu/kernels.sh's job")
+    proc = subprocess.run([sys.executable, "bench/gpu/check.py", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
 def test_kernels_compile_for_hopper():
     """Triton -> cubin for sm_90 without a GPU: catches what the interpreter cannot (dot shapes, loop types)."""
     pytest.importorskip("triton.backends.nvidia")
