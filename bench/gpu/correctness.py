@@ -40,12 +40,18 @@ SMOKE = Sizes(4, 2, 32, (65,), (40, 130), (130,), (130, 200, 24, 40), (1, 100, 2
               (4, 2), 8, 65, (12, 20), 70)
 
 
+def _randn(shape, device, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64, device=device)
+
+
+def _gen(device, seed):
+    """A seeded generator on the device itself (generating 128K-token fp64 inputs on the host is slow)."""
+    return torch.Generator(device=torch.device(device).type).manual_seed(seed)
+
+
 def _qkv(n_q, n_k, H, G, D, device, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn((n_q, H, D), generator=g, dtype=torch.float64)
-    k = torch.randn((n_k, G, D), generator=g, dtype=torch.float64)
-    v = torch.randn((n_k, G, D), generator=g, dtype=torch.float64)
-    return q.to(device), k.to(device), v.to(device)
+    g = _gen(device, seed)
+    return _randn((n_q, H, D), device, g), _randn((n_k, G, D), device, g), _randn((n_k, G, D), device, g)
 
 
 def _row_mask(rows, q_len, kv_len, causal, device):
@@ -150,6 +156,7 @@ def check_index(sizes: Sizes, device, causal, seed=0):
 
 def _paged_inputs(lengths, G, D, page, device, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
+    gd = _gen(device, seed)
     blocks = [math.ceil(n / page) for n in lengths]
     total = sum(blocks) + 1
     perm = torch.randperm(total, generator=g)
@@ -158,9 +165,9 @@ def _paged_inputs(lengths, G, D, page, device, seed):
     for b, nb in enumerate(blocks):
         tables[b, :nb] = perm[at:at + nb].to(torch.int32)
         at += nb
-    k_cache = torch.randn((total, page, G, D), generator=g, dtype=torch.float64)
-    v_cache = torch.randn((total, page, G, D), generator=g, dtype=torch.float64)
-    return k_cache.to(device), v_cache.to(device), tables.to(device)
+    k_cache = _randn((total, page, G, D), device, gd)
+    v_cache = _randn((total, page, G, D), device, gd)
+    return k_cache, v_cache, tables.to(device)
 
 
 def check_paged(sizes: Sizes, dtype, device, seed=0):

@@ -21,6 +21,9 @@ def _block_masks(kv_len: int, block_count, block_offset, column_count, column_in
     """Bool ``[H, R, kv_len]``: keys listed for each (head, query block), before any causal mask."""
     H, R = block_count.shape
     device = block_count.device
+    if H * R:                                   # only the used part of the padded lists is expanded
+        block_offset = block_offset[:, :, :max(1, int(block_count.max()))]
+        column_index = column_index[:, :, :max(1, int(column_count.max()))]
     per_block = torch.zeros((H, R, kv_len + 1), dtype=torch.bool, device=device)   # last slot: discarded
     listed = torch.arange(block_offset.shape[2], device=device)[None, None, :] < block_count[:, :, None]
     keys = block_offset.to(torch.int64)[:, :, :, None] + torch.arange(BLOCK_N, device=device)
