@@ -294,9 +294,38 @@ def check_determinism(sizes: Sizes, dtype, device, n, seed=0):
     return {"check": "determinism", "n": n, "dtype": str(dtype).replace("torch.", ""), "ok": bool(same)}
 
 
+def check_dispatch(sizes: Sizes, device, dtype):
+    """The public API sends these tensors to the Triton path (bitwise the direct call); on CPU the smoke run
+    forces it with LONGSERVE_KERNELS=triton, as the GPU gets it by default."""
+    import os
+
+    from longserve import kernels
+    from longserve.kernels import dispatch
+    from longserve.kernels.dca import dual_chunk_attention_triton
+
+    H, G = sizes.dca_heads
+    q, k, v = (t.to(dtype) for t in _qkv(70, 70, H, G, sizes.head_dim, device, 3))
+    kw = dict(rope_theta=1e6, chunk_size=48, local_size=16, return_lse=True)
+    saved = os.environ.get(dispatch.ENV_VAR)
+    if device.type != "cuda":
+        os.environ[dispatch.ENV_VAR] = "triton"
+    try:
+        backend = dispatch.backend_for(q, k, v)
+        a = kernels.dual_chunk_attention(q, k, v, **kw)
+    finally:
+        if saved is None:
+            os.environ.pop(dispatch.ENV_VAR, None)
+        else:
+            os.environ[dispatch.ENV_VAR] = saved
+    b = dual_chunk_attention_triton(q, k, v, **kw)
+    same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    return {"check": "public_api_dispatch", "backend": backend, "ok": bool(same and backend == "triton")}
+
+
 def plan(sizes: Sizes, device, dtypes):
     """The ordered list of (label, thunk) checks; the first dtype gets every size, the others the smallest."""
-    checks = [("lse_merge", lambda: check_merge(sizes, device))]
+    checks = [("dispatch", lambda: check_dispatch(sizes, device, dtypes[0])),
+              ("lse_merge", lambda: check_merge(sizes, device))]
     for causal in (True, False):
         checks.append((f"index causal={causal}", lambda c=causal: check_index(sizes, device, c)))
     for i, dtype in enumerate(dtypes):
