@@ -2,10 +2,10 @@
 # LongServe GPU kernel check: one run, under 8 minutes on one H200 (testing.md §9).
 #
 # Exact commands (from the repository root):
-#   here, before the lease:   .venv/bin/pip wheel --no-deps -w dist .         # pure-Python wheel, a few kB
+#   here, before the lease:   .venv/bin/pip wheel --no-deps --no-build-isolation -w dist .   # ~180 kB, offline
 #   on the GPU machine:       pip install --no-deps dist/longserve-*.whl      # over the image's torch/triton
 #                             (or: pip install --no-deps -e .)
-#                             bash bench/gpu/kernels.sh [OUT_DIR]               # default bench/results/gpu-<UTC time>
+#                             bash bench/gpu/kernels.sh [OUT_DIR]     # default bench/results/gpu-<UTC time>
 # The script installs nothing. It runs `PYTHONSAFEPATH=1 python bench/gpu/check.py --out OUT_DIR` by path
 # (never `python -m` from the root: the repository's operator/ folder would shadow the stdlib module), with a hard
 # timeout. Sections (env, correctness, timing) are time-boxed inside check.py and report.json is rewritten after
