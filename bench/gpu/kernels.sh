@@ -4,7 +4,8 @@
 # Exact commands (from the repository root):
 #   here, before the lease:   .venv/bin/pip wheel --no-deps --no-build-isolation -w dist .   # ~180 kB, offline
 #   on the GPU machine:       pip install --no-deps dist/longserve-*.whl      # over the image's torch/triton
-#                             (or: pip install --no-deps -e .)
+#                             (or: pip install --no-deps --no-build-isolation -e .)
+#   dist/ is git-ignored: a device tool that copies the working tree must be told to carry it.
 #                             bash bench/gpu/kernels.sh [OUT_DIR]     # default bench/results/gpu-<UTC time>
 # The script installs nothing. It runs `PYTHONSAFEPATH=1 python bench/gpu/check.py --out OUT_DIR` by path
 # (never `python -m` from the root: the repository's operator/ folder would shadow the stdlib module), with a hard
