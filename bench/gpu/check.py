@@ -57,6 +57,17 @@ def section_env(device, args) -> dict:
     return {"ok": True, **env}
 
 
+def _release_memory() -> None:
+    """Return cached blocks between checks so one large (or failed, e.g. OOM) check does not starve the next."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_checks(checks, deadline: float, log) -> dict:
     """Run (label, thunk) pairs until the deadline; each failure is recorded and the rest still run."""
     results, n_ok = [], 0
@@ -72,6 +83,7 @@ def run_checks(checks, deadline: float, log) -> dict:
                    "trace": traceback.format_exc()[-1500:]}
         rec["label"] = label
         rec["seconds"] = round(time.monotonic() - t0, 2)
+        _release_memory()
         n_ok += bool(rec.get("ok"))
         log(f"  {label}: {'ok' if rec.get('ok') else 'FAIL'} ({rec['seconds']} s)")
         results.append(rec)
@@ -114,6 +126,7 @@ def section_timing(device, args, deadline, log) -> dict:
             log(f"  {label}: done ({time.monotonic() - t0:.1f} s)")
             return res
         except Exception as exc:  # keep the other lengths
+            _release_memory()
             out["ok"] = False
             out["errors"].append({"step": label, "error": f"{type(exc).__name__}: {exc}"[:1000],
                                   "trace": traceback.format_exc()[-1500:]})
