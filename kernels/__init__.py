@@ -15,6 +15,7 @@ from longserve.kernels.sparse_config import (
     SparseAttentionConfig,
     SparseHeadBudgets,
     load_sparse_attention_config,
+    refine_sparse_config,
 )
 
 __all__ = [
@@ -67,8 +68,3 @@ def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, c
     return dispatch.vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index,
                                              scale=scale, causal=causal)
 
-
-def refine_sparse_config(*args, **kwargs):
-    """Recall-based budget refinement (algorithms.md §3.4); see ``longserve.kernels.sparse_refine``."""
-    from longserve.kernels.sparse_refine import refine_sparse_config as impl
-    return impl(*args, **kwargs)

@@ -175,3 +175,84 @@ def load_sparse_attention_config(path_or_list, num_layers: int, num_heads: int) 
             raise ValueError(f"layer {l}: missing heads {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         layers.append(tuple(heads[h] for h in range(num_heads)))
     return SparseAttentionConfig(tuple(layers))
+
+
+# Recall buckets of algorithms.md §3.4: (lower bound, increment added to both budgets), checked top-down.
+DEFAULT_INCREMENTS = ((0.9, 0), (0.8, 2048), (0.7, 4096), (0.6, 8192), (float("-inf"), 12288))
+
+
+def increment_for(recall: float, increments=DEFAULT_INCREMENTS) -> int:
+    """Budget increment of the first bucket whose lower bound the recall reaches."""
+    for bound, inc in increments:
+        if recall >= bound:
+            return int(inc)
+    raise ValueError(f"increments {increments!r} do not cover recall {recall}")
+
+
+def measure_recall(q, k, budgets: SparseHeadBudgets, *, rope_theta, chunk_size, local_size,
+                   original_max_position_embeddings=0, prefill_chunk: int | None = None):
+    """Per-head mean recall ``exp(LSE_sparse - LSE_dense)`` over all query rows of one prompt (q ``[L, H, D]``,
+    k ``[L, G, D]`` un-rotated), prefilling in chunks of ``prefill_chunk`` tokens as deployed (None: one pass).
+    The sparse path is forced (threshold 0) so short calibration prompts still measure their budgets."""
+    import torch
+
+    from longserve.kernels.reference.dca import dual_chunk_attention_reference
+
+    L = k.shape[0]
+    if q.shape[0] != L:
+        raise ValueError(f"q and k must cover the same {L} prompt tokens, got {q.shape[0]}")
+    forced = SparseHeadBudgets(budgets.vertical, budgets.slash, 0, budgets.last_q)
+    v = torch.zeros((L, k.shape[1], 1), dtype=k.dtype, device=k.device)     # LSEs do not depend on V
+    kw = dict(rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size, prompt_len=L,
+              original_max_position_embeddings=original_max_position_embeddings, return_lse=True)
+    step = L if not prefill_chunk else int(prefill_chunk)
+    total = torch.zeros(q.shape[1], dtype=torch.float64, device=q.device)
+    for start in range(0, L, step):
+        end = min(L, start + step)
+        _, dense = dual_chunk_attention_reference(q[start:end], k[:end], v[:end], **kw)
+        _, sparse = dual_chunk_attention_reference(q[start:end], k[:end], v[:end], sparse=forced, **kw)
+        total += torch.exp(sparse.double() - dense.double()).sum(dim=0)
+    return total / L
+
+
+def refine_sparse_config(config: SparseAttentionConfig, layer: int, samples, *, rope_theta, chunk_size, local_size,
+                         original_max_position_embeddings=0, head_start: int = 0, threshold: float = 0.9,
+                         increments=DEFAULT_INCREMENTS, max_rounds: int = 3, last_q: int = DEFAULT_LAST_Q,
+                         prefill_chunk: int | None = None):
+    """Recall-based refinement of one layer (algorithms.md §3.4).
+
+    ``samples`` is a list of (q, k) calibration activations of this layer (un-rotated, from a dense prefill) for
+    the query heads ``[head_start, head_start + H)`` of the config. Each round measures every head's mean recall
+    over all rows of all samples; heads below ``threshold`` get the bucket increment on both budgets and the
+    measured recall is stored as the entry's score (the recall of the budgets before the increment). Stops when a
+    round changes nothing. Returns (new config, recalls ``[rounds, H]``).
+    """
+    import torch
+
+    samples = list(samples)
+    if not samples:
+        raise ValueError("refinement needs at least one (q, k) calibration sample")
+    H = samples[0][0].shape[1]
+    if not 0 <= head_start or head_start + H > config.num_heads:
+        raise ValueError(f"heads [{head_start}, {head_start + H}) outside the config's {config.num_heads} heads")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    patterns = list(config.layers[layer])
+    history = []
+    for _ in range(max_rounds):
+        mine = patterns[head_start:head_start + H]
+        budgets = SparseHeadBudgets(tuple(p.vertical for p in mine), tuple(p.slash for p in mine), 0, last_q)
+        recall = torch.stack([measure_recall(q, k, budgets, rope_theta=rope_theta, chunk_size=chunk_size,
+                                             local_size=local_size, prefill_chunk=prefill_chunk,
+                                             original_max_position_embeddings=original_max_position_embeddings)
+                              for q, k in samples]).mean(dim=0)
+        history.append(recall)
+        changed = False
+        for i, r in enumerate(recall.tolist()):
+            p = patterns[head_start + i]
+            inc = increment_for(r, increments) if r < threshold else 0
+            patterns[head_start + i] = HeadPattern(p.vertical + inc, p.slash + inc, round(r, 6), p.pattern)
+            changed |= inc > 0
+        if not changed:
+            break
+    return config.with_layer(layer, patterns), torch.stack(history)

@@ -31,17 +31,41 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return H // G
 
 
-def softmax_with_lse(scores: torch.Tensor, allowed: torch.Tensor | None):
-    """Row softmax over the last axis with -inf where not allowed; returns (p, lse), safe for empty rows."""
+def softmax_with_lse(scores: torch.Tensor, allowed: torch.Tensor | None, *, inplace: bool = False):
+    """Row softmax over the last axis with -inf where not allowed; returns (p, lse), safe for empty rows.
+
+    ``inplace`` lets a caller that owns ``scores`` skip a copy (it is overwritten by p).
+    """
+    if not inplace:
+        scores = scores.clone()
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))           # rows without keys: exp(-inf) = 0
+    p = scores.sub_(m).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    p.div_(torch.where(total > 0, total, torch.ones_like(total)))
+    return p, (m + torch.log(total)).squeeze(-1)
+
+
+def masked_exp(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int = -1, *,
+               blocked: torch.Tensor | None = None):
+    """In place on ``scores``: (unnormalised weights e, safe row sums, LSE) along ``dim``; pairs outside
+    ``allowed`` (or inside ``blocked``, the complement, which saves a negation) get no weight.
+
+    Dividing ``e @ V`` by the sums afterwards touches ``n x Dv`` values instead of normalising ``n x n_k`` weights.
+    Rows without keys get e = 0, sum 1 (so O = 0) and LSE = -inf.
+    """
+    if allowed is not None:
+        scores.masked_fill_(~allowed, float("-inf"))
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
+    m = scores.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(scores - m)
-    s = e.sum(dim=-1, keepdim=True)
-    lse = (m + torch.log(s)).squeeze(-1)            # log(0) = -inf for empty rows
-    p = e / torch.where(s > 0, s, torch.ones_like(s))
-    return p, lse
+    e = scores.sub_(m).exp_()
+    total = e.sum(dim=dim, keepdim=True)
+    lse = (m + torch.log(total)).squeeze(dim)
+    return e, torch.where(total > 0, total, torch.ones_like(total)), lse
 
 
 def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | None = None):
@@ -66,7 +90,7 @@ def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | 
         kend = n_k if not causal else max(0, min(n_k, off + r1))       # keys past the tile's last row unused
         if kend == 0:
             continue
-        s = torch.matmul(qg[:, :, r0:r1], kg[:, None, :kend].transpose(-1, -2)) * scale   # [G, g, T, kend]
+        s = torch.matmul(qg[:, :, r0:r1], kg[:, None, :kend].transpose(-1, -2)).mul_(scale)   # [G, g, T, kend]
         allowed = None
         if causal:
             rows = torch.arange(r0, r1, device=q.device)
@@ -76,8 +100,8 @@ def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | 
             mt = mask[:, r0:r1, :kend].to(q.device)
             mt = mt.reshape(G, group, r1 - r0, kend) if mt.shape[0] == H else mt[None]
             allowed = mt if allowed is None else allowed & mt
-        p, l_ = softmax_with_lse(s, allowed)
-        o = torch.matmul(p, vg[:, None, :kend])                         # [G, g, T, Dv]
+        e, total, l_ = masked_exp(s, allowed)
+        o = torch.matmul(e, vg[:, None, :kend]).div_(total)             # [G, g, T, Dv]
         out[r0:r1] = o.permute(2, 0, 1, 3).reshape(r1 - r0, H, Dv)
         lse[r0:r1] = l_.permute(2, 0, 1).reshape(r1 - r0, H)
     return out, lse

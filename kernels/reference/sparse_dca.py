@@ -8,11 +8,13 @@ bound the temporary memory, so the cost scales with the selected pairs, not with
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
 
-from longserve.kernels.reference.attention import merge_lse, softmax_with_lse, work_dtype
+from longserve.kernels.reference.attention import masked_exp, merge_lse, work_dtype
 from longserve.kernels.reference.dca import dense_regions
 from longserve.kernels.reference.estimate import estimate_dca_selection, split_regions
 
@@ -34,6 +36,20 @@ class PairStats:
         self.causal += other.causal
 
 
+_COLLECTOR: contextvars.ContextVar = contextvars.ContextVar("sparse_pair_stats", default=None)
+
+
+@contextlib.contextmanager
+def collect_pair_stats():
+    """Count the pairs every sparse sub-block run inside the ``with`` block selects and computes (benchmarks)."""
+    stats = PairStats()
+    token = _COLLECTOR.set(stats)
+    try:
+        yield stats
+    finally:
+        _COLLECTOR.reset(token)
+
+
 def _lookup(values: torch.Tensor, count: torch.Tensor, size: int) -> torch.Tensor:
     """Bool ``[H, size + 1]``: True at each head's valid values in ``[0, size]`` (slot ``size`` is padding)."""
     H, W = values.shape
@@ -43,8 +59,9 @@ def _lookup(values: torch.Tensor, count: torch.Tensor, size: int) -> torch.Tenso
     return table[:, :size + 1]
 
 
-def _covered_keys(m0: torch.Tensor, off: int, kv: int, causal: bool, verts, vcount, slashes, scount):
-    """Compacted key lists ``[H, Rc, K]`` (padded with kv) read by the blocks starting at rows ``m0``."""
+def _covered_keys(m0: torch.Tensor, off: int, kv: int, causal: bool, verts, vcount, slashes, scount, group: int):
+    """Compacted key lists ``[G, Rc, K]`` (padded with kv) read by the blocks starting at rows ``m0``: the union
+    over the heads of each KV group, so a group's keys are gathered once and scored in one matmul."""
     H = verts.shape[0]
     device = verts.device
     Rc = m0.numel()
@@ -64,12 +81,21 @@ def _covered_keys(m0: torch.Tensor, off: int, kv: int, causal: bool, verts, vcou
     cover = cover[..., :kv]
     if causal:                                                                     # nothing past the last row
         cover &= torch.arange(kv, device=device)[None, None, :] <= (off + m0 + BLOCK - 1)[None, :, None]
+    cover = cover.view(H // group, group, Rc, kv).any(dim=1)
     count = cover.sum(dim=2)
     K = max(int(count.max()), 1) if count.numel() else 1
     pos = torch.where(cover, cover.cumsum(dim=2) - 1, K)
-    idx = torch.full((H, Rc, K + 1), kv, dtype=torch.int64, device=device)
-    idx.scatter_(2, pos, torch.arange(kv, device=device).expand(H, Rc, kv))
+    idx = torch.full((H // group, Rc, K + 1), kv, dtype=torch.int64, device=device)
+    idx.scatter_(2, pos, torch.arange(kv, device=device).expand(H // group, Rc, kv))
     return idx[..., :K], count
+
+
+def _sub_group(widths: torch.Tensor, limit: int) -> int:
+    """How many leading blocks to take: padded size (blocks x widest) within ``limit`` and padding <= ~20%."""
+    cm = torch.cummax(widths, dim=0).values
+    n = torch.arange(1, widths.numel() + 1, device=widths.device)
+    ok = (n * cm <= limit) & (cm <= widths[0] * 1.2 + BLOCK)
+    return max(1, int(ok.to(torch.int64).cumprod(dim=0).sum()))
 
 
 def region_attention(q, k, v, vertical, vertical_count, slash, slash_count, *, scale: float, causal: bool,
@@ -92,44 +118,70 @@ def region_attention(q, k, v, vertical, vertical_count, slash, slash_count, *, s
     vertical, slash = vertical.to(device, torch.int64), slash.to(device, torch.int64)
     vertical_count, slash_count = vertical_count.to(device), slash_count.to(device)
     s_size = kv + n_q
-    is_v = _lookup(vertical, vertical_count, kv)                                   # [H, kv + 1]
-    is_s = _lookup(slash, slash_count, s_size)                                     # [H, s_size + 1]
+    is_v = _lookup(vertical, vertical_count, kv).reshape(-1)                       # [H * (kv + 1)]
+    # Blocked-pair table: entry (h, w, vertical?) holds the 64 rows of a block for a key whose slash value on the
+    # block's row 0 is x = w - BLOCK. Slash flags come from is_s (with BLOCK False entries in front, so negative
+    # slash values - keys after the row - are never selected); a vertical key is allowed for all rows, or in a
+    # causal region for rows i >= -x. One gather per (head, block, key) then yields the whole exact mask.
+    is_s = torch.cat([torch.zeros((H, BLOCK), dtype=torch.bool, device=device),
+                      _lookup(slash, slash_count, s_size), torch.zeros((H, BLOCK), dtype=torch.bool, device=device)], 1)
+    slash_win = is_s.unfold(1, BLOCK, 1)                                           # [H, n_windows, 64]
+    n_windows = slash_win.shape[1]
+    lane = torch.arange(BLOCK, device=device)
+    if causal:
+        vert_win = (lane[None, :] + torch.arange(n_windows, device=device)[:, None] - BLOCK) >= 0
+    else:
+        vert_win = torch.ones((n_windows, BLOCK), dtype=torch.bool, device=device)
+    table = ~torch.stack([slash_win, slash_win | vert_win[None]], dim=2).reshape(H * n_windows * 2, BLOCK)
     R = -(-n_q // BLOCK)
     q_pad = torch.zeros((R * BLOCK, H, D), dtype=wd, device=device)
     q_pad[:n_q] = q.to(wd)
-    qb = q_pad.view(R, BLOCK, H, D).permute(2, 0, 1, 3)                            # [H, R, 64, D]
-    k_pad = torch.cat([k.to(wd), torch.zeros((1, G, D), dtype=wd, device=device)])
-    v_pad = torch.cat([v.to(wd), torch.zeros((1, G, Dv), dtype=wd, device=device)])
-    kv_head = (torch.arange(H, device=device) // group)[:, None, None]
-    heads = torch.arange(H, device=device)[:, None, None, None]
-    o_blocks = torch.zeros((H, R, BLOCK, Dv), dtype=wd, device=device)
-    l_blocks = torch.full((H, R, BLOCK), float("-inf"), dtype=wd, device=device)
+    # query blocks per KV group: row hh * 64 + i of block r is query r * 64 + i of the group's head hh
+    qb = q_pad.view(R, BLOCK, G, group, D).permute(2, 0, 3, 1, 4).reshape(G, R, group * BLOCK, D)
+    qb_t = qb.transpose(-1, -2)
+    k_flat = torch.cat([k.to(wd).transpose(0, 1), torch.zeros((G, 1, D), dtype=wd, device=device)], 1).reshape(-1, D)
+    v_flat = torch.cat([v.to(wd).transpose(0, 1), torch.zeros((G, 1, Dv), dtype=wd, device=device)], 1).reshape(-1, Dv)
+    g_base = (torch.arange(G, device=device) * (kv + 1))[:, None, None]
+    h_of = torch.arange(H, device=device).view(G, 1, 1, group)                    # head id per (group, member)
+    o_blocks = torch.zeros((G, R, group * BLOCK, Dv), dtype=wd, device=device)
+    l_blocks = torch.full((G, R, group * BLOCK), float("-inf"), dtype=wd, device=device)
     step = max(1, COVER_ELEMENTS // (H * (kv + 2)))
     for g0 in range(0, R, step):
         g1 = min(R, g0 + step)
         idx_all, count = _covered_keys(torch.arange(g0, g1, device=device) * BLOCK, off, kv, causal,
-                                       vertical, vertical_count, slash, slash_count)
-        sub = max(1, GATHER_ELEMENTS // (H * idx_all.shape[2] * max(D, Dv, BLOCK)))
-        for r0 in range(0, g1 - g0, sub):
-            r1 = min(g1 - g0, r0 + sub)
-            idx = idx_all[:, r0:r1]
-            rows = (torch.arange(g0 + r0, g0 + r1, device=device) * BLOCK)[:, None] + torch.arange(BLOCK, device=device)
-            kk = k_pad[idx, kv_head]                                               # [H, Rs, K, D]
-            scores = torch.matmul(qb[:, g0 + r0:g0 + r1], kk.transpose(-1, -2)) * scale
-            s_val = off + rows[None, :, :, None] - idx[:, :, None, :]              # slash value of each pair
-            sel = is_v[heads, idx[:, :, None, :]] | is_s[heads, s_val.clamp(0, s_size)] & (s_val >= 0)
-            sel &= (idx[:, :, None, :] < kv) & (rows < n_q)[None, :, :, None]
-            if causal:
-                sel &= s_val >= 0
-            p, l_ = softmax_with_lse(scores, sel)
-            o_blocks[:, g0 + r0:g0 + r1] = torch.matmul(p, v_pad[idx, kv_head])
-            l_blocks[:, g0 + r0:g0 + r1] = l_
+                                       vertical, vertical_count, slash, slash_count, group)
+        n_blocks = g1 - g0
+        widest = count.max(dim=0).values.clamp(min=1)                              # keys per block, over groups
+        limit = GATHER_ELEMENTS // (H * max(D, Dv, BLOCK))
+        r0 = 0
+        while r0 < n_blocks:
+            r1 = r0 + _sub_group(widest[r0:], limit)
+            K = int(widest[r0:r1].max())
+            idx = idx_all[:, r0:r1, :K]                                            # [G, Rs, K]
+            Rs = r1 - r0
+            m0 = torch.arange(g0 + r0, g0 + r1, device=device) * BLOCK
+            x = ((off + m0)[None, :, None] - idx)[..., None]                       # slash value on row 0: [G,Rs,K,1]
+            # scores are laid out key-major, [G, Rs, K, g * 64], so the gathered 64-row windows need no transpose;
+            # padding keys read window 0, which is all False (the leading padding of is_s)
+            w = torch.where(idx[..., None] < kv, (x + BLOCK).clamp(0, n_windows - 1), 0)
+            vert = is_v.index_select(0, (h_of * (kv + 1) + idx[..., None]).reshape(-1)).view(G, Rs, K, group)
+            blocked = table.index_select(0, ((h_of * n_windows + w) * 2 + vert).reshape(-1))
+            blocked = blocked.view(G, Rs, K, group * BLOCK)
+            rows_kv = (g_base + idx).reshape(-1)
+            kk = k_flat.index_select(0, rows_kv).view(G, Rs, K, D)
+            scores = torch.matmul(kk, qb_t[:, g0 + r0:g0 + r1]).mul_(scale)       # [G, Rs, K, g * 64]
             if stats is not None:
-                valid_rows = (rows < n_q).sum(dim=1)
-                stats.selected += int(sel.sum())
-                stats.computed += int((count[:, r0:r1] * valid_rows[None, :]).sum())
-    out = o_blocks.permute(1, 2, 0, 3).reshape(R * BLOCK, H, Dv)[:n_q]
-    lse = l_blocks.permute(1, 2, 0).reshape(R * BLOCK, H)[:n_q]
+                valid_rows = ((m0[:, None] + lane) < n_q)
+                chosen = ~blocked.view(G, Rs, K, group, BLOCK) & valid_rows[None, :, None, None, :]
+                stats.selected += int(chosen.sum())
+                stats.computed += group * int((count[:, r0:r1] * valid_rows.sum(dim=1)[None, :]).sum())
+            e, total, l_ = masked_exp(scores, None, dim=-2, blocked=blocked)
+            vv = v_flat.index_select(0, rows_kv).view(G, Rs, K, Dv)
+            o_blocks[:, g0 + r0:g0 + r1] = torch.matmul(e.transpose(-1, -2), vv).div_(total.transpose(-1, -2))
+            l_blocks[:, g0 + r0:g0 + r1] = l_
+            r0 = r1
+    out = o_blocks.view(G, R, group, BLOCK, Dv).permute(1, 3, 0, 2, 4).reshape(R * BLOCK, H, Dv)[:n_q]
+    lse = l_blocks.view(G, R, group, BLOCK).permute(1, 3, 0, 2).reshape(R * BLOCK, H)[:n_q]
     return out, lse
 
 
@@ -148,6 +200,7 @@ def sparse_subblock(q_rows, k_rot, v, *, b: int, e: int, P: int, cl, chunk_size,
                                  tau=tau, budgets=budgets)
     parts = []
     H = q_rows.shape[1]
+    stats = stats if stats is not None else _COLLECTOR.get()
     for idx, (qr, lo, hi, causal) in zip(split_regions(sel, b=b, e=e, P=P, cl=cl),
                                          dense_regions(q_rows, P, e, b, cl, chunk_size, rope_theta)):
         parts.append(region_attention(qr, k_rot[lo:hi], v[lo:hi], idx.vertical, idx.vertical_count, idx.slash,
