@@ -171,6 +171,9 @@ def test_sparse_prefill_matches_reference_twin(dtype, n_q):
     _two_x(out, low, truth, dtype)
     dense = dual_chunk_attention_reference(*(t.double() for t in low_in), return_lse=True, **SPARSE_TOY)
     assert torch.all(out[1].double() <= dense[1] + 1e-3)         # a subset of the keys: recall <= 1 (O8)
+    if dtype == F32:                                              # same inputs => same selection as the kernel's
+        exact = dual_chunk_attention_reference(*low_in, sparse=budgets, return_lse=True, **SPARSE_TOY)
+        assert torch.all(out[1] >= exact[1] - 1e-4)              # covered pairs include the exact mask (O7)
 
 
 def test_sparse_full_budget_equals_dense_and_threshold_is_strict():
