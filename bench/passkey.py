@@ -101,12 +101,26 @@ def _engine_answers(args, prompts: list[list[int]]) -> list[str]:
     return [o.outputs[0].text for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
 
 
+def _sparse_setting(args, model):
+    """(SparseAttentionConfig, threshold) for the oracle when --sparse on, else None."""
+    if args.sparse == "off":
+        return None
+    from longserve.kernels import load_sparse_attention_config
+    cfg = model.config
+    config = load_sparse_attention_config(str(Path(args.model, "sparse_attention_config.json")),
+                                          cfg.num_hidden_layers, cfg.num_attention_heads)
+    dca = getattr(cfg, "dual_chunk_attention_config", None) or {}
+    threshold = args.sparse_threshold or dca.get("sparse_attention_threshold") or 32768
+    return config, threshold
+
+
 def _oracle_correct(args, model, tokenizer, cell) -> list[bool]:
     from longserve.bench.passkey_oracle import answer_correct
 
     dca = model.config.dual_chunk_attention_config if args.dca == "on" else None
     chunk, local = (dca["chunk_size"], dca["local_size"]) if dca else (None, None)
-    return [answer_correct(model, tokenizer, sample, chunk, local) for sample, _ in cell]
+    sparse = _sparse_setting(args, model)
+    return [answer_correct(model, tokenizer, sample, chunk, local, sparse) for sample, _ in cell]
 
 
 def evaluate(args) -> dict:
@@ -118,21 +132,28 @@ def evaluate(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     grid = build_prompts(tokenizer, args.lengths, args.depths, args.samples, args.key_digits, args.filler,
                          args.seed)
+    from longserve.kernels.reference.sparse_dca import collect_pair_stats
+
     keys = list(grid)
     t0 = time.time()
-    if args.backend == "engine":
-        flat = [ids for k in keys for _, ids in grid[k]]
-        texts = iter(_engine_answers(args, flat))
-        verdicts = {k: [first_number(next(texts)) == s.target for s, _ in grid[k]] for k in keys}
-    else:
-        from longserve.bench.passkey_oracle import load
-        model, _ = load(args.model)
-        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k]) for k in keys}
+    with collect_pair_stats() as stats:
+        if args.backend == "engine":
+            flat = [ids for k in keys for _, ids in grid[k]]
+            texts = iter(_engine_answers(args, flat))
+            verdicts = {k: [first_number(next(texts)) == s.target for s, _ in grid[k]] for k in keys}
+        else:
+            from longserve.bench.passkey_oracle import load
+            model, _ = load(args.model)
+            verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k]) for k in keys}
     cells = [{"length": k[0], "depth": k[1], "samples": len(grid[k]), "correct": sum(verdicts[k]),
               "accuracy": sum(verdicts[k]) / len(grid[k]),
               "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1)}
              for k in keys]
-    return {"cells": cells, "seconds": round(time.time() - t0, 1)}
+    pairs = None
+    if stats.causal:
+        pairs = {"computed": stats.computed, "selected": stats.selected, "dense_causal": stats.causal,
+                 "computed_fraction": stats.computed / stats.causal, "selected_fraction": stats.selected / stats.causal}
+    return {"cells": cells, "seconds": round(time.time() - t0, 1), "sparse_pairs": pairs}
 
 
 def format_table(cells, lengths, depths) -> str:
@@ -180,6 +201,14 @@ def run(args) -> int:
     mode = f"dca={args.dca} sparse={args.sparse} backend={args.backend}"
     print(f"passkey accuracy ({mode}, {args.samples} prompts per cell, {args.key_digits}-digit keys)")
     print(format_table(cells, args.lengths, args.depths))
+    pairs = result["sparse_pairs"]
+    if pairs:
+        print(f"sparse prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs "
+              f"of its sparse sub-blocks ({100 * pairs['selected_fraction']:.1f}% selected by the exact VS mask), "
+              "counted by the kernels' reference pair counter over all layers and heads")
+    elif args.sparse == "on":
+        print("sparse prefill pair counts: none recorded (no prompt above the threshold, or the backend ran "
+              "kernels that do not report them)")
     with open(out / "passkey.csv", "w") as f:
         f.write("length,depth,samples,correct,accuracy,mean_prompt_tokens\n")
         for c in cells:
@@ -188,6 +217,7 @@ def run(args) -> int:
     save_heatmap(out / "passkey.png", cells, args.lengths, args.depths, f"passkey: {Path(args.model).name}, {mode}")
     summary = {"model": args.model, "dca": args.dca, "sparse": args.sparse, "backend": args.backend,
                "samples": args.samples, "seed": args.seed, "seconds": result["seconds"],
+               "sparse_pairs": result["sparse_pairs"],
                "average_by_length": {str(n): sum(c["accuracy"] for c in cells if c["length"] == n)
                                      / len(args.depths) for n in args.lengths}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

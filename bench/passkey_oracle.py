@@ -16,7 +16,10 @@ from transformers import AttentionInterface, PreTrainedTokenizerFast, Qwen2ForCa
 from longserve.bench import demo_prompts as dp
 
 ATTN_NAME = "longserve_dca_oracle"
-_SETTINGS: dict = {"chunk_size": None, "local_size": None}
+# chunk_size/local_size: DCA (None: plain RoPE); sparse: None or (SparseAttentionConfig, threshold), which
+# routes attention through longserve.kernels' sparse DCA; capture: None or a list that receives
+# (layer, q [L,H,D], k [L,G,D], v [L,G,D]) un-rotated, per layer (refinement input).
+_SETTINGS: dict = {"chunk_size": None, "local_size": None, "sparse": None, "capture": None}
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -34,6 +37,10 @@ def dca_attention(module, query, key, value, attention_mask, scaling=None, dropo
     """Causal attention over un-rotated q [B,H,L,D], k/v [B,G,L,D] with DCA positions (or plain RoPE
     when _SETTINGS has no chunk_size). Returns ([B,L,H,D], None) like transformers' attention functions."""
     theta = float(module.config.rope_parameters["rope_theta"])
+    if _SETTINGS["capture"] is not None:
+        _SETTINGS["capture"].append((module.layer_idx, *(x[0].transpose(0, 1).clone() for x in (query, key, value))))
+    if _SETTINGS["sparse"] is not None:
+        return _kernels_sparse(module, query, key, value, theta, scaling), None
     B, H, L, D = query.shape
     g = H // key.shape[1]
     k = key.repeat_interleave(g, dim=1)
@@ -68,6 +75,18 @@ def dca_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
+def _kernels_sparse(module, query, key, value, theta, scaling):
+    """Sparse (vertical-slash) DCA through longserve.kernels for prompts above the threshold."""
+    from longserve.kernels import dual_chunk_attention
+    config, threshold = _SETTINGS["sparse"]
+    budgets = config.budgets(module.layer_idx, threshold=threshold)
+    outs = [dual_chunk_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), rope_theta=theta,
+                                 chunk_size=_SETTINGS["chunk_size"], local_size=_SETTINGS["local_size"],
+                                 sparse=budgets, scale=scaling)
+            for q, k, v in zip(query, key, value)]
+    return torch.stack(outs)
+
+
 AttentionInterface.register(ATTN_NAME, dca_attention)
 
 
@@ -79,9 +98,10 @@ def load(model_dir: str):
 
 
 @torch.no_grad()
-def answer_correct(model, tok, sample: dp.Sample, chunk_size: int | None, local_size: int | None) -> bool:
+def answer_correct(model, tok, sample: dp.Sample, chunk_size: int | None, local_size: int | None,
+                   sparse=None) -> bool:
     """True iff every target digit is the argmax given the prompt and the correct answer prefix."""
-    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size)
+    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size, sparse=sparse)
     prompt = tok.encode(dp.chat_prompt(sample.prompt), add_special_tokens=False)
     head = sample.answer.rpartition(sample.target)[0]
     head_ids = tok.encode(head, add_special_tokens=False)
