@@ -1,0 +1,150 @@
+"""`AsyncEngine`: the `EngineClient` the HTTP/gRPC servers wrap.
+
+The engine loop runs in its own thread, so the asyncio loop serving HTTP/gRPC never blocks on a
+forward pass. Requests and aborts cross into that thread through a command queue; events come back
+through `loop.call_soon_threadsafe` into one asyncio queue per request. Validation (context length,
+token range) runs synchronously in `generate`, so a bad request raises `RequestRejected` before any
+event and never touches the KV cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+
+from longserve.server.api.engine_client import (EngineDeadError, LoadStats, ModelInfo, RequestFinished)
+from longserve.server.config import EngineConfig
+from longserve.server.engine.llm_engine import LLMEngine
+from longserve.server.sampling import SamplingParams
+
+log = logging.getLogger("longserve.engine")
+_END = object()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, *, device: str | None = None, warmup: bool = True):
+        self.config = config
+        self.engine = LLMEngine(config, device=device)
+        self.tokenizer = self.engine.tokenizer
+        self._commands: deque = deque()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._stats = self.engine.load_stats()
+        if warmup:
+            self._warmup()
+        facts = self.engine.checkpoint.facts
+        self.model_info = ModelInfo(
+            served_model_name=config.served_model_name, model_path=config.model_path,
+            max_model_len=config.max_model_len, max_output_tokens=config.max_output_tokens,
+            vocab_size=facts.vocab_size, dca_enabled=self.engine.runner.dca.chunk_size is not None,
+            sparse_enabled=self.engine.sparse_threshold is not None, sparse_threshold=self.engine.sparse_threshold,
+            kv_capacity_tokens=self.engine.kv_capacity_tokens,
+            extra={"model_load_seconds": self.engine.runner.load_seconds})
+        self._thread = threading.Thread(target=self._run, name="longserve-engine", daemon=True)
+        self._thread.start()
+
+    def _warmup(self) -> None:
+        """One tiny generation before serving, so the first request does not pay for lazy initialisation."""
+        self.engine.add_request("__warmup__", [0], SamplingParams(max_tokens=2, temperature=0.0))
+        while self.engine.has_work():
+            self.engine.step()
+
+    # --- engine thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_work():
+                    self._stats = self.engine.load_stats()
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                events = self.engine.step()
+                self._stats = self.engine.load_stats()
+                for event in events:
+                    self._deliver(event.request_id, event)
+                    if isinstance(event, RequestFinished):
+                        self._deliver(event.request_id, _END)
+        except BaseException as exc:  # the loop must report, never die silently
+            log.exception("engine loop failed")
+            self._error = exc
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"{type(exc).__name__}: {exc}"))
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            kind, *args = self._commands.popleft()
+            if kind == "add":
+                request_id, ids, params = args
+                if request_id in self._streams:
+                    self.engine.add_request(request_id, ids, params)
+            else:
+                self.engine.abort(args[0])
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:      # the caller's loop is closed: nobody listens any more
+                self._commands.append(("abort", request_id))
+
+    # --- EngineClient ------------------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids, params: SamplingParams):
+        if self._error is not None:
+            raise EngineDeadError(str(self._error))
+        ids = [int(t) for t in prompt_token_ids]
+        vocab = self.engine.checkpoint.facts.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            from longserve.server.api.engine_client import RequestRejected
+            raise RequestRejected(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        self.engine.resolve_max_tokens(len(ids), params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._commands.append(("add", request_id, ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.append(("abort", request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._commands.append(("abort", request_id))
+        self._wake.set()
+
+    def is_healthy(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
+    def load_stats(self) -> LoadStats:
+        return self._stats
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, **kwargs)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)

@@ -1,0 +1,139 @@
+"""Owns the device: the model weights, the KV cache tensors, per-step input preparation and sampling.
+
+KV capacity: `EngineConfig.kv_capacity_tokens` when set; otherwise on a GPU the free memory after
+loading times `gpu_memory_utilization` minus a profiled prefill-chunk transient, and on a CPU enough
+blocks for `max_num_seqs` full-length sequences (host memory is not profiled).
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from longserve.server.config import EngineConfig
+from longserve.server.engine.scheduler import ScheduledBatch
+from longserve.server.engine.sequence import Sequence
+from longserve.server.hf_config import Checkpoint
+from longserve.server.layers.attention import (DCASettings, KVCache, PagedDCABackend, PrefillSpan,
+                                                StepMetadata)
+from longserve.server.layers.sampler import Sampled, sample
+from longserve.server.models.qwen2 import Qwen2ForCausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_state_dict(files) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors.update(load_file(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path}: cannot read safetensors ({exc})") from None
+    return tensors
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, *, device: str | None = None):
+        self.config = config
+        self.facts = checkpoint.facts
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = DTYPES[config.dtype]
+        start = time.monotonic()
+        torch.manual_seed(config.seed)
+        model = Qwen2ForCausalLM(self.facts)
+        model.load_weights(load_state_dict(checkpoint.weight_files), checkpoint.path)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.load_seconds = time.monotonic() - start
+        f = self.facts
+        chunk = config.dca_chunk_size if config.dca_chunk_size is not None else f.dca_chunk_size
+        local = config.dca_local_size if config.dca_local_size is not None else f.dca_local_size
+        use_dca = config.dca and chunk is not None
+        self.dca = DCASettings(rope_theta=f.rope_theta, chunk_size=chunk if use_dca else None,
+                               local_size=local if use_dca else None,
+                               original_max_position_embeddings=f.dca_original_max_position_embeddings
+                               if use_dca else 0)
+        if use_dca and (chunk - local) % config.kv_block_size:
+            raise ValueError(f"kv_block_size {config.kv_block_size} must divide the DCA chunk length "
+                             f"{chunk - local} (chunk_size - local_size)")
+        self.num_kv_blocks = self._kv_blocks()
+        self.cache = KVCache(f.num_layers, self.num_kv_blocks, config.kv_block_size, f.num_kv_heads, f.head_dim,
+                             self.dtype, self.device)
+        self.sparse_budgets = None
+        self._rng = random.Random(config.seed)
+        self._generators: dict[int, torch.Generator] = {}
+
+    def _kv_blocks(self) -> int:
+        c, bs = self.config, self.config.kv_block_size
+        if c.kv_capacity_tokens is not None:
+            return -(-c.kv_capacity_tokens // bs)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            per_block = 2 * self.facts.num_layers * bs * self.facts.num_kv_heads * self.facts.head_dim \
+                * self.model.model.embed_tokens.weight.element_size()
+            reserve = 3 * c.prefill_chunk_tokens * (self.facts.hidden_size + self.facts.intermediate_size) * 2
+            return max(1, int((free * c.gpu_memory_utilization - reserve) // per_block))
+        return -(-c.max_model_len * c.max_num_seqs // bs) + c.max_num_seqs
+
+    def set_sparse(self, budgets_for_layer) -> None:
+        """`budgets_for_layer(layer) -> SparseHeadBudgets` enables sparse prefill above its threshold."""
+        self.sparse_budgets = budgets_for_layer
+
+    def generator_for(self, seq: Sequence) -> torch.Generator:
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            seed = seq.params.seed + seq.choice_index if seq.params.seed is not None else self._rng.getrandbits(63)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[seq.seq_id] = gen
+        return gen
+
+    def release(self, seq: Sequence) -> None:
+        self._generators.pop(seq.seq_id, None)
+
+    def _metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepMetadata]:
+        bs, dev = self.config.kv_block_size, self.device
+        ids, positions, slot_blocks, prefills = [], [], [], []
+        decode_rows, decode_tables, decode_lens = [], [], []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            row0 = len(ids)
+            ids.extend(seq.token_ids()[start:end])
+            positions.extend(range(start, end))
+            slot_blocks.extend(seq.block_table[p // bs] for p in range(start, end))
+            if chunk.is_decode:
+                decode_rows.append(row0)
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            else:
+                table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
+                prefills.append(PrefillSpan(slice(row0, len(ids)), end, max(seq.prompt_len, end), table))
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        width = max((len(t) for t in decode_tables), default=0)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32,
+                              device=dev).reshape(len(decode_tables), width)
+        meta = StepMetadata(positions=pos, slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
+                            slot_offsets=pos % bs, prefills=tuple(prefills),
+                            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
+                            decode_block_tables=tables,
+                            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev))
+        return torch.tensor(ids, dtype=torch.long, device=dev), meta
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the batch; logits [N, V] (fp32) for the chunks that sample, in batch order."""
+        ids, meta = self._metadata(batch)
+        backend = PagedDCABackend(self.cache, meta, self.dca, self.sparse_budgets)
+        hidden = self.model(ids, backend)
+        last_rows, row = [], 0
+        for chunk in batch.chunks:
+            row += chunk.num_tokens
+            if chunk.samples:
+                last_rows.append(row - 1)
+        return self.model.logits(hidden[last_rows])
+
+    def execute(self, batch: ScheduledBatch, blocked: dict[int, tuple[int, ...]]) -> list[Sampled]:
+        logits = self.forward_logits(batch)
+        seqs = [c.seq for c in batch.chunks if c.samples]
+        return sample(logits, seqs, [self.generator_for(s) for s in seqs], [blocked.get(s.seq_id, ()) for s in seqs])

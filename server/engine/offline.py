@@ -1,0 +1,84 @@
+"""Offline batch API: `LLM(model_path, **config_overrides).generate(prompts, params)`."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from longserve.server.api.engine_client import CompletionDelta, RequestFinished, TokenLogprob
+from longserve.server.config import EngineConfig
+from longserve.server.engine.llm_engine import LLMEngine
+from longserve.server.sampling import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: RequestFinished | None = None
+
+
+def default_engine_config(model_path: str, **overrides) -> EngineConfig:
+    """An EngineConfig for a local checkpoint: context from its config.json, a CPU-friendly chunk."""
+    try:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
+            max_pos = int(json.load(fh).get("max_position_embeddings", 32768))
+    except (OSError, ValueError):
+        max_pos = 32768
+    max_len = overrides.get("max_model_len", max_pos)
+    values = dict(schema_version=1, runtime="native", model_path=model_path,
+                  served_model_name=os.path.basename(os.path.normpath(model_path)) or "model",
+                  tensor_parallel_size=1, max_model_len=max_len, max_num_seqs=16,
+                  max_output_tokens=min(8192, max_len - 1), prefill_chunk_tokens=2048,
+                  gpu_memory_utilization=0.9, dtype="float32")
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+class LLM:
+    def __init__(self, model_path: str, *, device: str | None = None, **config_overrides):
+        self.config = default_engine_config(model_path, **config_overrides)
+        self.engine = LLMEngine(self.config, device=device)
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Prompts are strings or token-id lists; one SamplingParams for all, or one per prompt."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, per_prompt):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            rid = f"offline-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, ids, p)
+            outputs[rid] = RequestOutput(rid, ids, [CompletionOutput(i) for i in range(p.n)])
+            order.append(rid)
+        while self.engine.has_work():
+            for event in self.engine.step():
+                if isinstance(event, CompletionDelta):
+                    out = outputs[event.request_id].outputs[event.index]
+                    out.text += event.text
+                    out.token_ids.extend(event.token_ids)
+                    out.logprobs.extend(event.logprobs)
+                    if event.finish_reason is not None:
+                        out.finish_reason, out.stop_reason = event.finish_reason, event.stop_reason
+                elif isinstance(event, RequestFinished):
+                    outputs[event.request_id].finished = event
+        return [outputs[r] for r in order]

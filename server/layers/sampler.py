@@ -1,0 +1,73 @@
+"""Token sampling for one step: penalties, min_tokens masking, temperature, top-k, top-p, min-p, per-
+sequence seeded generators (so a request samples the same tokens alone or in any batch), logprobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longserve.server.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class Sampled:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()     # (token id, logprob), best first
+
+
+def _penalise(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids)), dtype=torch.long,
+                            device=logits.device)
+        if seen.numel():
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+        ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[0]).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _truncate(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.top_k and p.top_k > 0 and p.top_k < logits.shape[0]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.min_p > 0:
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop_sorted = cumulative - sorted_probs > p.top_p          # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
+           blocked_ids: list[tuple[int, ...]]) -> list[Sampled]:
+    """logits [N, V] (fp32) for N sequences; `blocked_ids[i]` are masked (EOS/stop ids before min_tokens)."""
+    results = []
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        row = _penalise(logits[i].clone(), seq)
+        if blocked_ids[i]:
+            row[list(blocked_ids[i])] = float("-inf")
+        if p.is_greedy:
+            token = int(torch.argmax(row))
+        else:
+            row = _truncate(row / p.temperature, seq)
+            probs = torch.softmax(row, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generators[i]))
+        top = ()
+        if p.logprobs:
+            values, ids = torch.topk(raw_logprobs[i], p.logprobs)
+            top = tuple((int(t), float(v)) for t, v in zip(ids, values))
+        results.append(Sampled(token, float(raw_logprobs[i, token]), top))
+    return results

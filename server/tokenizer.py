@@ -1,0 +1,107 @@
+"""Tokenizer (Hugging Face `tokenizer.json` via the `tokenizers` library) and the checkpoint's chat
+template rendered with jinja2, plus incremental detokenisation that never splits a UTF-8 character."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from longserve.server.hf_config import CheckpointError
+
+REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, directory: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing (the engine needs a fast tokenizer file)")
+        try:
+            self._tok = HFTokenizer.from_file(path)
+        except Exception as exc:  # the tokenizers library raises its own Exception type
+            raise CheckpointError(f"{path}: cannot load ({exc})") from None
+        cfg_path = os.path.join(directory, "tokenizer_config.json")
+        self.config = {}
+        if os.path.exists(cfg_path):
+            try:
+                with open(cfg_path, encoding="utf-8") as fh:
+                    self.config = json.load(fh)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{cfg_path}: unreadable JSON ({exc})") from None
+        self.chat_template = self._find_template(directory)
+        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.eos_token = self._token_text(self.config.get("eos_token"))
+        self.bos_token = self._token_text(self.config.get("bos_token"))
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self._template = None
+
+    @staticmethod
+    def _token_text(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    def _find_template(self, directory: str) -> str | None:
+        jinja = os.path.join(directory, "chat_template.jinja")
+        if os.path.exists(jinja):
+            with open(jinja, encoding="utf-8") as fh:
+                return fh.read()
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template (tokenizer_config.json / chat_template.jinja); "
+                             "use the completions API")
+        if self._template is None:
+            from jinja2 import StrictUndefined  # noqa: F401  (imported for clarity of the env below)
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise ValueError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+                x, indent=indent, ensure_ascii=ensure_ascii)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token list a window at a time; holds text back while it ends in a partial
+    UTF-8 character (the decoder's replacement character), so no delta ever splits one."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0    # start of the decode window (context for the tokenizer)
+        self.read_offset = 0      # tokens up to here have been emitted
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        self.ids.extend(token_ids)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
+        text = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
+        if text.endswith(REPLACEMENT) or len(text) < len(prefix):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return text[len(prefix):]
