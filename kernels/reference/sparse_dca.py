@@ -30,11 +30,6 @@ class PairStats:
     computed: int = 0
     causal: int = 0
 
-    def add(self, other: "PairStats") -> None:
-        self.selected += other.selected
-        self.computed += other.computed
-        self.causal += other.causal
-
 
 _COLLECTOR: contextvars.ContextVar = contextvars.ContextVar("sparse_pair_stats", default=None)
 

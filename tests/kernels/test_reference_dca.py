@@ -252,3 +252,21 @@ def test_invalid_shapes_raise(kit):
     with pytest.raises(ValueError):
         paged_dca_decode_reference(q[:1], kc, kc, torch.zeros((1, 2), dtype=torch.int32),
                                    torch.tensor([9], dtype=torch.int32), **TOY)
+
+
+@pytest.mark.parametrize("layers,kv_heads,want", [(28, 4, 57_344), (48, 8, 196_608)])
+def test_o16_kv_bytes_per_token_of_the_cache_layout(kit, layers, kv_heads, want):
+    """Kernel part of O16: a bf16 paged cache [blocks, block_size, G, D] holds 2*G*D*2 bytes/token/layer."""
+    page, D = 16, 128
+    k_cache = torch.zeros((2, page, kv_heads, D), dtype=torch.bfloat16)
+    per_token_layer = 2 * k_cache[0, 0].numel() * k_cache.element_size()        # K and V
+    assert per_token_layer * layers == want
+    # decode runs on such a cache (bf16 in, fp32 math) and agrees with the fp64 reference to bf16 precision
+    q, k, v = kit.make_qkv(20, 20, 2 * kv_heads, kv_heads, D, seed=layers)
+    k_rot = rotate_keys(k, torch.arange(20), rope_theta=1e7, chunk_size=16, local_size=4)
+    kc, vc, tables = _paged_cache([k_rot.bfloat16()], [v.bfloat16()], page)
+    seq = torch.tensor([20], dtype=torch.int32)
+    kw = dict(rope_theta=1e7, chunk_size=16, local_size=4)
+    low = paged_dca_decode_reference(q[-1:].bfloat16(), kc, vc, tables, seq, **kw)
+    truth = dual_chunk_attention_reference(q, k, v, **kw)[-1:]
+    assert low.dtype == torch.bfloat16 and float((low.double() - truth).abs().max()) < 5e-2
