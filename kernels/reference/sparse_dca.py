@@ -68,8 +68,7 @@ def _covered_keys(m0: torch.Tensor, off: int, kv: int, causal: bool, verts, vcou
     one = s_ok.to(torch.int32)
     diff.scatter_add_(2, torch.where(s_ok, lo, kv + 1), one)
     diff.scatter_add_(2, torch.where(s_ok, hi, kv + 1), -one)
-    cover = diff[..., :kv].cumsum(dim=2) > 0
-    cover = torch.cat([cover, torch.zeros((H, Rc, 1), dtype=torch.bool, device=device)], dim=2)
+    cover = diff.cumsum(dim=2, dtype=torch.int32) > 0                             # slot kv stays False
     v_ok = (torch.arange(verts.shape[1], device=device)[None, :] < vcount[:, None]) & (verts >= 0) & (verts < kv)
     v_idx = torch.where(v_ok, verts, kv)[:, None, :].expand(H, Rc, verts.shape[1])
     cover.scatter_(2, v_idx, True)
@@ -79,10 +78,13 @@ def _covered_keys(m0: torch.Tensor, off: int, kv: int, causal: bool, verts, vcou
     cover = cover.view(H // group, group, Rc, kv).any(dim=1)
     count = cover.sum(dim=2)
     K = max(int(count.max()), 1) if count.numel() else 1
-    pos = torch.where(cover, cover.cumsum(dim=2) - 1, K)
-    idx = torch.full((H // group, Rc, K + 1), kv, dtype=torch.int64, device=device)
-    idx.scatter_(2, pos, torch.arange(kv, device=device).expand(H // group, Rc, kv))
-    return idx[..., :K], count
+    nz = cover.nonzero()                                                           # row-major: keys ascending
+    row = nz[:, 0] * Rc + nz[:, 1]
+    flat_count = count.reshape(-1)
+    first = flat_count.cumsum(dim=0) - flat_count
+    idx = torch.full(((H // group) * Rc, K), kv, dtype=torch.int64, device=device)
+    idx[row, torch.arange(nz.shape[0], device=device) - first[row]] = nz[:, 2]
+    return idx.view(H // group, Rc, K), count
 
 
 def _sub_group(widths: torch.Tensor, limit: int) -> int:
