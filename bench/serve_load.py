@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="largest max_tokens; each request draws 1..N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=os.environ.get("LONGSERVE_API_KEY", "none"))
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for the server it starts (repeatable), e.g. --serve-arg=--dtype=float32")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -57,16 +59,17 @@ def percentile(values: list[float], q: float) -> float:
 class LocalServer:
     """`longserve serve` in a subprocess on free 127.0.0.1 ports; `stop()` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, model_dir: str, log_path: str):
+    def __init__(self, model_dir: str, log_path: str, extra_args: list[str] = ()):
         self.port = _free_port()
         grpc_port = _free_port()
         while grpc_port == self.port:
             grpc_port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
         self._log = open(log_path, "wb")
         cmd = [sys.executable, "-m", "longserve.server.cli", "serve", "--model", model_dir, "--host", "127.0.0.1",
                "--port", str(self.port), "--grpc-port", str(grpc_port), "--served-model-name", "bench",
-               "--drain-grace-seconds", "10"]
+               "--drain-grace-seconds", "10", *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(),
                                      env={**os.environ, "PYTHONSAFEPATH": "1"})
 
@@ -201,8 +204,14 @@ def run(args) -> int:
     try:
         if url is None:
             workdir = tempfile.TemporaryDirectory(prefix="longserve-bench-")
-            model_dir = args.model or _tiny_checkpoint(workdir.name)
-            server = LocalServer(model_dir, os.path.join(workdir.name, "serve.log"))
+            extra = list(args.serve_arg)
+            if args.model is None:   # the tiny CPU checkpoint: small float32 KV, sized for the load
+                model_dir = _tiny_checkpoint(workdir.name)
+                extra = ["--dtype", "float32", "--max-model-len", "2048", "--kv-capacity-tokens", "65536",
+                         "--max-num-seqs", str(max(args.concurrency, 1)), *extra]
+            else:
+                model_dir = args.model
+            server = LocalServer(model_dir, os.path.join(workdir.name, "serve.log"), extra)
             server.wait_ready(args.startup_timeout)
             url = server.url
         summary = asyncio.run(run_load(url, requests=args.requests, concurrency=args.concurrency, prompts=prompts,

@@ -134,8 +134,11 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"longserve serve: {exc}", file=sys.stderr)
         return 2
-    import asyncio
-    return asyncio.run(_serve(config, args, api_key))
+    return _serve(config, args, api_key)
+
+
+class _StopDuringLoad(Exception):
+    """Raised by the SIGTERM handler to interrupt a model load: nothing is running, so exit at once."""
 
 
 def _load_engine(config):
@@ -144,7 +147,7 @@ def _load_engine(config):
 
 
 async def _warm_up(engine) -> None:
-    """One short greedy generation through the whole path before declaring ready."""
+    """One short greedy generation through the asyncio path before declaring ready."""
     from longserve.server.sampling import SamplingParams
     ids = engine.encode("warm up") or [0]
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -152,58 +155,59 @@ async def _warm_up(engine) -> None:
         pass
 
 
-async def _serve(config, args, api_key) -> int:
-    import asyncio
+def _serve(config, args, api_key) -> int:
+    """HTTP/gRPC run on a background event loop; the engine is built on the main thread.
 
-    from longserve.server.api.app import ServingStack
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    Building the engine on the main thread matters: tensors and the engine thread then inherit the
+    main thread's floating-point state, which measured 5-15x faster on CPU than a build in a worker.
+    """
+    from longserve.server.api.app import BackgroundServer, ServingStack
     stack = ServingStack(config, host=args.host, api_key=api_key, keepalive_s=args.keepalive_seconds,
                          legacy_vllm_metrics=args.legacy_vllm_metrics)
-    await stack.start()
-    log.info("loading model", extra={"event": "loading", "model_path": config.model_path,
-                                     "config": config.to_dict()})
-    started = time.monotonic()
-    loaded: asyncio.Future = loop.create_future()
+    server = BackgroundServer(stack)
+    stop = threading.Event()
+    loading = True
 
-    def load() -> None:
-        try:
-            result = _load_engine(config)
-        except BaseException as exc:   # reported to the loop; the process exits 1
-            loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_exception(exc))
-        else:
-            loop.call_soon_threadsafe(lambda: loaded.done() or loaded.set_result(result))
-    threading.Thread(target=load, name="longserve-load", daemon=True).start()
-    stop_wait = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loaded, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    if not loaded.done():
-        log.info("SIGTERM while loading; exiting", extra={"event": "shutdown"})
-        await stack.stop()
-        return 0
+    def on_signal(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name, extra={"event": "signal"})
+        stop.set()
+        if loading:
+            raise _StopDuringLoad()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     engine = None
     try:
-        engine = loaded.result()
-        await _warm_up(engine)
-    except Exception:
-        log.exception("engine failed to load", extra={"event": "load_failed"})
-        await stack.state.mark_dead()
-        await stack.stop()
+        server.start()
+        log.info("loading model", extra={"event": "loading", "model_path": config.model_path,
+                                         "config": config.to_dict()})
+        started = time.monotonic()
+        try:
+            engine = _load_engine(config)
+            server.call(_warm_up(engine), timeout=600)
+        except _StopDuringLoad:
+            log.info("stopped while loading", extra={"event": "stopped"})
+            return 0
+        except Exception:
+            log.exception("engine failed to load", extra={"event": "load_failed"})
+            server.call(stack.state.mark_dead())
+            return 1
+        load_seconds = time.monotonic() - started
+        server.call(stack.set_engine(engine, load_seconds=load_seconds))
+        loading = False
+        log.info("ready", extra={"event": "ready", "load_seconds": round(load_seconds, 3),
+                                 "http_port": stack.http_port, "grpc_port": stack.grpc_port})
+        stop.wait()
+        log.info("draining", extra={"event": "draining", "grace_seconds": args.drain_grace_seconds,
+                                    "in_flight": len(stack.state.streams)})
+        server.call(stack.drain(args.drain_grace_seconds), timeout=args.drain_grace_seconds + 60)
+        log.info("stopped", extra={"event": "stopped"})
+        return 0
+    finally:
+        loading = False
+        if server.started:
+            server.stop()
         _shutdown_engine(engine)
-        return 1
-    load_seconds = time.monotonic() - started
-    await stack.set_engine(engine, load_seconds=load_seconds)
-    log.info("ready", extra={"event": "ready", "load_seconds": round(load_seconds, 3),
-                             "http_port": stack.http_port, "grpc_port": stack.grpc_port})
-    await stop_wait
-    log.info("draining", extra={"event": "draining", "grace_seconds": args.drain_grace_seconds,
-                                "in_flight": len(stack.state.streams)})
-    await stack.drain(args.drain_grace_seconds)
-    await stack.stop()
-    _shutdown_engine(engine)
-    log.info("stopped", extra={"event": "stopped"})
-    return 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _shutdown_engine(engine) -> None:

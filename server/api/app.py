@@ -167,6 +167,10 @@ class BackgroundServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="longserve-server", daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self, engine: EngineClient | None = None) -> "BackgroundServer":
         self._thread.start()
         self.call(self.stack.start())

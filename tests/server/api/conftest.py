@@ -220,3 +220,10 @@ def server_factory():
 @pytest.fixture
 def config_factory():
     return make_config
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Qwen2 checkpoint (built once per session) for the real-engine tests."""
+    from longserve.server.tiny_checkpoint import build_tiny_checkpoint
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen2")))
