@@ -51,7 +51,9 @@ torch.manual_seed(0)
 def rss_mib():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096 / 2**20
-ids = torch.randint(3, 2000, (args["tokens"],)).tolist()
+with open(args["model"] + "/config.json") as fh:
+    vocab = json.load(fh)["vocab_size"]
+ids = torch.randint(3, vocab, (args["tokens"],)).tolist()
 if args["impl"] == "transformers":
     from transformers import Qwen2ForCausalLM
     model = Qwen2ForCausalLM.from_pretrained(args["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
