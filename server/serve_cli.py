@@ -158,8 +158,9 @@ async def _warm_up(engine) -> None:
 def _serve(config, args, api_key) -> int:
     """HTTP/gRPC run on a background event loop; the engine is built on the main thread.
 
-    Building the engine on the main thread matters: tensors and the engine thread then inherit the
-    main thread's floating-point state, which measured 5-15x faster on CPU than a build in a worker.
+    Building the engine on the main thread matters on CPU: a build (and warm-up) in a worker thread
+    leaves that thread's OpenMP team spin-waiting against the engine thread's, measured 5-15x slower
+    decode on 2 cores (OMP_WAIT_POLICY=PASSIVE also cures it).
     """
     from longserve.server.api.app import BackgroundServer, ServingStack
     stack = ServingStack(config, host=args.host, api_key=api_key, keepalive_s=args.keepalive_seconds,
