@@ -209,3 +209,17 @@ def test_metrics_count_the_real_workload(real):
     assert delta("longserve_time_to_first_token_seconds_count") == 3
     assert delta("vllm:e2e_request_latency_seconds_count") == 3
     assert delta("longserve_request_outcomes_total", outcome="length") == 3
+
+
+def test_context_overflow_is_a_400_and_serving_continues(real):
+    srv, engine = real
+    c = _client(srv)
+    prompt = "Hello, world! " * 800
+    assert _count(srv, prompt=prompt) > 2048
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="tiny", prompt=prompt, max_tokens=8)
+    assert info.value.body["param"] == "input_tokens"
+    assert "maximum context length is 2048 tokens" in info.value.body["message"]
+    assert c.completions.create(model="tiny", prompt="ok", max_tokens=2,
+                                extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+    assert _idle(engine)
