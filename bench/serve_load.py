@@ -80,10 +80,11 @@ class LocalServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"longserve serve exited with {self.proc.returncode} during start-up")
             try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+                ready = httpx.get(self.url + "/health", timeout=1.0).status_code == 200
+            except httpx.HTTPError:   # port not open yet
+                ready = False
+            if ready:
+                return
             time.sleep(0.2)
         raise RuntimeError(f"longserve serve not ready after {timeout:.0f}s")
 

@@ -150,9 +150,11 @@ async def _warm_up(engine) -> None:
     """One short greedy generation through the asyncio path before declaring ready."""
     from longserve.server.sampling import SamplingParams
     ids = engine.encode("warm up") or [0]
+    from longserve.server.api.engine_client import RequestFinished
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    async for _ in engine.generate("warmup-0", ids, params):
-        pass
+    events = [event async for event in engine.generate("warmup-0", ids, params)]
+    if not any(isinstance(event, RequestFinished) for event in events):
+        raise RuntimeError("warm-up generation ended without a result")
 
 
 def _serve(config, args, api_key) -> int:

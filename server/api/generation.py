@@ -21,7 +21,7 @@ from longserve.server.api.engine_client import (CompletionDelta, EngineDeadError
 from longserve.server.api.errors import (APIError, BadRequest, EngineFailure, NotFound, Overloaded, Unavailable,
                                          model_not_found)
 from longserve.server.api.lifecycle import ServerState
-from longserve.server.api.metrics import Metrics
+from longserve.server.api.metrics import Metrics, RequestRecorder
 from longserve.server.config import EngineConfig
 from longserve.server.sampling import SamplingParams
 
@@ -67,71 +67,6 @@ class StreamItem:
     event: PrefillProgress | CompletionDelta | RequestFinished
 
 
-class RequestRecorder:
-    """Metrics of one engine request; guarantees exactly one outcome."""
-
-    def __init__(self, metrics: Metrics, request: EngineRequest):
-        self.metrics = metrics
-        self.request_id = request.request_id
-        self.prompt_tokens = len(request.prompt_ids)
-        self.arrival = request.arrival
-        n = request.params.n
-        self.first_token: float | None = None
-        self.last_token = [None] * n
-        self.tokens = [0] * n
-        self.prefilled = 0
-        self.done = False
-
-    def on_event(self, event) -> None:
-        now = time.monotonic()
-        if isinstance(event, PrefillProgress):
-            self.prefilled = event.processed_tokens
-        elif isinstance(event, CompletionDelta) and event.token_ids:
-            if self.first_token is None:
-                self.first_token = now
-            i = event.index
-            if 0 <= i < len(self.tokens):
-                previous = self.last_token[i]
-                if previous is not None:
-                    step = (now - previous) / len(event.token_ids)
-                    for _ in event.token_ids:
-                        self.metrics.observe_itl(step)
-                self.last_token[i] = now
-                self.tokens[i] = event.num_output_tokens or self.tokens[i] + len(event.token_ids)
-        elif isinstance(event, RequestFinished):
-            ttft = event.timings.first_token_seconds
-            if ttft is None and self.first_token is not None:
-                ttft = self.first_token - self.arrival
-            if ttft is not None:
-                self.metrics.observe_first_token(ttft)
-            self.metrics.observe_finished(event, self.tokens)
-            reasons = event.finish_reasons
-            outcome = "abort" if "abort" in reasons else ("length" if reasons and all(
-                r == "length" for r in reasons) else "stop")
-            self.outcome(outcome)
-
-    def outcome(self, outcome: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.metrics.observe_outcome(outcome)
-        ttft = None if self.first_token is None else round((self.first_token - self.arrival) * 1e3, 2)
-        log.info("request %s ended: %s", self.request_id, outcome, extra={
-            "event": "request_end", "request_id": self.request_id, "outcome": outcome,
-            "prompt_tokens": self.prompt_tokens, "output_tokens": sum(self.tokens), "ttft_ms": ttft,
-            "e2e_ms": round((time.monotonic() - self.arrival) * 1e3, 2)})
-
-    def unfinished(self, outcome: str) -> None:
-        """The engine request ended without RequestFinished (client gone, drain, engine error)."""
-        if self.done:
-            return
-        if self.first_token is not None:
-            self.metrics.observe_first_token(self.first_token - self.arrival)
-        self.metrics.prefill_tokens.inc(self.prefilled)
-        self.metrics.generation_tokens.inc(sum(self.tokens))
-        self.outcome(outcome)
-
-
 class EventStream:
     """Events of one API request's engine requests, in arrival order. Always `close()` it."""
 
@@ -143,7 +78,7 @@ class EventStream:
         self._getter: asyncio.Task | None = None
         self._pumps = []
         for req in requests:
-            recorder = RequestRecorder(core.metrics, req)
+            recorder = RequestRecorder(core.metrics, req.request_id, len(req.prompt_ids), req.params.n, req.arrival)
             pump = asyncio.create_task(self._pump(req, recorder))
             # runs even for a pump cancelled before it started: END is always reached, one outcome recorded
             pump.add_done_callback(lambda _t, rec=recorder: (rec.unfinished("abort"), self._queue.put_nowait(_DONE)))

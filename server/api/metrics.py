@@ -6,13 +6,17 @@ Request series are fed by `RequestRecorder` (one per engine request, see generat
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from longserve.server.api.engine_client import LoadStats, RequestFinished
+from longserve.server.api.engine_client import CompletionDelta, LoadStats, PrefillProgress, RequestFinished
 from longserve.server.config import EngineConfig
+
+log = logging.getLogger("longserve.server.api")
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0, 160.0, 240.0, 320.0, 480.0, 640.0, 960.0, 1280.0, 1920.0, 2560.0)
@@ -220,6 +224,70 @@ class Metrics:
         """Sparse prefill runs once the context passes the engine's threshold (serving.md §3.1)."""
         threshold = self.attention_threshold
         return "sparse" if threshold is not None and context_tokens > threshold else "dense"
+
+
+class RequestRecorder:
+    """Metrics of one engine request; guarantees exactly one outcome."""
+
+    def __init__(self, metrics: Metrics, request_id: str, prompt_tokens: int, n: int, arrival: float):
+        self.metrics = metrics
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.arrival = arrival
+        self.first_token: float | None = None
+        self.last_token = [None] * n
+        self.tokens = [0] * n
+        self.prefilled = 0
+        self.done = False
+
+    def on_event(self, event) -> None:
+        now = time.monotonic()
+        if isinstance(event, PrefillProgress):
+            self.prefilled = event.processed_tokens
+        elif isinstance(event, CompletionDelta) and event.token_ids:
+            if self.first_token is None:
+                self.first_token = now
+            i = event.index
+            if 0 <= i < len(self.tokens):
+                previous = self.last_token[i]
+                if previous is not None:
+                    step = (now - previous) / len(event.token_ids)
+                    for _ in event.token_ids:
+                        self.metrics.observe_itl(step)
+                self.last_token[i] = now
+                self.tokens[i] = event.num_output_tokens or self.tokens[i] + len(event.token_ids)
+        elif isinstance(event, RequestFinished):
+            ttft = event.timings.first_token_seconds
+            if ttft is None and self.first_token is not None:
+                ttft = self.first_token - self.arrival
+            if ttft is not None:
+                self.metrics.observe_first_token(ttft)
+            self.metrics.observe_finished(event, self.tokens)
+            reasons = event.finish_reasons
+            outcome = "abort" if "abort" in reasons else ("length" if reasons and all(
+                r == "length" for r in reasons) else "stop")
+            self.outcome(outcome)
+
+    def outcome(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.metrics.observe_outcome(outcome)
+        ttft = None if self.first_token is None else round((self.first_token - self.arrival) * 1e3, 2)
+        log.info("request %s ended: %s", self.request_id, outcome, extra={
+            "event": "request_end", "request_id": self.request_id, "outcome": outcome,
+            "prompt_tokens": self.prompt_tokens, "output_tokens": sum(self.tokens), "ttft_ms": ttft,
+            "e2e_ms": round((time.monotonic() - self.arrival) * 1e3, 2)})
+
+    def unfinished(self, outcome: str) -> None:
+        """The engine request ended without RequestFinished (client gone, drain, engine error)."""
+        if self.done:
+            return
+        if self.first_token is not None:
+            self.metrics.observe_first_token(self.first_token - self.arrival)
+        self.metrics.prefill_tokens.inc(self.prefilled)
+        self.metrics.generation_tokens.inc(sum(self.tokens))
+        self.outcome(outcome)
 
 
 class _LoadCollector:

@@ -95,10 +95,11 @@ def test_sigterm_drains_in_flight_request_and_exits_0(tmp_path, monkeypatch, fak
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+                ready = httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:   # not listening yet
+                ready = False
+            if ready:
+                break
             time.sleep(0.02)
         with httpx.stream("POST", url + "/v1/completions", timeout=30,
                           json={"prompt": "a", "max_tokens": 80, "stream": True}) as r:
