@@ -81,7 +81,7 @@ def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | 
     if n_q == 0 or n_k == 0:
         return out, lse
     off = n_k - n_q
-    qg = q.to(wd).reshape(n_q, G, group, D).permute(1, 2, 0, 3)        # [G, g, n_q, D]
+    qg = (q.to(wd) * scale).reshape(n_q, G, group, D).permute(1, 2, 0, 3)   # [G, g, n_q, D], pre-scaled
     kg = k.to(wd).permute(1, 0, 2)                                      # [G, n_k, D]
     vg = v.to(wd).permute(1, 0, 2)
     tile = max(1, TILE_ELEMENTS // max(1, H * n_k))
@@ -90,7 +90,7 @@ def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | 
         kend = n_k if not causal else max(0, min(n_k, off + r1))       # keys past the tile's last row unused
         if kend == 0:
             continue
-        s = torch.matmul(qg[:, :, r0:r1], kg[:, None, :kend].transpose(-1, -2)).mul_(scale)   # [G, g, T, kend]
+        s = torch.matmul(qg[:, :, r0:r1], kg[:, None, :kend].transpose(-1, -2))   # [G, g, T, kend]
         allowed = None
         if causal:
             rows = torch.arange(r0, r1, device=q.device)

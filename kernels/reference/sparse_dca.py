@@ -132,7 +132,7 @@ def region_attention(q, k, v, vertical, vertical_count, slash, slash_count, *, s
     table = ~torch.stack([slash_win, slash_win | vert_win[None]], dim=2).reshape(H * n_windows * 2, BLOCK)
     R = -(-n_q // BLOCK)
     q_pad = torch.zeros((R * BLOCK, H, D), dtype=wd, device=device)
-    q_pad[:n_q] = q.to(wd)
+    q_pad[:n_q] = q.to(wd) * scale                                                # logits come out scaled
     # query blocks per KV group: row hh * 64 + i of block r is query r * 64 + i of the group's head hh
     qb = q_pad.view(R, BLOCK, G, group, D).permute(2, 0, 3, 1, 4).reshape(G, R, group * BLOCK, D)
     qb_t = qb.transpose(-1, -2)
@@ -166,7 +166,7 @@ def region_attention(q, k, v, vertical, vertical_count, slash, slash_count, *, s
             blocked = blocked.view(G, Rs, K, group * BLOCK)
             rows_kv = (g_base + idx).reshape(-1)
             kk = k_flat.index_select(0, rows_kv).view(G, Rs, K, D)
-            scores = torch.matmul(kk, qb_t[:, g0 + r0:g0 + r1]).mul_(scale)       # [G, Rs, K, g * 64]
+            scores = torch.matmul(kk, qb_t[:, g0 + r0:g0 + r1])                   # [G, Rs, K, g * 64]
             if stats is not None:
                 valid_rows = ((m0[:, None] + lane) < n_q)
                 chosen = ~blocked.view(G, Rs, K, group, BLOCK) & valid_rows[None, :, None, None, :]
