@@ -36,7 +36,7 @@ def test_chat_completion_usage_and_shape(server, engine):
     assert r.usage.completion_tokens == 7 and r.usage.total_tokens == len(prompt) + 7
 
 
-def test_completion_defaults_max_tokens_to_engine_cap(server, config_factory):
+def test_completion_defaults_max_tokens_to_engine_cap(server):
     r = client(server).completions.create(model="fake-model", prompt="abc")
     assert r.object == "text_completion"
     assert r.usage.completion_tokens == 512 and r.choices[0].finish_reason == "length"   # min(C, L - P)
