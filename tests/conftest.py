@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Test models are tiny: one intra-op thread avoids OpenMP spin-waits that slow small ops by 10x when
+# the two CI cores are shared (also inherited by the servers tests start as subprocesses).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

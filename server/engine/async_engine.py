@@ -25,16 +25,23 @@ _END = object()
 class AsyncEngine:
     def __init__(self, config: EngineConfig, *, device: str | None = None, warmup: bool = True):
         self.config = config
-        self.engine = LLMEngine(config, device=device)
-        self.tokenizer = self.engine.tokenizer
         self._commands: deque = deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.engine: LLMEngine | None = None
+        # Every torch call (load, warm-up, steps) happens on the engine thread: torch's OpenMP workers
+        # spin-wait on the thread that last used them, so splitting work across threads stalls decode.
+        self._thread = threading.Thread(target=self._run, args=(device, warmup), name="longserve-engine",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.engine is None:
+            raise self._error
+        self.tokenizer = self.engine.tokenizer
         self._stats = self.engine.load_stats()
-        if warmup:
-            self._warmup()
         facts = self.engine.checkpoint.facts
         self.model_info = ModelInfo(
             served_model_name=config.served_model_name, model_path=config.model_path,
@@ -43,8 +50,6 @@ class AsyncEngine:
             sparse_enabled=self.engine.sparse_threshold is not None, sparse_threshold=self.engine.sparse_threshold,
             kv_capacity_tokens=self.engine.kv_capacity_tokens,
             extra={"model_load_seconds": self.engine.runner.load_seconds})
-        self._thread = threading.Thread(target=self._run, name="longserve-engine", daemon=True)
-        self._thread.start()
 
     def _warmup(self) -> None:
         """One tiny generation before serving, so the first request does not pay for lazy initialisation."""
@@ -53,7 +58,17 @@ class AsyncEngine:
             self.engine.step()
 
     # --- engine thread ---------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, device, warmup: bool) -> None:
+        try:
+            engine = LLMEngine(self.config, device=device)
+            self.engine = engine
+            if warmup:
+                self._warmup()
+        except BaseException as exc:   # loading failed: __init__ re-raises it in the caller
+            self.engine, self._error = None, exc
+            self._ready.set()
+            return
+        self._ready.set()
         try:
             while not self._stop.is_set():
                 self._drain_commands()
