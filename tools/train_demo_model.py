@@ -189,10 +189,13 @@ def train(args) -> list[dict]:
 
 
 def _train(args) -> list[dict]:
-    tokenizer = (PreTrainedTokenizerFast.from_pretrained(args.tokenizer) if args.tokenizer
+    source = args.init_from or args.tokenizer
+    tokenizer = (PreTrainedTokenizerFast.from_pretrained(source) if source
                  else build_tokenizer(args.seed, args.vocab_size))
     tasks = Tasks(tokenizer, args.kv_fraction)
     model = make_model(args, tokenizer)
+    if args.init_from:      # continue from a saved checkpoint (new optimiser; use a new --seed for fresh data)
+        model.load_state_dict(Qwen2ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M vocab {len(tokenizer)}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -251,6 +254,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="checkpoint directory (re-saved at each evaluation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
+    p.add_argument("--init-from", help="start from this checkpoint's weights and tokenizer (same shape flags)")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=512, help="training length T")
     p.add_argument("--min-len", type=int, default=192, help="shortest random training length")
