@@ -96,9 +96,10 @@ def _engine_answers(args, prompts: list[list[int]]) -> list[str]:
     overrides = {"dca": args.dca == "on", "sparse_prefill": args.sparse == "on", "dtype": "float32"}
     if args.sparse_threshold is not None:
         overrides["sparse_threshold"] = args.sparse_threshold
-    llm = LLM(args.model, **overrides)
+    longest = max(len(p) for p in prompts) + args.key_digits + 16
+    llm = LLM(args.model, max_model_len=max(longest, 1024), **overrides)
     params = SamplingParams(temperature=0.0, max_tokens=args.key_digits + 12)
-    return [o.outputs[0].text for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    return [o.outputs[0].text for o in llm.generate(prompts, params)]
 
 
 def _sparse_setting(args, model):

@@ -133,9 +133,8 @@ def test_engine_answers_passkey_at_twice_training_length(tokenizer, dca):
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": s.prompt}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for s in samples]
     assert all(length - 16 <= len(p) <= length for p in prompts)
-    llm = engine.LLM(str(MODEL), dtype="float32", dca=True, sparse_prefill=False)
-    outs = llm.generate(prompt_token_ids=prompts,
-                        sampling_params=engine.SamplingParams(temperature=0.0, max_tokens=12))
+    llm = engine.LLM(str(MODEL), dtype="float32", dca=True, sparse_prefill=False, max_model_len=4 * length)
+    outs = llm.generate(prompts, engine.SamplingParams(temperature=0.0, max_tokens=12))
     answers = [o.outputs[0].text for o in outs]
     assert [first for first in map(_first_number, answers)] == [s.target for s in samples], answers
 
