@@ -68,6 +68,36 @@ def masked_exp(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int = -1
     return e, torch.where(total > 0, total, torch.ones_like(total)), lse
 
 
+def _cpu_flash(q, k, v, *, scale: float, causal: bool, group: int):
+    """fp32 CPU fast path through PyTorch's fused flash attention, which also returns the natural-log LSE.
+
+    Its causal mask is top-left aligned, so a bottom-right causal call is split into the keys every row sees
+    (non-causal) and the square tail (where both alignments agree), then merged by LSE. K/V are broadcast
+    to the group as views, never copied. Same contract and fp32 accuracy as the tiled math below.
+    """
+    n_q, H, D = q.shape
+    n_k, G, Dv = v.shape
+    qg = q.to(torch.float32).reshape(n_q, G, group, D).permute(1, 2, 0, 3)      # [G, g, n_q, D]
+    kg = k.to(torch.float32).permute(1, 0, 2)[:, None].expand(G, group, n_k, D)
+    vg = v.to(torch.float32).permute(1, 0, 2)[:, None].expand(G, group, n_k, Dv)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    off = n_k - n_q
+    parts = []
+    if not causal:
+        parts.append(flash(qg, kg, vg, 0.0, False, attn_mask=None, scale=scale))
+    else:
+        if off:
+            parts.append(flash(qg, kg[:, :, :off], vg[:, :, :off], 0.0, False, attn_mask=None, scale=scale))
+        parts.append(flash(qg, kg[:, :, off:], vg[:, :, off:], 0.0, True, attn_mask=None, scale=scale))
+    if len(parts) == 1:
+        o, lse = parts[0]
+    else:
+        (o1, l1), (o2, l2) = parts
+        lse = torch.logaddexp(l1, l2)
+        o = o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]
+    return o.permute(2, 0, 1, 3).reshape(n_q, H, Dv), lse.permute(2, 0, 1).reshape(n_q, H)
+
+
 def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | None = None):
     """Like ``attention_with_lse`` but returns O in the working dtype (for merges that must stay in fp32)."""
     group = check_shapes(q, k, v)
@@ -76,6 +106,8 @@ def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | 
     wd = work_dtype(q.dtype)
     if mask is not None and (mask.dim() != 3 or mask.shape[0] not in (1, H) or tuple(mask.shape[1:]) != (n_q, n_k)):
         raise ValueError(f"mask must be bool [H or 1, {n_q}, {n_k}], got {tuple(mask.shape)}")
+    if wd == torch.float32 and mask is None and q.device.type == "cpu" and 0 < n_q <= n_k and D == Dv:
+        return _cpu_flash(q, k, v, scale=scale, causal=causal, group=group)
     out = torch.zeros((n_q, H, Dv), dtype=wd, device=q.device)
     lse = torch.full((n_q, H), float("-inf"), dtype=wd, device=q.device)
     if n_q == 0 or n_k == 0:
