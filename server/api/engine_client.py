@@ -42,6 +42,7 @@ class PrefillProgress:
     request_id: str
     processed_tokens: int
     total_tokens: int
+    sparse_density: float | None = None   # computed / causal (query, key) pairs of this chunk, when sparse ran
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,6 +244,8 @@ class RequestRecorder:
         now = time.monotonic()
         if isinstance(event, PrefillProgress):
             self.prefilled = event.processed_tokens
+            if event.sparse_density is not None:
+                self.metrics.density.observe(event.sparse_density)
         elif isinstance(event, CompletionDelta) and event.token_ids:
             if self.first_token is None:
                 self.first_token = now

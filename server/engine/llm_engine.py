@@ -156,7 +156,16 @@ class LLMEngine:
             seq = chunk.seq
             if chunk.samples and len(seq.output_token_ids) < seq.params.min_tokens:
                 blocked[seq.seq_id] = tuple(set(self.eos_token_ids) | set(seq.params.stop_token_ids))
-        sampled = self.runner.execute(batch, blocked)
+        stats = None
+        if self.sparse_threshold is not None and any(
+                not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
+                for c in batch.chunks):
+            from longserve.kernels.reference.sparse_dca import collect_pair_stats
+            with collect_pair_stats() as stats:
+                sampled = self.runner.execute(batch, blocked)
+        else:
+            sampled = self.runner.execute(batch, blocked)
+        density = stats.computed / stats.causal if stats is not None and stats.causal else None
         self.scheduler.commit(batch)
         now = time.monotonic()
         events: list = []
@@ -168,7 +177,8 @@ class LLMEngine:
                 req.chunk_tokens.append(chunk.num_tokens)
                 progressed[req.request_id] = (min(chunk.seq.num_computed_tokens, req.prompt_len), req.prompt_len)
         for rid, (done, total) in progressed.items():
-            events.append(PrefillProgress(rid, done, total))
+            sparse = density is not None and total > self.sparse_threshold
+            events.append(PrefillProgress(rid, done, total, density if sparse else None))
         sampling_chunks = [c for c in batch.chunks if c.samples]
         for chunk, result in zip(sampling_chunks, sampled):
             events.extend(self._append_token(chunk.seq, result, now))

@@ -83,3 +83,18 @@ def test_sparse_prefill_switches_on_strictly_above_the_threshold(tmp_path):
     sp = sparse_llm.generate([above], params)[0].outputs[0].logprobs[0]
     de = dense_llm.generate([above], params)[0].outputs[0].logprobs[0]
     assert sp.top != de.top                 # tiny budgets: the sparse path really ran
+
+    # the engine reports the computed fraction of causal pairs for sparse chunks (metrics histogram input)
+    from longserve.server.api.engine_client import PrefillProgress
+    engine = sparse_llm.engine
+    engine.add_request("density", above, SamplingParams(max_tokens=1))
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    densities = [e.sparse_density for e in events if isinstance(e, PrefillProgress)]
+    assert densities and all(d is not None and 0 < d < 1 for d in densities)
+    engine.add_request("dense", at, SamplingParams(max_tokens=1))
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    assert [e.sparse_density for e in events if isinstance(e, PrefillProgress)] == [None]
