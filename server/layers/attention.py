@@ -54,11 +54,6 @@ class KVCache:
         return self.k[layer, blocks, offsets], self.v[layer, blocks, offsets]
 
 
-# Dense prefill rows attend in pieces so the reference path's [H, rows, keys] score tensor stays bounded:
-# activation memory then depends on the chunk, not on the context (dense DCA is chunking-invariant, O4).
-SCORE_ELEMENTS = 1 << 25
-
-
 class PagedDCABackend:
     def __init__(self, cache: KVCache, meta: StepMetadata, dca: DCASettings, sparse_budgets=None):
         self.cache, self.meta, self.dca = cache, meta, dca
@@ -80,13 +75,7 @@ class PagedDCABackend:
         sparse = self.sparse_budgets(layer) if self.sparse_budgets is not None else None
         for span in m.prefills:
             keys, values = self.cache.gather(layer, span.block_table, span.end)
-            rows = range(span.rows.start, span.rows.stop)
-            dense = sparse is None or span.prompt_len <= sparse.threshold
-            step = max(1, SCORE_ELEMENTS // (q.shape[1] * span.end)) if dense and q.device.type == "cpu" else len(rows)
-            for lo in range(0, len(rows), step):
-                piece = slice(rows.start + lo, rows.start + min(lo + step, len(rows)))
-                end = span.end - (rows.stop - piece.stop)          # keys [0, end) for this piece's last row
-                out[piece] = kernels.dual_chunk_attention(
-                    q[piece], keys[:end], values[:end], prompt_len=span.prompt_len,
-                    sparse=None if dense else sparse, keys_rotated=True, **common).to(q.dtype)
+            out[span.rows] = kernels.dual_chunk_attention(
+                q[span.rows], keys, values, prompt_len=span.prompt_len, sparse=sparse, keys_rotated=True,
+                **common).to(q.dtype)
         return out
