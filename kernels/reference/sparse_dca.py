@@ -29,15 +29,16 @@ class PairStats:
     selected: int = 0
     computed: int = 0
     causal: int = 0
+    count_selected: bool = True     # the exact-mask count costs a pass over every mask; rates need only computed
 
 
 _COLLECTOR: contextvars.ContextVar = contextvars.ContextVar("sparse_pair_stats", default=None)
 
 
 @contextlib.contextmanager
-def collect_pair_stats():
+def collect_pair_stats(count_selected: bool = True):
     """Count the pairs every sparse sub-block run inside the ``with`` block selects and computes (benchmarks)."""
-    stats = PairStats()
+    stats = PairStats(count_selected=count_selected)
     token = _COLLECTOR.set(stats)
     try:
         yield stats
@@ -169,8 +170,9 @@ def region_attention(q, k, v, vertical, vertical_count, slash, slash_count, *, s
             scores = torch.matmul(kk, qb_t[:, g0 + r0:g0 + r1])                   # [G, Rs, K, g * 64]
             if stats is not None:
                 valid_rows = ((m0[:, None] + lane) < n_q)
-                chosen = ~blocked.view(G, Rs, K, group, BLOCK) & valid_rows[None, :, None, None, :]
-                stats.selected += int(chosen.sum())
+                if stats.count_selected:
+                    chosen = ~blocked.view(G, Rs, K, group, BLOCK) & valid_rows[None, :, None, None, :]
+                    stats.selected += int(chosen.sum())
                 stats.computed += group * int((count[:, r0:r1] * valid_rows.sum(dim=1)[None, :]).sum())
             e, total, l_ = masked_exp(scores, None, dim=-2, blocked=blocked)
             vv = v_flat.index_select(0, rows_kv).view(G, Rs, K, Dv)

@@ -161,7 +161,7 @@ class LLMEngine:
                 not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
                 for c in batch.chunks):
             from longserve.kernels.reference.sparse_dca import collect_pair_stats
-            with collect_pair_stats() as stats:
+            with collect_pair_stats(count_selected=False) as stats:
                 sampled = self.runner.execute(batch, blocked)
         else:
             sampled = self.runner.execute(batch, blocked)
