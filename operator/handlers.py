@@ -115,10 +115,22 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
     deployment = api.get("apps/v1", "Deployment", namespace, name) if any(
         o["kind"] == "Deployment" for o in objects) else None
     new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state)
+    _download_events(body, actions, status, new)
     _write(patch, new, status, generation)
     RECONCILES.labels("drift" if from_timer and actions else "ok").inc()
     if cache_state == "Downloading" and not from_timer:
         raise kopf.TemporaryError("waiting for the model download Job", delay=30)
+
+
+def _download_events(body: dict, actions: list, current: dict, new: dict) -> None:
+    """DownloadStarted when the Job is created, DownloadFailed once when the Job fails."""
+    if any(a.verb == "create" and a.kind == "Job" for a in actions):
+        kopf.info(body, reason="DownloadStarted", message=f"{_cache_key(body)['uri']} into the cache PVC")
+
+    def cached_reason(st: dict) -> str | None:
+        return next((c.get("reason") for c in st.get("conditions") or [] if c.get("type") == "ModelCached"), None)
+    if cached_reason(new) == "DownloadFailed" != cached_reason(current):
+        kopf.warn(body, reason="DownloadFailed", message="the model download Job failed; see its pod logs")
 
 
 def _downloaded(job: dict | None, body: dict, patch) -> None:

@@ -264,7 +264,7 @@ def _download_job(lcm: LongContextModel) -> dict:
 
 def _service_monitor(lcm: LongContextModel) -> dict:
     meta = _meta(lcm, lcm.name, "engine")
-    meta["labels"].update(lcm.service_monitor_labels)
+    meta["labels"] = {**lcm.service_monitor_labels, **meta["labels"]}   # ours win: they identify the child
     return _stamp({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
                    "spec": {"selector": {"matchLabels": selector(lcm)},
                             "namespaceSelector": {"matchNames": [lcm.namespace]},

@@ -305,8 +305,7 @@ def parse(body: dict) -> LongContextModel:
         resource_name=str(accel.get("resourceName", DEFAULTS["resourceName"]) or ""),
         node_selector={str(k): str(v) for k, v in node_selector.items()},
         tolerations=tuple(tolerations),
-        cpu=str(resources.get("cpu") or AUTO) if str(resources.get("cpu") or AUTO) == AUTO
-        else _cpu(resources["cpu"]),
+        cpu=_cpu(resources.get("cpu")),
         memory=_quantity_or_auto(resources.get("memory"), "spec.resources.memory"),
         shm_size=_quantity_or_auto(resources.get("shmSize"), "spec.resources.shmSize"),
         ephemeral_storage=_quantity_or_auto(resources.get("ephemeralStorage"), "spec.resources.ephemeralStorage"),
@@ -324,7 +323,9 @@ def parse(body: dict) -> LongContextModel:
 
 
 def _cpu(value) -> str:
-    text = str(value).strip()
+    text = AUTO if value is None else str(value).strip()
+    if text == AUTO:
+        return text
     if not re.match(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$", text):
         raise SpecError("InvalidSpec", f"spec.resources.cpu: {value!r} is not 'auto' or a CPU quantity such as 8 or 500m")
     return text

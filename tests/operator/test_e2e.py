@@ -151,6 +151,17 @@ def test_model_cache_gates_the_workload(cluster):
     assert conditions(cluster.get("cached"))["ModelCached"] == ("True", "DownloadComplete")
 
 
+def test_failed_download_is_reported(cluster):
+    cluster.create(resource("cached", cache={"enabled": True}))
+    cluster.wait(lambda: cluster.children(JOBS).get("cached-download-main"), "the download Job")
+    cluster.patch_status("batch/v1", "jobs", "cached-download-main", {"failed": 7, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
+    cluster.wait(lambda: conditions(cluster.get("cached")).get("ModelCached") == ("False", "DownloadFailed"),
+                 "ModelCached=False/DownloadFailed")
+    assert status_of(cluster, "cached")["phase"] == "Failed"
+    assert "cached" not in cluster.children(DEPLOYMENTS)
+
+
 def test_delete_leaves_only_owned_children_for_garbage_collection(cluster):
     cluster.create(resource())
     uid = cluster.get("qwen")["metadata"]["uid"]
