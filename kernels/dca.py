@@ -17,7 +17,8 @@ import torch
 
 from longserve.kernels.merge import merge_lse_stacked
 from longserve.kernels.paged_attention import paged_attention_decode
-from longserve.kernels.reference.dca import yarn_mscale
+from longserve.kernels.reference.dca import (chunk_length, key_positions, query_positions, softmax_scale,
+                                              sub_blocks, yarn_mscale)
 from longserve.kernels.reference.estimate import estimate_dca_selection, split_regions
 from longserve.kernels.reference.rope import apply_rope
 from longserve.kernels.sparse_index import convert_vertical_slash_indexes
@@ -26,42 +27,8 @@ from longserve.kernels.vertical_slash import dense_attention, vertical_slash_att
 
 def chunk_params(chunk_size, local_size):
     """(cl, chunk_size) with cl = chunk_size - local_size; (None, None) when DCA is off."""
-    if chunk_size is None and local_size is None:
-        return None, None
-    if chunk_size is None or local_size is None:
-        raise ValueError("chunk_size and local_size must both be set or both be None")
-    if local_size < 0 or chunk_size - local_size <= 0:
-        raise ValueError(f"need 0 <= local_size < chunk_size, got chunk_size={chunk_size}, local_size={local_size}")
-    return chunk_size - local_size, chunk_size
-
-
-def sub_blocks(kv_len: int, n_q: int, cl):
-    """Query sub-blocks ``(b, e, P)`` in absolute positions, cut at multiples of the chunk length."""
-    b = kv_len - n_q
-    while b < kv_len:
-        P = 0 if cl is None else (b // cl) * cl
-        e = kv_len if cl is None else min(P + cl, kv_len)
-        yield b, e, P
-        b = e
-
-
-def query_positions(pos: torch.Tensor, cl, chunk_size):
-    """RoPE positions of q_intra, q_succ and q_inter for absolute positions ``pos`` (§1.2)."""
-    if cl is None:
-        return pos, None, None
-    o = pos % cl
-    return o, torch.clamp(o + cl, max=chunk_size), torch.full_like(pos, min(2 * cl - 1, chunk_size))
-
-
-def key_positions(n: int, cl, device) -> torch.Tensor:
-    pos = torch.arange(n, device=device)
-    return pos if cl is None else pos % cl
-
-
-def _softmax_scale(q, scale, original_max, n_tokens: int) -> float:
-    base = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    m = float(yarn_mscale(n_tokens, original_max)) if original_max else 1.0
-    return base * m * m
+    cl = chunk_length(chunk_size, local_size)
+    return cl, None if cl is None else int(chunk_size)
 
 
 def _validate(q, k, v):
@@ -81,9 +48,9 @@ def dual_chunk_attention_triton(q, k, v, *, rope_theta, chunk_size, local_size,
     n_q, H, D = q.shape
     L = k.shape[0]
     n_prompt = L if prompt_len is None else int(prompt_len)
-    tau = _softmax_scale(q, scale, original_max_position_embeddings, n_prompt)
+    tau = softmax_scale(q.shape[-1], scale, original_max_position_embeddings, n_prompt)
     if not keys_rotated:
-        k = apply_rope(k, key_positions(L, cl, k.device), rope_theta)
+        k = apply_rope(k, key_positions(torch.arange(L, device=k.device), cl), rope_theta)
     out = torch.empty_like(q)
     lse = torch.empty((n_q, H), dtype=torch.float32, device=q.device)
     use_sparse = sparse is not None and n_prompt > int(sparse.threshold)
