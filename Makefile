@@ -31,6 +31,8 @@ test: $(STAMP)
 # Regenerate golden files (review the diff like code).
 goldens: $(STAMP)
 	TRITON_INTERPRET=1 LONGSERVE_REGEN_GOLDENS=1 $(BIN)/pytest -q -m "not gpu and not cluster" tests
+	cp manifests/crd/longcontextmodels.longserve.io.yaml charts/longserve/crds/
+	$(BIN)/python tools/gen_dashboards.py
 
 clean:
 	rm -rf $(VENV) .tools build dist *.egg-info
