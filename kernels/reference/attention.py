@@ -7,6 +7,9 @@ truth; rows are processed in tiles so long inputs never hold an ``n_q x n_k`` sc
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 # Scores held per tile (elements); 2**24 fp32 scores = 64 MiB.
@@ -68,6 +71,19 @@ def masked_exp(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int = -1
     return e, torch.where(total > 0, total, torch.ones_like(total)), lse
 
 
+_FUSED_CPU = contextvars.ContextVar("longserve_fused_cpu_attention", default=True)
+
+
+@contextlib.contextmanager
+def tiled_math_only():
+    """Inside the block, fp32 CPU calls use the tiled math too (benchmarks comparing like with like)."""
+    token = _FUSED_CPU.set(False)
+    try:
+        yield
+    finally:
+        _FUSED_CPU.reset(token)
+
+
 def _cpu_flash(q, k, v, *, scale: float, causal: bool, group: int):
     """fp32 CPU fast path through PyTorch's fused flash attention, which also returns the natural-log LSE.
 
@@ -106,7 +122,8 @@ def attend(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | 
     wd = work_dtype(q.dtype)
     if mask is not None and (mask.dim() != 3 or mask.shape[0] not in (1, H) or tuple(mask.shape[1:]) != (n_q, n_k)):
         raise ValueError(f"mask must be bool [H or 1, {n_q}, {n_k}], got {tuple(mask.shape)}")
-    if wd == torch.float32 and mask is None and q.device.type == "cpu" and 0 < n_q <= n_k and D == Dv:
+    if (wd == torch.float32 and mask is None and q.device.type == "cpu" and 0 < n_q <= n_k and D == Dv
+            and _FUSED_CPU.get()):
         return _cpu_flash(q, k, v, scale=scale, causal=causal, group=group)
     out = torch.zeros((n_q, H, Dv), dtype=wd, device=q.device)
     lse = torch.full((n_q, H), float("-inf"), dtype=wd, device=q.device)
