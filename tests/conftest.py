@@ -12,12 +12,9 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    has_gpu = False
-    try:
-        import torch
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        pass
+    import torch
+
+    has_gpu = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (runs in bench/gpu)")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
