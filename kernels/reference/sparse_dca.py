@@ -37,13 +37,21 @@ _COLLECTOR: contextvars.ContextVar = contextvars.ContextVar("sparse_pair_stats",
 
 @contextlib.contextmanager
 def collect_pair_stats(count_selected: bool = True):
-    """Count the pairs every sparse sub-block run inside the ``with`` block selects and computes (benchmarks)."""
-    stats = PairStats(count_selected=count_selected)
+    """Count the pairs every sparse sub-block run inside the ``with`` block selects and computes (benchmarks).
+
+    Collectors nest: an inner one (the engine's per-step density) also adds its counts to the enclosing one
+    (a benchmark around the whole run), and counts selected pairs whenever the enclosing one does."""
+    outer = _COLLECTOR.get()
+    stats = PairStats(count_selected=count_selected or (outer is not None and outer.count_selected))
     token = _COLLECTOR.set(stats)
     try:
         yield stats
     finally:
         _COLLECTOR.reset(token)
+        if outer is not None:
+            outer.selected += stats.selected
+            outer.computed += stats.computed
+            outer.causal += stats.causal
 
 
 def _lookup(values: torch.Tensor, count: torch.Tensor, size: int) -> torch.Tensor:

@@ -84,6 +84,21 @@ def test_o7_full_budget_equals_dense(kit, L, n_q):
     assert stats.computed >= stats.selected
 
 
+def test_pair_stats_collectors_nest(kit):
+    """An inner collector (the engine's per-step density) also feeds the enclosing one (a benchmark)."""
+    q, k, v = kit.make_qkv(120, 120, 4, 2, seed=5)
+    with collect_pair_stats() as alone:
+        dual_chunk_attention_reference(q, k, v, **CFG, sparse=budgets(4, 5))
+    with collect_pair_stats() as outer:
+        for _ in range(2):
+            with collect_pair_stats(count_selected=False) as inner:
+                dual_chunk_attention_reference(q, k, v, **CFG, sparse=budgets(4, 5))
+            assert inner.count_selected and inner.computed == alone.computed    # the outer one wants selected
+    assert (outer.selected, outer.computed, outer.causal) == (2 * alone.selected, 2 * alone.computed,
+                                                              2 * alone.causal)
+    assert 0 < alone.selected < alone.causal
+
+
 def test_o8_recall_bound(kit):
     q, k, v = kit.make_qkv(150, 150, 4, 2, seed=11)
     dense = dual_chunk_attention_reference(q, k, v, **CFG, return_lse=True)
