@@ -8,6 +8,7 @@ own attention (longserve.kernels.refine_sparse_config) over seeded passkey calib
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import shutil
@@ -35,6 +36,34 @@ def copy_checkpoint(ckpt: Path, out: Path, local_size: int, threshold: int | Non
     dca["sparse_attention_threshold"] = threshold or 2 * dca["chunk_size"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return dca
+
+
+def merge_stages(stage_dirs: list[Path], out: Path) -> int:
+    """A model trained in stages (each `--init-from` the previous): writes one loss.csv and evals.csv over all
+    stages (leading columns `stage` and `global_step`) and train_args.json as {"stages": [...]}, so the saved
+    curve is the whole training. Returns the total number of steps."""
+    curves: dict[str, list[dict]] = {"loss.csv": [], "evals.csv": []}
+    stages, offset = [], 0
+    for number, stage in enumerate(stage_dirs, start=1):
+        missing = [f for f in ("loss.csv", "evals.csv", "train_args.json") if not (stage / f).is_file()]
+        if missing:
+            raise ValueError(f"training stage {stage} lacks {', '.join(missing)}")
+        stages.append(json.loads((stage / "train_args.json").read_text()))
+        last = offset
+        for name, rows in curves.items():
+            with open(stage / name, newline="") as f:
+                for row in csv.DictReader(f):
+                    step = int(row["step"])
+                    rows.append({"stage": number, "global_step": offset + step, **row})
+                    last = max(last, offset + step)
+        offset = last
+    for name, rows in curves.items():
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (out / "train_args.json").write_text(json.dumps({"stages": stages}, indent=2) + "\n")
+    return offset
 
 
 def calibration_prompts(tokenizer, lengths: list[int], per_length: int, seed: int) -> list[list[int]]:
@@ -101,11 +130,17 @@ def main(argv=None) -> int:
                    help="base slash budget (the 100 nearest diagonals are always forced)")
     p.add_argument("--increment-scale", type=int, default=64,
                    help="budget increments for recall buckets [0.8,0.9), [0.7,0.8), [0.6,0.7), below: 1x/2x/4x/6x this")
+    p.add_argument("--earlier-stages", nargs="*", default=[], metavar="DIR",
+                   help="outputs of the earlier training stages, in order (--ckpt is the last): their loss.csv, "
+                        "evals.csv and train_args.json are merged with the checkpoint's into one history")
     p.add_argument("--skip-sparse", action="store_true", help="only copy the files and set the DCA block")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     try:
         dca = copy_checkpoint(Path(args.ckpt), Path(args.out), args.local_size, args.sparse_threshold)
+        if args.earlier_stages:
+            steps = merge_stages([Path(d) for d in args.earlier_stages] + [Path(args.ckpt)], Path(args.out))
+            print(f"training history: {len(args.earlier_stages) + 1} stages, {steps} steps")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

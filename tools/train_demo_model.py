@@ -70,9 +70,10 @@ def build_tokenizer(seed: int, vocab_size: int) -> PreTrainedTokenizerFast:
 class Tasks:
     """Seeded generator of tokenised training / evaluation examples sized in tokens."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, kv_fraction: float):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, kv_fraction: float, mask_ending: bool = True):
         self.tok = tokenizer
         self.kv_fraction = kv_fraction
+        self.mask_ending = mask_ending
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.newline = tokenizer.encode("\n", add_special_tokens=False)
 
@@ -85,12 +86,15 @@ class Tasks:
         return dp.sized_sample(self.count, rng, length, task, depth, key_digits)
 
     def encode(self, s: dp.Sample) -> tuple[list[int], list[int]]:
-        """(ids, answer_mask): prompt ids, then answer + <|im_end|>; mask marks the target digits."""
+        """(ids, answer_mask): prompt ids, then answer + <|im_end|>; the mask marks the target digits and what
+        ends the reply after them (the final "." and <|im_end|>): copying the digits is not enough, the model
+        must also stop after the last one, or a greedy reply runs on ("The pass key is 4125005.")."""
         prompt = self.tok.encode(chat_prompt(s.prompt), add_special_tokens=False)
         head, _, tail = s.answer.rpartition(s.target)
         pieces = [self.tok.encode(x, add_special_tokens=False) for x in (head, s.target, tail)]
         ids = prompt + pieces[0] + pieces[1] + pieces[2] + [self.im_end] + self.newline
-        mask = [0] * (len(prompt) + len(pieces[0])) + [1] * len(pieces[1])
+        marked = len(pieces[1]) + (len(pieces[2]) + 1 if self.mask_ending else 0)
+        mask = [0] * (len(prompt) + len(pieces[0])) + [1] * marked
         mask += [0] * (len(ids) - len(mask))
         return ids, mask
 
@@ -109,7 +113,7 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def losses(model, ids, valid, answer, autocast: bool):
-    """Mean next-token loss over all real tokens, and over the answer digits alone."""
+    """Mean next-token loss over all real tokens, and over the answer's key digits and ending alone."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=ids).logits
     logits = logits[:, :-1].float()
@@ -120,8 +124,9 @@ def losses(model, ids, valid, answer, autocast: bool):
 
 @torch.no_grad()
 def accuracy(model, tasks: Tasks, examples: list[dp.Sample], batch: int, autocast: bool) -> float:
-    """Exact match of the answer digits under teacher forcing: equals greedy decoding's exact match,
-    because greedy output is correct iff every digit is the argmax given correct predecessors."""
+    """Exact match of the key digits and the reply's ending under teacher forcing: equals greedy decoding's
+    exact match of the key (given the fixed lead-in "The pass key is "), because greedy output is correct iff
+    every marked token is the argmax given correct predecessors."""
     model.eval()
     hits = 0
     for i in range(0, len(examples), batch):
@@ -192,7 +197,7 @@ def _train(args) -> list[dict]:
     source = args.init_from or args.tokenizer
     tokenizer = (PreTrainedTokenizerFast.from_pretrained(source) if source
                  else build_tokenizer(args.seed, args.vocab_size))
-    tasks = Tasks(tokenizer, args.kv_fraction)
+    tasks = Tasks(tokenizer, args.kv_fraction, mask_ending=args.answer_mask == "key+end")
     model = make_model(args, tokenizer)
     if args.init_from:      # continue from a saved checkpoint (new optimiser; use a new --seed for fresh data)
         model.load_state_dict(Qwen2ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).state_dict())
@@ -229,7 +234,8 @@ def _train(args) -> list[dict]:
                           "elapsed_s": round(elapsed, 1)})
         if (step + 1) % args.log_every == 0:
             print(json.dumps(loss_rows[-1]), flush=True)
-        last = step + 1 == args.max_steps or elapsed > args.time_budget_min * 60
+        last = (step + 1 == args.max_steps or step + 1 == args.stop_after_steps
+                or elapsed > args.time_budget_min * 60)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             pk = accuracy(model, tasks, eval_pk, args.eval_batch, args.autocast)
             kv = accuracy(model, tasks, eval_kv, args.eval_batch, args.autocast)
@@ -273,8 +279,14 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the answer-digit loss")
+    p.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the loss on the key digits and the reply ending")
+    p.add_argument("--answer-mask", choices=["key+end", "key"], default="key+end",
+                   help="tokens of the answer loss and the held-out accuracy: the key digits and the reply's ending "
+                        "(default), or the key digits alone (stages 1-3 of the committed model, see its README)")
     p.add_argument("--max-steps", type=int, default=2400)
+    p.add_argument("--stop-after-steps", type=int, default=0,
+                   help="stop after this many steps without shortening the --max-steps schedule (0: no stop); "
+                        "replays a run that a time budget stopped")
     p.add_argument("--time-budget-min", type=float, default=70.0, help="wall-clock stop (minutes)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=64)
@@ -287,6 +299,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seq_len < 64 or args.min_len > args.seq_len:
         p.error("--seq-len must be >= 64 and --min-len <= --seq-len")
+    if args.stop_after_steps < 0:
+        p.error("--stop-after-steps must be >= 0")
     if not 0 < args.dca_local < args.seq_len:
         p.error("--dca-local must be in (0, seq-len)")
     if args.heads % args.kv_heads or args.hidden % args.heads:
