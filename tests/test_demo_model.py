@@ -1,12 +1,13 @@
 """The committed demo model: its files are what the serving stack expects, its DCA attention matches the
-kernels' reference, prompts are built as trained, and its training script is reproducible. (The passkey-at-2T
-answer test joins once a fully trained checkpoint is committed: the current one is under-trained, see
-models/demo-passkey/README.md.)"""
+kernels' reference, prompts are built as trained, its training script is reproducible, and our engine with
+dual chunk attention answers passkey prompts at twice the training length."""
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,71 @@ def test_bench_passkey_writes_table_csv_heatmap_and_pair_counts(tmp_path, capsys
     assert 0 < pairs["selected_fraction"] <= 1 and pairs["computed"] >= pairs["selected"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", str(MODEL), "--lengths", "0"])
+
+
+def test_engine_with_dca_answers_passkeys_at_twice_the_training_length(tokenizer, dca):
+    """Twenty seed-style prompts of 2T tokens (four per depth, 0-100%) through the engine, greedy, DCA on, from a
+    prompt seed the bench grids do not use. Every reply must have the trained form and at least 85% must be exactly
+    right. The model answers 94% of 2T prompts (113 of 120 over three prompt seeds, bench/RESULTS.md; its misses are
+    single-digit copy slips), so the bar is the model's measured accuracy less sampling noise, not "all"; without DCA
+    the same prompts score about 20%."""
+    from longserve.bench.passkey import build_prompts
+    from longserve.server.engine import LLM, SamplingParams
+
+    length = 2 * dca["chunk_size"]
+    grid = build_prompts(tokenizer, [length], [0.0, 0.25, 0.5, 0.75, 1.0], samples=4, key_digits=5,
+                         filler="qwen", seed=2026)
+    samples = [x for cell in grid.values() for x in cell]
+    assert all(length - 12 <= len(ids) <= length for _, ids in samples)
+    llm = LLM(str(MODEL), max_model_len=length + 32, dtype="float32", dca=True)
+    outputs = llm.generate([ids for _, ids in samples], SamplingParams(temperature=0.0, max_tokens=16))
+    replies = [o.outputs[0].text for o in outputs]
+    assert all(re.fullmatch(r"The pass key is \d+\.", r) for r in replies), replies
+    correct = sum(r == s.answer for r, (s, _) in zip(replies, samples))
+    assert correct >= 0.85 * len(samples), list(zip(replies, [s.target for s, _ in samples]))
+
+
+def test_finalize_merges_training_stages_into_one_history(tmp_path):
+    finalize = _load_tool("demo_finalize")
+    for number, steps in ((1, 3), (2, 2)):
+        stage = tmp_path / f"stage{number}"
+        stage.mkdir()
+        (stage / "loss.csv").write_text("step,loss\n" + "".join(f"{i},{1 / i}\n" for i in range(1, steps + 1)))
+        (stage / "evals.csv").write_text(f"step,passkey_acc\n{steps},0.{number}\n")
+        (stage / "train_args.json").write_text(json.dumps({"seed": number}))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert finalize.merge_stages([tmp_path / "stage1", tmp_path / "stage2"], out) == 5
+    with open(out / "loss.csv", newline="") as f:
+        rows = [(r["stage"], r["global_step"], r["step"]) for r in csv.DictReader(f)]
+    assert rows == [("1", "1", "1"), ("1", "2", "2"), ("1", "3", "3"), ("2", "4", "1"), ("2", "5", "2")]
+    with open(out / "evals.csv", newline="") as f:
+        assert [(r["global_step"], r["passkey_acc"]) for r in csv.DictReader(f)] == [("3", "0.1"), ("5", "0.2")]
+    assert json.loads((out / "train_args.json").read_text()) == {"stages": [{"seed": 1}, {"seed": 2}]}
+    with pytest.raises(ValueError, match="lacks"):
+        finalize.merge_stages([tmp_path / "missing"], out)
+
+
+def test_committed_history_covers_every_step_and_ends_at_the_target():
+    """The saved curve is the whole training (all stages, no gaps) and its last held-out evaluation at T
+    meets the 95% passkey target."""
+    with open(MODEL / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["global_step"]) for r in rows] == list(range(1, len(rows) + 1))
+    stages = json.loads((MODEL / "train_args.json").read_text())["stages"]
+    assert [str(i) for i in range(1, len(stages) + 1)] == sorted({r["stage"] for r in rows})
+    with open(MODEL / "evals.csv", newline="") as f:
+        evals = list(csv.DictReader(f))
+    assert float(evals[-1]["passkey_acc"]) >= 0.95
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) / 5
+
+
+def test_answer_mask_marks_the_key_and_the_reply_ending(tokenizer):
+    """The default mask also covers what stops the reply; the key-only mask (stages 1-3) lets a greedy reply
+    run on past the key."""
+    train = _load_tool("train_demo_model")
+    sample = dp.passkey_sample(10, 0.5, "28884", "qwen", random.Random(0))
+    for mask_ending, marked in ((True, "28884.<|im_end|>"), (False, "28884")):
+        ids, mask = train.Tasks(tokenizer, 0.0, mask_ending=mask_ending).encode(sample)
+        assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == marked
+        assert tokenizer.decode(ids[:mask.index(1)]).endswith("<|im_start|>assistant\nThe pass key is ")
