@@ -9,6 +9,12 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: demo plan-demo test venv goldens clean
 
+# The demo: serve the committed passkey model (models/demo-passkey) on this machine's CPU.
+# tests/test_demo_serving.py starts the server with exactly these arguments and sends the README's requests.
+DEMO_PORT ?= 8000
+DEMO_GRPC_PORT ?= 50051
+DEMO_ARGS := --model models/demo-passkey --served-model-name demo-passkey --host 127.0.0.1 --dtype float32 --max-model-len 16384 --max-output-tokens 256 --prefill-chunk-tokens 2048 --kv-capacity-tokens 65536
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -17,12 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# The main job on its embedded default: VRAM plans for the two built-in 1M-token models.
+# The main job on its embedded default: serve the demo model (Ctrl-C stops it).
+demo: $(STAMP)
+	$(BIN)/longserve serve $(DEMO_ARGS) --port $(DEMO_PORT) --grpc-port $(DEMO_GRPC_PORT)
+
+# VRAM plans for the two built-in 1M-token models (offline, no GPU).
 plan-demo: $(STAMP)
 	$(BIN)/longserve plan --model Qwen/Qwen2.5-7B-Instruct-1M --gpu H200-141GB
 	$(BIN)/longserve plan --model Qwen/Qwen2.5-14B-Instruct-1M --gpu H100-80GB
-
-demo: plan-demo
 
 # The whole test suite (what CI runs through .ci/run).
 test: $(STAMP)
