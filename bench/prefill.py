@@ -72,15 +72,12 @@ else:
               kv_capacity_tokens=args["tokens"] + 64, sparse_prefill=args["mode"] == "sparse")
     kv = (llm.engine.runner.cache.k.numel() * 2 * 4) / 2**20
     base = rss_mib() - kv              # the cache is allocated (zeroed) at load: count it as prefill memory
+    from longserve.kernels.reference.sparse_dca import collect_pair_stats
     t0 = time.perf_counter()
-    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))[0]
+    with collect_pair_stats(count_selected=False) as stats:    # sums the engine's per-step counts
+        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
     seconds = time.perf_counter() - t0
-    dens = out.sparse_densities            # per sparse chunk; weight by the chunk's causal pairs (~ its end)
-    pairs = None
-    if dens:
-        ends = [min(args["tokens"], (i + 1) * args["chunk"]) for i in range(args["tokens"] // args["chunk"] + 1)]
-        ends = ends[-len(dens):]
-        pairs = sum(d * e for d, e in zip(dens, ends)) / sum(ends)
+    pairs = stats.computed / stats.causal if stats.causal else None
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": seconds, "peak_mib": max(peak - base, 0.0), "kv_mib": kv,
                   "pairs": pairs if args["impl"] == "engine" else None}))

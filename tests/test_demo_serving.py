@@ -42,8 +42,7 @@ def demo_server():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([a.replace("models/", str(ROOT / "models") + "/", 1) if a.startswith("models/") else a
-                              for a in _demo_args()])
+    args = parser.parse_args([str(ROOT / a) if a.startswith("models/") else a for a in _demo_args()])
     config = build_config(args)
     engine = AsyncEngine(config)
     srv = BackgroundServer(ServingStack(config, http_port=0, grpc_port=0)).start(engine)

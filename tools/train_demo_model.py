@@ -279,7 +279,8 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--answer-weight", type=float, default=1.0, help="extra weight of the loss on the key digits and the reply ending")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="extra weight of the loss on the key digits and the reply ending")
     p.add_argument("--answer-mask", choices=["key+end", "key"], default="key+end",
                    help="tokens of the answer loss and the held-out accuracy: the key digits and the reply's ending "
                         "(default), or the key digits alone (stages 1-3 of the committed model, see its README)")

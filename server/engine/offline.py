@@ -5,7 +5,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from longserve.server.api.engine_client import CompletionDelta, PrefillProgress, RequestFinished, TokenLogprob
+from longserve.server.api.engine_client import CompletionDelta, RequestFinished, TokenLogprob
 from longserve.server.config import EngineConfig
 from longserve.server.engine.llm_engine import LLMEngine
 from longserve.server.sampling import SamplingParams
@@ -27,7 +27,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: RequestFinished | None = None
-    sparse_densities: list[float] = field(default_factory=list)   # computed/causal pairs per sparse chunk
 
 
 def default_engine_config(model_path: str, **overrides) -> EngineConfig:
@@ -80,8 +79,6 @@ class LLM:
                     out.logprobs.extend(event.logprobs)
                     if event.finish_reason is not None:
                         out.finish_reason, out.stop_reason = event.finish_reason, event.stop_reason
-                elif isinstance(event, PrefillProgress) and event.sparse_density is not None:
-                    outputs[event.request_id].sparse_densities.append(event.sparse_density)
                 elif isinstance(event, RequestFinished):
                     outputs[event.request_id].finished = event
         return [outputs[r] for r in order]
