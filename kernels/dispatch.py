@@ -4,19 +4,44 @@ CUDA tensors on an sm_80+ GPU run the Triton kernels; everything else runs the s
 references. ``LONGSERVE_KERNELS=triton|reference|auto`` (default ``auto``) overrides the choice, e.g. to run the
 Triton path on CPU tensors under ``TRITON_INTERPRET=1`` in tests, or to force the reference on a GPU when
 bisecting a numerical difference. Imports are lazy so the reference path never needs a working Triton backend.
+
+``tracing()`` runs the Triton path's host code without launching any kernel: wrappers allocate their outputs and
+return them unfilled. The memory bench and the sync-count tests use it with meta tensors to trace what the GPU
+path allocates and reads back at full model shapes on a machine without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
 ENV_VAR = "LONGSERVE_KERNELS"
 _MODES = ("auto", "triton", "reference")
+_TRACE = threading.local()
+
+
+@contextlib.contextmanager
+def tracing():
+    """Inside the block: the Triton path is chosen for every input and no kernel is launched."""
+    previous = getattr(_TRACE, "on", False)
+    _TRACE.on = True
+    try:
+        yield
+    finally:
+        _TRACE.on = previous
+
+
+def launches_enabled() -> bool:
+    """False inside ``tracing()``: Triton wrappers return their allocated outputs without launching."""
+    return not getattr(_TRACE, "on", False)
 
 
 def backend_for(*tensors: torch.Tensor) -> str:
     """'triton' or 'reference' for these inputs (see the module docstring)."""
+    if not launches_enabled():
+        return "triton"
     mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(_MODES)}, got {mode!r}")
@@ -40,7 +65,7 @@ def dual_chunk_attention(q, k, v, **kwargs):
 def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs):
     """One DCA decode step over a paged cache; signature of ``reference.dca.paged_dca_decode_reference``."""
     if backend_for(q, k_cache, v_cache) == "triton":
-        from longserve.kernels.dca import paged_dca_decode_triton as impl
+        from longserve.kernels.dca_decode import paged_dca_decode_triton as impl
     else:
         from longserve.kernels.reference.dca import paged_dca_decode_reference as impl
     return impl(q, k_cache, v_cache, block_tables, seq_lens, **kwargs)

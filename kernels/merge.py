@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longserve.kernels.dispatch import launches_enabled
+
 
 @triton.jit
 def _lse_merge_kernel(
@@ -70,11 +72,12 @@ def merge_lse_stacked(o_parts: torch.Tensor, lse_parts: torch.Tensor, *, out_dty
     lse = torch.empty((n_rows,), dtype=torch.float32, device=o_parts.device)
     if n_rows and D:
         block_r = 16
-        _lse_merge_kernel[(triton.cdiv(n_rows, block_r),)](
-            o3, l2, out, lse, P, n_rows,
-            o3.stride(0), o3.stride(1), l2.stride(0), l2.stride(1), out.stride(0),
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_R=block_r, num_warps=4,
-        )
+        if launches_enabled():
+            _lse_merge_kernel[(triton.cdiv(n_rows, block_r),)](
+                o3, l2, out, lse, P, n_rows,
+                o3.stride(0), o3.stride(1), l2.stride(0), l2.stride(1), out.stride(0),
+                HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_R=block_r, num_warps=4,
+            )
     elif n_rows:
         lse = torch.logsumexp(l2.float(), dim=0)
     return out.reshape(*lead, D), lse.reshape(lead)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longserve.kernels.dispatch import launches_enabled
 from longserve.kernels.merge import merge_lse_stacked
 from longserve.kernels.vertical_slash import _online_step
 
@@ -138,16 +139,17 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, key_start, key_end
     if B == 0 or H == 0:
         return o_part[0], lse_part[0]
     group = H // G
-    _paged_decode_kernel[(B, G, num_splits)](
-        q, k_cache, v_cache, block_tables, key_start, key_end, qk_scale, o_part, lse_part,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        group, keys_per_split,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=BLOCK_N, PAGE=page, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
-    )
+    if launches_enabled():
+        _paged_decode_kernel[(B, G, num_splits)](
+            q, k_cache, v_cache, block_tables, key_start, key_end, qk_scale, o_part, lse_part,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+            group, keys_per_split,
+            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_H=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=BLOCK_N, PAGE=page, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        )
     if num_splits == 1:
         return o_part[0], lse_part[0]
     return merge_lse_stacked(o_part, lse_part)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longserve.kernels.dispatch import launches_enabled
+
 _INT32_MAX = 2**31 - 1
 _INT32_MIN = -(2**31)
 
@@ -176,10 +178,11 @@ def convert_vertical_slash_indexes(vertical, vertical_count, slash, slash_count,
         torch.zeros((num_heads, 1), dtype=torch.int32, device=device)
     sl = _sorted_valid(slash, slash_count, descending=True) if slash.shape[1] else \
         torch.zeros((num_heads, 1), dtype=torch.int32, device=device)
-    _vs_index_kernel[(R, num_heads)](
-        vert, vertical_count, sl, slash_count, block_count, block_offset, column_count, column_index,
-        vert.stride(0), sl.stride(0), block_count.stride(0), block_offset.stride(0), block_offset.stride(1),
-        column_count.stride(0), column_index.stride(0), column_index.stride(1),
-        q_len, kv_len, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1,
-    )
+    if launches_enabled():
+        _vs_index_kernel[(R, num_heads)](
+            vert, vertical_count, sl, slash_count, block_count, block_offset, column_count, column_index,
+            vert.stride(0), sl.stride(0), block_count.stride(0), block_offset.stride(0), block_offset.stride(1),
+            column_count.stride(0), column_index.stride(0), column_index.stride(1),
+            q_len, kv_len, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1,
+        )
     return block_count, block_offset, column_count, column_index

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longserve.kernels.dispatch import launches_enabled
+
 BLOCK_M = 64
 BLOCK_N = 64
 _LOG2E = 1.4426950408889634
@@ -187,17 +189,18 @@ def _launch(q, k, v, lists, *, scale, causal, dense, block_m, num_warps, num_sta
         return out, lse_out
     bc, bo, cc, ci = lists
     grid = (triton.cdiv(n_q, block_m), H)
-    _vs_attn_fwd_kernel[grid](
-        q, k, v, out, lse_out, bc, bo, cc, ci,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1),
-        bc.stride(0), bc.stride(1), bo.stride(0), bo.stride(1),
-        cc.stride(0), cc.stride(1), ci.stride(0), ci.stride(1),
-        n_q, k.shape[0], group, float(scale) * _LOG2E,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        CAUSAL=bool(causal), DENSE=dense, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if launches_enabled():
+        _vs_attn_fwd_kernel[grid](
+            q, k, v, out, lse_out, bc, bo, cc, ci,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1),
+            bc.stride(0), bc.stride(1), bo.stride(0), bo.stride(1),
+            cc.stride(0), cc.stride(1), ci.stride(0), ci.stride(1),
+            n_q, k.shape[0], group, float(scale) * _LOG2E,
+            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            CAUSAL=bool(causal), DENSE=dense, IEEE=q.dtype == torch.float32,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out, lse_out
 
 

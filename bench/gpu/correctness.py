@@ -265,7 +265,7 @@ def check_dca_sparse(sizes: Sizes, dtype, device, seed=0):
 
 def check_dca_decode(sizes: Sizes, dtype, device, seed=0):
     """paged_dca_decode_triton vs paged_dca_decode_reference at lengths spanning 1, 2 and 3+ chunks."""
-    from longserve.kernels.dca import paged_dca_decode_triton
+    from longserve.kernels.dca_decode import paged_dca_decode_triton
     from longserve.kernels.reference.dca import paged_dca_decode_reference
 
     H, G = sizes.dca_heads

@@ -138,7 +138,7 @@ def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True,
 
 def time_decode(kv_len, shape, dtype, device, *, chunk_size, local_size, budget_s, page=16) -> dict:
     """One paged DCA decode step (three parts + merge) for one sequence of ``kv_len`` tokens; ms per layer."""
-    from longserve.kernels.dca import paged_dca_decode_triton
+    from longserve.kernels.dca_decode import paged_dca_decode_triton
 
     H, G, D = shape
     blocks = math.ceil(kv_len / page)

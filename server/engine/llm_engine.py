@@ -156,15 +156,11 @@ class LLMEngine:
             seq = chunk.seq
             if chunk.samples and len(seq.output_token_ids) < seq.params.min_tokens:
                 blocked[seq.seq_id] = tuple(set(self.eos_token_ids) | set(seq.params.stop_token_ids))
-        stats = None
-        if self.sparse_threshold is not None and any(
-                not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
-                for c in batch.chunks):
-            from longserve.kernels.reference.sparse_dca import collect_pair_stats
-            with collect_pair_stats(count_selected=False) as stats:
-                sampled = self.runner.execute(batch, blocked)
-        else:
-            sampled = self.runner.execute(batch, blocked)
+        count = self.sparse_threshold is not None and any(
+            not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
+            for c in batch.chunks)
+        result = self.runner.execute(batch, blocked, count_pairs=count)
+        sampled, stats = result.sampled, result.pair_stats
         density = stats.computed / stats.causal if stats is not None and stats.causal else None
         self.scheduler.commit(batch)
         now = time.monotonic()

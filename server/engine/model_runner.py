@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,14 @@ def load_state_dict(files) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"{path}: cannot read safetensors ({exc})") from None
     return tensors
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one executed step returns: a sample per sampling chunk (batch order) and, when sparse prefill ran,
+    the (query, key) pairs it computed against the dense causal count."""
+    sampled: list[Sampled]
+    pair_stats: object | None = None      # longserve.kernels PairStats, or None when no sparse prefill ran
 
 
 class ModelRunner:
@@ -133,7 +142,17 @@ class ModelRunner:
                 last_rows.append(row - 1)
         return self.model.logits(hidden[last_rows])
 
-    def execute(self, batch: ScheduledBatch, blocked: dict[int, tuple[int, ...]]) -> list[Sampled]:
-        logits = self.forward_logits(batch)
+    def execute(self, batch: ScheduledBatch, blocked: dict[int, tuple[int, ...]], *,
+                count_pairs: bool = False) -> StepResult:
+        """Run and sample one scheduled batch; ``count_pairs`` collects sparse pair statistics."""
+        stats = None
+        if count_pairs:
+            from longserve.kernels.reference.sparse_dca import collect_pair_stats
+            with collect_pair_stats(count_selected=False) as stats:
+                logits = self.forward_logits(batch)
+        else:
+            logits = self.forward_logits(batch)
         seqs = [c.seq for c in batch.chunks if c.samples]
-        return sample(logits, seqs, [self.generator_for(s) for s in seqs], [blocked.get(s.seq_id, ()) for s in seqs])
+        sampled = sample(logits, seqs, [self.generator_for(s) for s in seqs],
+                         [blocked.get(s.seq_id, ()) for s in seqs])
+        return StepResult(sampled, stats)

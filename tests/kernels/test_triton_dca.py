@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from longserve.kernels import dispatch
-from longserve.kernels.dca import dual_chunk_attention_triton, paged_dca_decode_triton
+from longserve.kernels.dca import dual_chunk_attention_triton
+from longserve.kernels.dca_decode import paged_dca_decode_triton
 from longserve.kernels.reference.dca import dual_chunk_attention_reference, paged_dca_decode_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")  # interpreter noise
