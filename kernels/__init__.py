@@ -50,17 +50,20 @@ def dual_chunk_attention(q, k, v, *, rope_theta, chunk_size, local_size, origina
 
 
 def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,
-                     original_max_position_embeddings=0, scale=None, return_lse=False):
+                     original_max_position_embeddings=0, scale=None, return_lse=False, max_seq_len=None,
+                     scales=None):
     """One DCA decode step per sequence over a paged KV cache.
 
     q ``[B, H, D]`` un-rotated; caches ``[num_blocks, block_size, G, D]`` holding rotated keys; ``block_tables``
     int32 ``[B, max_blocks]``; ``seq_lens`` int32 ``[B]`` including the new token (already in the cache, at
     position ``seq_len - 1``). YaRN uses ``m(seq_len)^2`` per sequence. Returns O ``[B, H, D]`` (and LSE).
+    A caller that prepares, once per step, ``max_seq_len`` (host int, the largest ``seq_lens``) and ``scales``
+    (``[B]`` full softmax scales, replacing ``scale`` and the YaRN factor) gets a decode without host syncs.
     """
     return dispatch.paged_dca_decode(
         q, k_cache, v_cache, block_tables, seq_lens, rope_theta=rope_theta, chunk_size=chunk_size,
         local_size=local_size, original_max_position_embeddings=original_max_position_embeddings, scale=scale,
-        return_lse=return_lse)
+        return_lse=return_lse, max_seq_len=max_seq_len, scales=scales)
 
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *, scale, causal):

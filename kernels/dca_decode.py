@@ -10,34 +10,47 @@ import torch
 from longserve.kernels.dca import chunk_params
 from longserve.kernels.merge import merge_lse_stacked
 from longserve.kernels.paged_attention import paged_attention_decode
-from longserve.kernels.reference.dca import query_positions, yarn_mscale
+from longserve.kernels.reference.dca import query_positions
 from longserve.kernels.reference.rope import apply_rope
 
 
 def _yarn_scales(seq_lens: torch.Tensor, base: float, original_max: int) -> torch.Tensor:
-    """Per-sequence softmax scale ``base * m(N)^2`` with N the sequence length including the new token."""
+    """Per-sequence softmax scale ``base * m(N)^2`` (fp64, on the lengths' device, no host readback) with N the
+    sequence length including the new token; the same formula as ``reference.dca.yarn_mscale``."""
     n = seq_lens.to(torch.float64)
     if not original_max:
         return torch.full_like(n, base)
-    m = torch.stack([torch.as_tensor(float(yarn_mscale(int(x), original_max)), dtype=torch.float64)
-                     for x in seq_lens.tolist()]).to(n.device) if n.numel() else n
+    m = torch.clamp(0.1 * torch.log(n / original_max) + 1.0, min=1.0)
     return base * m * m
 
 
 def paged_dca_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,
-                            original_max_position_embeddings=0, scale=None, return_lse=False):
-    """One DCA decode step per sequence over the paged cache (keys stored rotated at ``j mod cl``)."""
+                            original_max_position_embeddings=0, scale=None, return_lse=False,
+                            max_seq_len: int | None = None, scales: torch.Tensor | None = None):
+    """One DCA decode step per sequence over the paged cache (keys stored rotated at ``j mod cl``).
+
+    ``max_seq_len`` (host int, the largest ``seq_lens``) and ``scales`` (``[B]``, each sequence's full softmax
+    scale, replacing ``scale`` and the YaRN factor) let a caller that prepared them once per step run every layer
+    without a device->host sync; when ``max_seq_len`` is None it is read back here (one sync) and the lengths
+    are validated.
+    """
     if q.dim() != 3 or seq_lens.shape != (q.shape[0],):
         raise ValueError(f"expected q [B, H, D] and seq_lens [B]; got {tuple(q.shape)}, {tuple(seq_lens.shape)}")
     cl, chunk_size = chunk_params(chunk_size, local_size)
     B, H, D = q.shape
     lens = seq_lens.to(device=q.device, dtype=torch.int64)
-    if B and int(lens.min()) < 1:
-        raise ValueError("every sequence needs at least its new token in the cache (seq_lens >= 1)")
-    base = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    scales = _yarn_scales(lens.cpu(), base, original_max_position_embeddings).to(q.device)
+    if max_seq_len is None:
+        lo, max_seq_len = torch.stack(torch.aminmax(lens)).tolist() if B else (1, 0)
+        if lo < 1:
+            raise ValueError("every sequence needs at least its new token in the cache (seq_lens >= 1)")
+    max_keys = int(max_seq_len) if B else 0
+    if scales is None:
+        base = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        scales = _yarn_scales(lens, base, original_max_position_embeddings)
+    elif scales.shape != (B,):
+        raise ValueError(f"scales must be [B={B}], got {tuple(scales.shape)}")
+    scales = scales.to(q.device)
     t = lens - 1
-    max_keys = int(lens.max()) if B else 0
     if cl is None:
         o, lse = paged_attention_decode(apply_rope(q, t, rope_theta), k_cache, v_cache, block_tables,
                                         torch.zeros_like(lens), lens, scale=scales, max_num_keys=max_keys)

@@ -161,31 +161,41 @@ def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_siz
 
 
 def paged_dca_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,
-                               original_max_position_embeddings=0, scale=None, return_lse=False):
+                               original_max_position_embeddings=0, scale=None, return_lse=False,
+                               max_seq_len: int | None = None, scales=None):
     """One decode step per sequence: gather its keys ``[0, seq_len)`` from the paged cache (stored rotated at
-    ``j mod cl``) and run the prefill math for the last position with ``m(seq_len)`` (§1.6). O ``[B, H, D]``."""
+    ``j mod cl``) and run the prefill math for the last position with ``m(seq_len)`` (§1.6). O ``[B, H, D]``.
+
+    ``max_seq_len`` and ``scales`` as in the Triton composition: a host bound on ``seq_lens`` and ``[B]`` full
+    softmax scales (replacing ``scale`` and the YaRN factor). The reference reads the lengths back once per call.
+    """
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"expected q [B, H, D], caches [blocks, block_size, G, D]; got {tuple(q.shape)}, "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, H, _ = q.shape
     if tuple(seq_lens.shape) != (B,) or block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(f"seq_lens must be [{B}] and block_tables [{B}, max_blocks]")
+    if scales is not None and tuple(scales.shape) != (B,):
+        raise ValueError(f"scales must be [{B}], got {tuple(scales.shape)}")
     page = k_cache.shape[1]
+    limit = block_tables.shape[1] * page if max_seq_len is None else min(int(max_seq_len), block_tables.shape[1] * page)
+    lens = seq_lens.tolist()
+    taus = scales.tolist() if scales is not None else None
     wd = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros((B, H, v_cache.shape[-1]), dtype=wd, device=q.device)
     lse = torch.full((B, H), float("-inf"), dtype=wd, device=q.device)
-    for i in range(B):
-        n = int(seq_lens[i])
-        if n < 1 or n > block_tables.shape[1] * page:
-            raise ValueError(f"sequence {i}: seq_len {n} outside [1, {block_tables.shape[1] * page}]")
+    for i, n in enumerate(lens):
+        if n < 1 or n > limit:
+            raise ValueError(f"sequence {i}: seq_len {n} outside [1, {limit}]")
         pos = torch.arange(n, device=k_cache.device)
         blocks = block_tables[i].to(k_cache.device).long()[pos // page]
         k = k_cache[blocks, pos % page]
         v = v_cache[blocks, pos % page]
+        scaling = dict(original_max_position_embeddings=original_max_position_embeddings, scale=scale) \
+            if taus is None else dict(original_max_position_embeddings=0, scale=taus[i])
         o, l_ = dual_chunk_attention_reference(
-            q[i:i + 1], k, v, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size,
-            original_max_position_embeddings=original_max_position_embeddings, prompt_len=n, return_lse=True,
-            keys_rotated=True, scale=scale)
+            q[i:i + 1], k, v, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size, prompt_len=n,
+            return_lse=True, keys_rotated=True, **scaling)
         out[i], lse[i] = o[0].to(wd), l_[0].to(wd)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

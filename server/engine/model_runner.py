@@ -15,9 +15,9 @@ import torch
 from longserve.server.config import EngineConfig
 from longserve.server.engine.scheduler import ScheduledBatch
 from longserve.server.engine.sequence import Sequence
+from longserve.server.engine.step_metadata import StepMetadataBuilder
 from longserve.server.hf_config import Checkpoint
-from longserve.server.layers.attention import (DCASettings, KVCache, PagedDCABackend, PrefillSpan,
-                                                StepMetadata)
+from longserve.server.layers.attention import DCASettings, KVCache, PagedDCABackend, StepMetadata
 from longserve.server.layers.sampler import Sampled, sample
 from longserve.server.models.qwen2 import Qwen2ForCausalLM
 
@@ -69,6 +69,8 @@ class ModelRunner:
         self.num_kv_blocks = self._kv_blocks()
         self.cache = KVCache(f.num_layers, self.num_kv_blocks, config.kv_block_size, f.num_kv_heads, f.head_dim,
                              self.dtype, self.device)
+        self.step_metadata = StepMetadataBuilder(self.device, config.kv_block_size, head_dim=f.head_dim,
+                                                 original_max_position_embeddings=self.dca.original_max_position_embeddings)
         self.sparse_budgets = None
         self._rng = random.Random(config.seed)
         self._generators: dict[int, torch.Generator] = {}
@@ -98,36 +100,13 @@ class ModelRunner:
         return gen
 
     def release(self, seq: Sequence) -> None:
+        """Drop the per-sequence device state (finished or aborted)."""
         self._generators.pop(seq.seq_id, None)
+        self.step_metadata.drop(seq.seq_id)
 
     def _metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepMetadata]:
-        bs, dev = self.config.kv_block_size, self.device
-        ids, positions, slot_blocks, prefills = [], [], [], []
-        decode_rows, decode_tables, decode_lens = [], [], []
-        for chunk in batch.chunks:
-            seq = chunk.seq
-            start, end = chunk.start, chunk.start + chunk.num_tokens
-            row0 = len(ids)
-            ids.extend(seq.token_ids()[start:end])
-            positions.extend(range(start, end))
-            slot_blocks.extend(seq.block_table[p // bs] for p in range(start, end))
-            if chunk.is_decode:
-                decode_rows.append(row0)
-                decode_tables.append(seq.block_table)
-                decode_lens.append(end)
-            else:
-                table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
-                prefills.append(PrefillSpan(slice(row0, len(ids)), end, max(seq.prompt_len, end), table))
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        width = max((len(t) for t in decode_tables), default=0)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32,
-                              device=dev).reshape(len(decode_tables), width)
-        meta = StepMetadata(positions=pos, slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
-                            slot_offsets=pos % bs, prefills=tuple(prefills),
-                            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-                            decode_block_tables=tables,
-                            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev))
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta
+        """This step's token ids and attention metadata; host work independent of the contexts' lengths."""
+        return self.step_metadata.build(batch)
 
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:

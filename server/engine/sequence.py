@@ -55,8 +55,22 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def token_ids(self, start: int = 0, end: int | None = None) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + outputs. Costs O(end - start): a step asks for its chunk only, so
+        no step copies the whole (possibly million-token) history."""
+        n_prompt = len(self.prompt_token_ids)
+        end = self.num_tokens if end is None else end
+        if not 0 <= start <= end <= self.num_tokens:
+            raise ValueError(f"token range [{start}, {end}) outside [0, {self.num_tokens}]")
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt:end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n_prompt]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: the KV is dropped and rebuilt from prompt + outputs later."""

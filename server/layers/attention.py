@@ -23,18 +23,22 @@ class PrefillSpan:
     rows: slice                     # rows of this step's tokens
     end: int                        # keys [0, end) exist after this step
     prompt_len: int                 # N for YaRN and the sparse threshold
-    block_table: torch.Tensor       # int64 [num_blocks of the sequence]
+    block_table: torch.Tensor       # int32 [blocks covering end] (a view of the runner's device table)
 
 
 @dataclass(frozen=True)
 class StepMetadata:
+    """Everything the layers need for one step, prepared once by the runner: no layer reads a device value
+    back to the host for it (the decode length maximum is a host int, the per-sequence scales a device tensor)."""
     positions: torch.Tensor         # int64 [T] absolute positions of this step's tokens
-    slot_blocks: torch.Tensor       # int64 [T]
+    slot_blocks: torch.Tensor       # int32/int64 [T] physical block of each token's KV slot
     slot_offsets: torch.Tensor      # int64 [T]
     prefills: tuple[PrefillSpan, ...]
     decode_rows: torch.Tensor       # int64 [B]
     decode_block_tables: torch.Tensor  # int32 [B, max_blocks]
     decode_seq_lens: torch.Tensor   # int32 [B]
+    decode_max_seq_len: int | None = None      # max of decode_seq_lens (host int); None: kernels read it back
+    decode_scales: torch.Tensor | None = None  # fp64 [B] softmax scale 1/sqrt(D) * m(N)^2 per sequence
 
 
 class KVCache:
@@ -71,7 +75,8 @@ class PagedDCABackend:
         if m.decode_rows.numel():
             out[m.decode_rows] = kernels.paged_dca_decode(
                 q[m.decode_rows], self.cache.k[layer], self.cache.v[layer], m.decode_block_tables,
-                m.decode_seq_lens, **common).to(q.dtype)
+                m.decode_seq_lens, max_seq_len=m.decode_max_seq_len, scales=m.decode_scales,
+                **common).to(q.dtype)
         sparse = self.sparse_budgets(layer) if self.sparse_budgets is not None else None
         for span in m.prefills:
             keys, values = self.cache.gather(layer, span.block_table, span.end)

@@ -1,0 +1,165 @@
+"""Per-step attention metadata built from host ints and device-resident block tables.
+
+The scheduler and block manager are torch-free and own each sequence's block table as a host list. This module
+keeps a device copy of every live sequence's table (one row of a [rows, width] int32 tensor, both dimensions
+grown by doubling) and, each step, copies only the blocks appended since the previous step. Positions and slot
+mappings are then computed on the device (`arange` and a gather from the device table), so the host work of a
+step depends on the number of chunks and of this step's tokens, never on how long the contexts are.
+
+What decode needs (sequence lengths, their maximum, per-sequence softmax scales, the padded block-table batch)
+is prepared here once per step, so the attention layers never read a device value back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longserve.kernels.reference.dca import softmax_scale
+from longserve.server.engine.scheduler import ScheduledBatch
+from longserve.server.engine.sequence import Sequence
+from longserve.server.layers.attention import PrefillSpan, StepMetadata
+
+
+@dataclass
+class _Row:
+    index: int              # row of the device table
+    host: list              # the block manager's list this row mirrors (a new list object means a new table)
+    synced: int = 0         # leading entries already on the device
+
+
+class DeviceBlockTables:
+    """Device mirror of the block manager's per-sequence block tables, keyed by sequence id."""
+
+    def __init__(self, device: torch.device, *, rows: int = 8, width: int = 64):
+        if rows < 1 or width < 1:
+            raise ValueError(f"need rows >= 1 and width >= 1, got {rows}, {width}")
+        self.device = device
+        self.table = torch.zeros((rows, width), dtype=torch.int32, device=device)
+        self._rows: dict[int, _Row] = {}
+        self._free = list(range(rows - 1, -1, -1))        # pop() hands out low rows first
+
+    @property
+    def num_live(self) -> int:
+        return len(self._rows)
+
+    def row_of(self, seq: Sequence) -> int:
+        """The device row of `seq`, updated to cover its current host block table (new tail only)."""
+        host = seq.block_table
+        row = self._rows.get(seq.seq_id)
+        if row is not None and (row.host is not host or row.synced > len(host)):
+            row.host, row.synced = host, 0                # freed and reallocated: the old entries are stale
+        if row is None:
+            if not self._free:
+                self._resize(rows=2 * self.table.shape[0])
+            row = self._rows[seq.seq_id] = _Row(self._free.pop(), host)
+        n = len(host)
+        if n > row.synced:
+            if n > self.table.shape[1]:
+                width = self.table.shape[1]
+                while width < n:
+                    width *= 2
+                self._resize(width=width)
+            tail = torch.tensor(host[row.synced:n], dtype=torch.int32)
+            self.table[row.index, row.synced:n].copy_(tail, non_blocking=True)
+            row.synced = n
+        return row.index
+
+    def drop(self, seq_id: int) -> None:
+        """Forget a sequence (finished, aborted or preempted); its row is reused."""
+        row = self._rows.pop(seq_id, None)
+        if row is not None:
+            self._free.append(row.index)
+
+    def _resize(self, *, rows: int | None = None, width: int | None = None) -> None:
+        old = self.table
+        rows = old.shape[0] if rows is None else rows
+        width = old.shape[1] if width is None else width
+        self.table = torch.zeros((rows, width), dtype=torch.int32, device=self.device)
+        self.table[:old.shape[0], :old.shape[1]].copy_(old)
+        self._free = list(range(rows - 1, old.shape[0] - 1, -1)) + self._free
+
+
+class StepMetadataBuilder:
+    """Builds a step's token ids and `StepMetadata` from a scheduled batch (see the module docstring)."""
+
+    def __init__(self, device: torch.device, block_size: int, *, head_dim: int, original_max_position_embeddings: int,
+                 tables: DeviceBlockTables | None = None):
+        self.device, self.block_size = device, block_size
+        self.head_dim, self.original_max = head_dim, original_max_position_embeddings
+        self.tables = tables if tables is not None else DeviceBlockTables(device)
+
+    def drop(self, seq_id: int) -> None:
+        self.tables.drop(seq_id)
+
+    def _ints(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def build(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepMetadata]:
+        for seq in batch.preempted:                       # their tables were freed: drop the device copies
+            self.tables.drop(seq.seq_id)
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        # Consecutive tokens whose positions are host ints (decodes) form one "run"; a prefill chunk is a range.
+        pieces: list[tuple] = []                          # ("run", positions, table rows) | ("range", start, end, row)
+        run_pos: list[int] = []
+        run_rows: list[int] = []
+        prefills, decode_rows, decode_table_rows, decode_lens = [], [], [], []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            if end > len(seq.block_table) * bs:
+                raise ValueError(f"sequence {seq.seq_id}: tokens up to {end} but its block table covers "
+                                 f"{len(seq.block_table) * bs}")
+            row0 = len(ids)
+            ids.extend(seq.token_ids(start, end))
+            table_row = self.tables.row_of(seq)
+            if chunk.is_decode:
+                run_pos.append(start)
+                run_rows.append(table_row)
+                decode_rows.append(row0)
+                decode_table_rows.append(table_row)
+                decode_lens.append(end)
+                continue
+            if run_pos:
+                pieces.append(("run", run_pos, run_rows))
+                run_pos, run_rows = [], []
+            pieces.append(("range", start, end, table_row))
+            blocks = -(-end // bs)
+            prefills.append(PrefillSpan(slice(row0, len(ids)), end, max(seq.prompt_len, end),
+                                        self.tables.table[table_row, :blocks]))
+        if run_pos:
+            pieces.append(("run", run_pos, run_rows))
+
+        table = self.tables.table
+        pos_parts, block_parts = [], []
+        for piece in pieces:
+            if piece[0] == "run":
+                pos, rows = self._ints(piece[1]), self._ints(piece[2])
+                block_parts.append(table[rows, pos // bs])
+            else:
+                _, start, end, row = piece
+                pos = torch.arange(start, end, dtype=torch.int64, device=dev)
+                block_parts.append(table[row][pos // bs])
+            pos_parts.append(pos)
+        positions = _cat(pos_parts, torch.int64, dev)
+        slot_blocks = _cat(block_parts, torch.int32, dev)
+
+        max_len = max(decode_lens, default=0)
+        width = -(-max_len // bs)
+        decode_tables = table[:, :width].index_select(0, self._ints(decode_table_rows)) if decode_lens else \
+            torch.zeros((0, 0), dtype=torch.int32, device=dev)
+        scales = [softmax_scale(self.head_dim, None, self.original_max, n) for n in decode_lens]
+        meta = StepMetadata(
+            positions=positions, slot_blocks=slot_blocks, slot_offsets=positions % bs, prefills=tuple(prefills),
+            decode_rows=self._ints(decode_rows), decode_block_tables=decode_tables,
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            decode_max_seq_len=max_len,
+            decode_scales=torch.tensor(scales, dtype=torch.float64).to(dev, non_blocking=True))
+        return self._ints(ids), meta
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
