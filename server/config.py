@@ -16,6 +16,7 @@ SCHEMA_VERSION = 1
 RUNTIMES = ("native", "vllm", "sglang")
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class EngineConfig:
     kv_block_size: int = 16             # must divide the DCA chunk length (checked at start-up)
     kv_capacity_tokens: int | None = None   # explicit KV capacity; None: from gpu_memory_utilization
     dtype: str = "bfloat16"
+    load_format: str = "auto"           # "auto": the checkpoint's safetensors; "dummy": seeded random weights
     dca: bool = True                    # use the model's dual_chunk_attention_config if present
     dca_chunk_size: int | None = None   # overrides of the checkpoint's DCA settings
     dca_local_size: int | None = None
@@ -110,6 +112,8 @@ def _validate(c: EngineConfig) -> list[str]:
         errors.append(f"runtime must be one of {', '.join(RUNTIMES)}, got {c.runtime!r}")
     if c.dtype not in DTYPES:
         errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
+    if c.load_format not in LOAD_FORMATS:
+        errors.append(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {c.load_format!r}")
     if not isinstance(c.model_path, str) or not c.model_path:
         errors.append("model_path must be a non-empty string")
     if not isinstance(c.served_model_name, str) or not c.served_model_name:

@@ -30,7 +30,6 @@ class Checkpoint:
     path: str
     facts: ModelFacts
     config: dict
-    weight_files: tuple[str, ...]
     generation_defaults: dict = field(default_factory=dict)
     sparse_config: list | None = None
     sparse_config_path: str | None = None
@@ -42,8 +41,13 @@ class Checkpoint:
             return ()
         return tuple(raw) if isinstance(raw, list) else (int(raw),)
 
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """The safetensors files, looked up when weights are loaded (a random-weight engine needs none)."""
+        return find_weight_files(self.path)
 
-def weight_files(directory: str) -> tuple[str, ...]:
+
+def find_weight_files(directory: str) -> tuple[str, ...]:
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         data = _read_json(index, required=True)
@@ -81,6 +85,5 @@ def load_checkpoint(directory: str, sparse_config_path: str | None = None) -> Ch
     sparse = _read_json(sparse_path, required=sparse_config_path is not None)
     if sparse is not None and not isinstance(sparse, list):
         raise CheckpointError(f"{sparse_path}: expected a list of per-layer objects")
-    return Checkpoint(path=directory, facts=facts, config=config, weight_files=weight_files(directory),
-                      generation_defaults=gen, sparse_config=sparse,
+    return Checkpoint(path=directory, facts=facts, config=config, generation_defaults=gen, sparse_config=sparse,
                       sparse_config_path=sparse_path if sparse is not None else None)

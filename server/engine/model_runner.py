@@ -1,8 +1,9 @@
 """Owns the device: the model weights, the KV cache tensors, per-step input preparation and sampling.
 
-KV capacity: `EngineConfig.kv_capacity_tokens` when set; otherwise on a GPU the free memory after
-loading times `gpu_memory_utilization` minus a profiled prefill-chunk transient, and on a CPU enough
-blocks for `max_num_seqs` full-length sequences (host memory is not profiled).
+KV capacity: `EngineConfig.kv_capacity_tokens` when set; otherwise on a GPU `gpu_memory_utilization` of the
+GPU's total memory less the weights, one step's transient reserve and the overhead, all from the memory model
+the planner uses (`server.memory_model`); on a CPU enough blocks for `max_num_seqs` full-length sequences (host
+memory is not profiled).
 """
 from __future__ import annotations
 
@@ -35,12 +36,30 @@ def load_state_dict(files) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def random_model(facts, device: torch.device, dtype: torch.dtype, std: float = 0.02) -> Qwen2ForCausalLM:
+    """Seeded random weights made directly on `device` (`load_format="dummy"`, for benchmarks without a
+    checkpoint): built on the meta device, then allocated there and initialised in place, so a 15 GB model
+    never passes through host memory. Norms start at 1 and biases at 0; the small std keeps activations finite."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(facts)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std)
+    return model
+
+
 @dataclass(frozen=True)
 class StepResult:
-    """What one executed step returns: a sample per sampling chunk (batch order) and, when sparse prefill ran,
-    the (query, key) pairs it computed against the dense causal count."""
+    """What one executed step returns: a sample per sampling chunk (batch order) and, when pair counting was
+    asked for, the prefill (query, key) pairs computed against the dense causal count of the same regions."""
     sampled: list[Sampled]
-    pair_stats: object | None = None      # longserve.kernels PairStats, or None when no sparse prefill ran
+    pair_stats: object | None = None      # longserve.kernels PairStats (ints) when counting was asked, else None
 
 
 class ModelRunner:
@@ -51,9 +70,12 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         start = time.monotonic()
         torch.manual_seed(config.seed)
-        model = Qwen2ForCausalLM(self.facts)
-        model.load_weights(load_state_dict(checkpoint.weight_files), checkpoint.path)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if config.load_format == "dummy":
+            self.model = random_model(self.facts, self.device, self.dtype).eval()
+        else:
+            model = Qwen2ForCausalLM(self.facts)
+            model.load_weights(load_state_dict(checkpoint.weight_files), checkpoint.path)
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.load_seconds = time.monotonic() - start
         f = self.facts
         chunk = config.dca_chunk_size if config.dca_chunk_size is not None else f.dca_chunk_size
@@ -72,6 +94,7 @@ class ModelRunner:
         self.step_metadata = StepMetadataBuilder(self.device, config.kv_block_size, head_dim=f.head_dim,
                                                  original_max_position_embeddings=self.dca.original_max_position_embeddings)
         self.sparse_budgets = None
+        self.pair_totals = None        # a kernels.PairStats every step adds its prefill pair counts to (benchmarks)
         self._rng = random.Random(config.seed)
         self._generators: dict[int, torch.Generator] = {}
 
@@ -80,12 +103,44 @@ class ModelRunner:
         if c.kv_capacity_tokens is not None:
             return -(-c.kv_capacity_tokens // bs)
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            per_block = 2 * self.facts.num_layers * bs * self.facts.num_kv_heads * self.facts.head_dim \
-                * self.model.model.embed_tokens.weight.element_size()
-            reserve = 3 * c.prefill_chunk_tokens * (self.facts.hidden_size + self.facts.intermediate_size) * 2
-            return max(1, int((free * c.gpu_memory_utilization - reserve) // per_block))
+            free, total = torch.cuda.mem_get_info(self.device)
+            return self.kv_blocks_for_memory(total=total, free=free)
         return -(-c.max_model_len * c.max_num_seqs // bs) + c.max_num_seqs
+
+    def kv_blocks_for_memory(self, *, total: int, free: int) -> int:
+        """KV blocks from the shared memory model: `gpu_memory_utilization` of the GPU's total memory less the
+        weights, the transient reserve of one step (kept free) and the overhead; `free` (after loading) must hold
+        the cache and the reserve. ValueError, naming every term, when they do not fit."""
+        import dataclasses
+        import logging
+
+        from longserve.server import memory_model as mm
+
+        c = self.config
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        shapes = mm.rank_shapes(self.facts, 1, dtype_bytes=dtype_bytes, dca=self.dca.chunk_size is not None,
+                                sparse=c.sparse_prefill, sparse_threshold=c.sparse_threshold,
+                                sparse_last_q=c.sparse_last_q, block_size=c.kv_block_size)
+        if self.dca.chunk_size is not None:
+            shapes = dataclasses.replace(shapes, dca_chunk_len=self.dca.chunk_size - self.dca.local_size)
+        weights = mm.weight_bytes(self.facts, 1, dtype_bytes)
+        reserve = mm.step_transients(shapes, c.prefill_chunk_tokens, c.max_model_len, c.max_num_seqs).peak
+        overhead = mm.overhead_bytes(weights)
+        kv = mm.kv_cache_bytes(total, c.gpu_memory_utilization, weights, reserve, overhead)
+        blocks = int(kv // (shapes.kv_bytes_per_token * c.kv_block_size))
+        terms = (f"{c.gpu_memory_utilization} of {total / 1e9:.1f} GB total, weights {weights / 1e9:.1f} GB, "
+                 f"step transients {reserve / 1e9:.1f} GB (chunk {c.prefill_chunk_tokens}), overhead "
+                 f"{overhead / 1e9:.1f} GB")
+        if blocks < 1:
+            raise ValueError(f"no room for the KV cache: {terms}; raise gpu_memory_utilization or lower "
+                             "prefill_chunk_tokens")
+        if kv + reserve > free:
+            raise ValueError(f"the KV cache ({kv / 1e9:.1f} GB) and the step reserve ({reserve / 1e9:.1f} GB) "
+                             f"exceed the {free / 1e9:.1f} GB free on the GPU ({terms}): another process holds "
+                             "GPU memory; lower gpu_memory_utilization")
+        logging.getLogger("longserve.engine").info("KV cache: %d blocks (%d tokens, %.1f GB) from %s", blocks, blocks * c.kv_block_size,
+                 kv / 1e9, terms)
+        return blocks
 
     def set_sparse(self, budgets_for_layer) -> None:
         """`budgets_for_layer(layer) -> SparseHeadBudgets` enables sparse prefill above its threshold."""
@@ -109,10 +164,11 @@ class ModelRunner:
         return self.step_metadata.build(batch)
 
     @torch.inference_mode()
-    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run the batch; logits [N, V] (fp32) for the chunks that sample, in batch order."""
+    def forward_logits(self, batch: ScheduledBatch, pair_stats=None) -> torch.Tensor:
+        """Run the batch; logits [N, V] (fp32) for the chunks that sample, in batch order. ``pair_stats`` (a
+        ``kernels.PairStats``) gets the prefill (query, key) pair counts of every layer added."""
         ids, meta = self._metadata(batch)
-        backend = PagedDCABackend(self.cache, meta, self.dca, self.sparse_budgets)
+        backend = PagedDCABackend(self.cache, meta, self.dca, self.sparse_budgets, pair_stats)
         hidden = self.model(ids, backend)
         last_rows, row = [], 0
         for chunk in batch.chunks:
@@ -123,15 +179,17 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch, blocked: dict[int, tuple[int, ...]], *,
                 count_pairs: bool = False) -> StepResult:
-        """Run and sample one scheduled batch; ``count_pairs`` collects sparse pair statistics."""
-        stats = None
-        if count_pairs:
-            from longserve.kernels.reference.sparse_dca import collect_pair_stats
-            with collect_pair_stats(count_selected=False) as stats:
-                logits = self.forward_logits(batch)
-        else:
-            logits = self.forward_logits(batch)
+        """Run and sample one scheduled batch; ``count_pairs`` returns the step's prefill pair counts (ints,
+        read back once per step) in ``StepResult.pair_stats``."""
+        from longserve.kernels import PairStats
+
+        stats = PairStats() if count_pairs or self.pair_totals is not None else None
+        logits = self.forward_logits(batch, stats)
         seqs = [c.seq for c in batch.chunks if c.samples]
         sampled = sample(logits, seqs, [self.generator_for(s) for s in seqs],
                          [blocked.get(s.seq_id, ()) for s in seqs])
-        return StepResult(sampled, stats)
+        if stats is not None:
+            stats = stats.resolved()
+            if self.pair_totals is not None:
+                self.pair_totals.add(stats)
+        return StepResult(sampled, stats if count_pairs else None)
