@@ -86,15 +86,25 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Decodes a growing token list a window at a time; holds text back while it ends in a partial
-    UTF-8 character (the decoder's replacement character), so no delta ever splits one."""
+    """Decodes a growing token list a window at a time, and owns the stop strings of one choice.
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    `add` returns raw new text, held back while it ends in a partial UTF-8 character (the decoder's
+    replacement character), so no delta ever splits one. `step` builds on it for the engine: it also
+    holds back the last `max(len(stop)) - 1` characters, which could be the start of a stop string,
+    and cuts the output at the first stop string found.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, stop: Sequence[str] = (),
+                 include_stop_str_in_output: bool = False):
         self.tok = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0    # start of the decode window (context for the tokenizer)
-        self.read_offset = 0      # tokens up to here have been emitted
+        self.read_offset = 0      # tokens up to here have been decoded into text
+        self.stop = tuple(stop)
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.pending = ""         # decoded text not yet returned by `step` (at most `hold` characters)
 
     def add(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(token_ids)
@@ -105,3 +115,23 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         return text[len(prefix):]
+
+    def step(self, token_ids: Sequence[int], *, final: bool = False) -> tuple[str, str | None]:
+        """Decode `token_ids` (empty for a token that adds no text); returns (text to emit, stop string).
+
+        A stop string found in the not yet emitted text ends the output there (keeping the stop string
+        when `include_stop_str_in_output`) and is returned. `final` means the choice ends for another
+        reason (length, end of sequence): everything held back is returned without a stop search.
+        """
+        self.pending += self.add(token_ids) if token_ids else ""
+        if not final and self.stop:
+            hits = [(self.pending.find(s), s) for s in self.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, stop = min(hits)
+                text = self.pending[:index + (len(stop) if self.include_stop_str_in_output else 0)]
+                self.pending = ""
+                return text, stop
+        cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, None

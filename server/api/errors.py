@@ -51,5 +51,10 @@ class Unavailable(APIError):
     status, err_type, grpc_code = 503, "ServiceUnavailableError", "UNAVAILABLE"
 
 
+class EngineOutOfMemory(APIError):
+    """The engine ran out of memory running this request; the server itself keeps serving."""
+    status, err_type, grpc_code = 503, "ServiceUnavailableError", "RESOURCE_EXHAUSTED"
+
+
 def model_not_found(name: str) -> NotFound:
     return NotFound(f"The model `{name}` does not exist.", param="model")

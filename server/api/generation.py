@@ -1,9 +1,11 @@
 """Protocol-neutral request handling shared by HTTP and gRPC.
 
-Prompt resolution (tokenization off the event loop), the context-length rule of serving.md §1.3,
-sampling defaults (request -> generation_config.json -> OpenAI), and `EventStream`: engine
+Prompt resolution (tokenization off the event loop), the engine's admission rules run early (so a
+bad request gets a 400 before admission), sampling defaults (request -> generation_config.json -> OpenAI), and `EventStream`: engine
 requests pumped into one queue, with keep-alive ticks, metrics, and abort-on-close so a client
-that goes away frees its KV at once.
+that goes away frees its KV at once. A request the engine could not run (`RequestFailed`) reaches
+the reader as its choices' last deltas (finish reason "error") followed by an `APIError`: 503 when it
+ran out of memory, 500 otherwise.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from longserve.server.api.engine_client import (CompletionDelta, EngineDeadError, PrefillProgress,
-                                                 RequestFinished, RequestRejected)
-from longserve.server.api.errors import (APIError, BadRequest, EngineFailure, NotFound, Overloaded, Unavailable,
-                                         model_not_found)
+from longserve.server.api.engine_client import (CompletionDelta, EngineDeadError, FinishReason, PrefillProgress,
+                                                 RequestFailed, RequestFinished, RequestRejected)
+from longserve.server.api.errors import (APIError, BadRequest, EngineFailure, EngineOutOfMemory, NotFound, Overloaded,
+                                         Unavailable, model_not_found)
 from longserve.server.api.lifecycle import ServerState
 from longserve.server.api.metrics import Metrics, RequestRecorder
 from longserve.server.config import EngineConfig
+from longserve.server.engine.admission import check_token_ids, resolve_max_tokens
 from longserve.server.sampling import SamplingParams
 
 log = logging.getLogger("longserve.server.api")
@@ -81,7 +84,8 @@ class EventStream:
             recorder = RequestRecorder(core.metrics, req.request_id, len(req.prompt_ids), req.params.n, req.arrival)
             pump = asyncio.create_task(self._pump(req, recorder))
             # runs even for a pump cancelled before it started: END is always reached, one outcome recorded
-            pump.add_done_callback(lambda _t, rec=recorder: (rec.unfinished("abort"), self._queue.put_nowait(_DONE)))
+            pump.add_done_callback(lambda _t, rec=recorder: (rec.unfinished(FinishReason.ABORT),
+                                                             self._queue.put_nowait(_DONE)))
             self._pumps.append(pump)
         core.state.streams.add(self)
 
@@ -123,11 +127,17 @@ class EventStream:
     async def _pump(self, req: EngineRequest, recorder: RequestRecorder) -> None:
         events = None
         finished = False
-        outcome = "abort"
+        outcome = FinishReason.ABORT
         try:
             events = self._engine.generate(req.request_id, req.prompt_ids, req.params)
             async for event in events:
                 recorder.on_event(event)
+                if isinstance(event, RequestFailed):
+                    finished = True        # the engine has already dropped it: nothing to abort
+                    error = (EngineOutOfMemory if event.out_of_memory else EngineFailure)(event.message)
+                    error.counted = True
+                    self._queue.put_nowait(error)
+                    continue
                 finished = finished or isinstance(event, RequestFinished)
                 self._queue.put_nowait(StreamItem(req, event))
         except RequestRejected as exc:
@@ -138,7 +148,7 @@ class EventStream:
             error.counted = True
             self._queue.put_nowait(error)
         except EngineDeadError as exc:
-            outcome = "error"
+            outcome = FinishReason.ERROR
             await self._core.state.mark_dead()
             error = Unavailable(f"Service unavailable: the engine has failed ({exc}).")
             error.counted = True
@@ -146,7 +156,7 @@ class EventStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:   # an engine bug must not take the server down: report it as a value
-            outcome = "error"
+            outcome = FinishReason.ERROR
             log.exception("engine request %s failed", req.request_id)
             error = EngineFailure(f"Engine error: {type(exc).__name__}: {exc}")
             error.counted = True
@@ -251,33 +261,20 @@ class GenerationCore:
         return await self._in_pool(lambda: [engine.decode([t], skip_special_tokens=False) for t in token_ids])
 
     def check_token_ids(self, token_ids: Sequence[int], param: str = "prompt") -> None:
-        engine = self.state.loaded_engine()
-        vocab = engine.model_info.vocab_size
-        for t in token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise BadRequest(f"token id {t!r} is out of range [0, {vocab})", param=param)
+        """The engine's vocabulary-range rule, answered as a 400."""
+        vocab = self.state.loaded_engine().model_info.vocab_size
+        try:
+            check_token_ids(token_ids, vocab, param=param)
+        except RequestRejected as exc:
+            raise BadRequest(exc.message, param=exc.param) from None
 
     def effective_max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
-        """serving.md §1.3: default min(C, L - P); reject instead of truncating."""
-        limit, cap = self.max_model_len, self.max_output_tokens
-        if requested is None:
-            if prompt_tokens >= limit:
-                raise BadRequest(
-                    f"This model's maximum context length is {limit} tokens, but the request has "
-                    f"{prompt_tokens} tokens in the prompt, leaving no room for the completion. "
-                    "Shorten the prompt.", param="input_tokens")
-            return min(cap, limit - prompt_tokens)
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise BadRequest(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
-        if requested > cap:
-            raise BadRequest(f"max_tokens is too large: {requested}. This model supports at most {cap} "
-                             "completion tokens.", param="max_tokens")
-        if prompt_tokens + requested > limit:
-            raise BadRequest(
-                f"This model's maximum context length is {limit} tokens, but the request needs "
-                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
-                "completion). Shorten the prompt or lower max_tokens.", param="input_tokens")
-        return requested
+        """The engine's context-length rule, answered as a 400: default min(C, L - P), never truncating."""
+        try:
+            return resolve_max_tokens(prompt_tokens, requested, max_model_len=self.max_model_len,
+                                      max_output_tokens=self.max_output_tokens)
+        except RequestRejected as exc:
+            raise BadRequest(exc.message, param=exc.param) from None
 
     def sampling_params(self, prompt_tokens: int, fields: dict) -> SamplingParams:
         """SamplingParams from explicitly set request fields, generation_config defaults and limits."""

@@ -2,7 +2,9 @@
 
 One plain registry per server. Counters are declared without `_total` (the client appends it).
 Queue gauges are read from `EngineClient.load_stats()` at scrape time, so they are never stale.
-Request series are fed by `RequestRecorder` (one per engine request, see generation.py).
+Request series are fed by `RequestRecorder` (one per engine request, see generation.py). A request
+the engine failed (`RequestFailed`) counts in `longserve_request_failures_total{reason}` and as the
+outcome "error", never as a vLLM success.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from longserve.server.api.engine_client import CompletionDelta, LoadStats, PrefillProgress, RequestFinished
+from longserve.server.api.engine_client import (CompletionDelta, FailureCause, FinishReason, LoadStats,
+                                                 PrefillProgress, RequestFailed, RequestFinished)
 from longserve.server.config import EngineConfig
 
 log = logging.getLogger("longserve.server.api")
@@ -31,7 +34,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 PROMPT_BYTES_BUCKETS = tuple(2 ** k for k in range(10, 27, 2))             # 1Ki … 64Mi
 N_BUCKETS = (1, 2, 5, 10, 20)
 ITERATION_TOKENS_BUCKETS = (1,) + tuple(2 ** k for k in range(3, 19))      # 1 8 16 … 262144
-OUTCOMES = ("stop", "length", "abort", "error", "rejected_too_long", "rejected_overload", "rejected_invalid")
+OUTCOMES = (*(r.value for r in FinishReason), "rejected_too_long", "rejected_overload", "rejected_invalid")
+SUCCESS_REASONS = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT)   # vllm:request_success labels
 
 
 def buckets_125(limit: int, *, cover: bool) -> tuple[int, ...]:
@@ -97,6 +101,10 @@ class Metrics:
                                   registry=r).labels(name)
         for outcome in OUTCOMES:
             self.outcomes.labels(name, outcome)
+        self.failures = Counter("longserve_request_failures", "Requests the engine failed while running their step.",
+                                m + ("reason",), registry=r)
+        for cause in FailureCause:
+            self.failures.labels(name, cause.value)
 
         # vLLM-compatible exports: same values, vLLM semantics.
         lv = (name, "0")
@@ -110,8 +118,8 @@ class Metrics:
         self.v_prompt_by_source = Counter("vllm:prompt_tokens_by_source", "Prompt tokens by source.",
                                           v + ("source",), registry=r)
         self.v_success = Counter("vllm:request_success", "Finished requests.", v + ("finished_reason",), registry=r)
-        for reason in ("stop", "length", "abort"):
-            self.v_success.labels(*lv, reason)
+        for reason in SUCCESS_REASONS:
+            self.v_success.labels(*lv, reason.value)
         for source in ("local_compute", "local_cache_hit"):
             self.v_prompt_by_source.labels(*lv, source)
 
@@ -164,7 +172,15 @@ class Metrics:
         self.prompt_bytes.labels(self.model_name, protocol).observe(num_bytes)
 
     def observe_outcome(self, outcome: str) -> None:
-        self.outcomes.labels(self.model_name, outcome).inc()
+        self.outcomes.labels(self.model_name, str(outcome)).inc()
+
+    def observe_failure(self, failure: RequestFailed) -> None:
+        """A request the engine failed: its work so far still counts as computed tokens."""
+        self.failures.labels(self.model_name, FailureCause(failure.cause).value).inc()
+        if failure.timings.first_token_seconds is not None:
+            self.observe_first_token(failure.timings.first_token_seconds)
+        self.prefill_tokens.inc(sum(failure.timings.prefill_chunk_tokens))
+        self.generation_tokens.inc(failure.num_output_tokens)
 
     def observe_itl(self, seconds: float) -> None:
         self.itl.observe(seconds)
@@ -202,8 +218,8 @@ class Metrics:
             self.chunk_tokens.observe(tokens)
             self.v_iteration.observe(tokens)
         for reason in fin.finish_reasons:
-            if reason in ("stop", "length", "abort"):
-                self.v_success.labels(self.model_name, "0", reason).inc()
+            if reason in SUCCESS_REASONS:
+                self.v_success.labels(self.model_name, "0", FinishReason(reason).value).inc()
         self.v_queue.observe(t.queued_seconds)
         if t.first_token_seconds is not None:
             prefill = max(t.first_token_seconds - t.queued_seconds, 0.0)
@@ -266,14 +282,24 @@ class RequestRecorder:
                 self.metrics.observe_first_token(ttft)
             self.metrics.observe_finished(event, self.tokens)
             reasons = event.finish_reasons
-            outcome = "abort" if "abort" in reasons else ("length" if reasons and all(
-                r == "length" for r in reasons) else "stop")
+            outcome = FinishReason.ABORT if FinishReason.ABORT in reasons else (FinishReason.LENGTH if reasons and all(
+                r == FinishReason.LENGTH for r in reasons) else FinishReason.STOP)
             self.outcome(outcome)
+        elif isinstance(event, RequestFailed):
+            if self.done:
+                return
+            self.metrics.observe_failure(event)
+            log.warning("request %s failed: %s", self.request_id, event.message, extra={
+                "event": "request_failed", "request_id": self.request_id, "reason": FailureCause(event.cause).value,
+                "prompt_tokens": event.num_prompt_tokens, "output_tokens": event.num_output_tokens,
+                "error": event.message})
+            self.outcome(FinishReason.ERROR)
 
     def outcome(self, outcome: str) -> None:
         if self.done:
             return
         self.done = True
+        outcome = str(outcome)
         self.metrics.observe_outcome(outcome)
         ttft = None if self.first_token is None else round((self.first_token - self.arrival) * 1e3, 2)
         log.info("request %s ended: %s", self.request_id, outcome, extra={

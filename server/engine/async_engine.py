@@ -1,10 +1,13 @@
 """`AsyncEngine`: the `EngineClient` the HTTP/gRPC servers wrap.
 
 The engine loop runs in its own thread, so the asyncio loop serving HTTP/gRPC never blocks on a
-forward pass. Requests and aborts cross into that thread through a command queue; events come back
-through `loop.call_soon_threadsafe` into one asyncio queue per request. Validation (context length,
-token range) runs synchronously in `generate`, so a bad request raises `RequestRejected` before any
-event and never touches the KV cache.
+forward pass. Requests and aborts cross into that thread as typed commands (`AddRequest`,
+`AbortRequest`) on a queue; events come back through `loop.call_soon_threadsafe` into one asyncio
+queue per request. Validation (context length, token range) runs synchronously in `generate`, so a
+bad request raises `RequestRejected` before any event and never touches the KV cache.
+
+A request whose step fails ends with `RequestFailed` and the loop carries on (see llm_engine.py);
+only an error of the loop itself (outside any request's step) marks the engine dead.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import logging
 import threading
 from collections import deque
 
-from longserve.server.api.engine_client import (EngineDeadError, LoadStats, ModelInfo, RequestFinished)
 from longserve.server.config import EngineConfig
 from longserve.server.engine.llm_engine import LLMEngine
+from longserve.server.engine.protocol import (TERMINAL_EVENTS, AbortRequest, AddRequest, EngineCommand,
+                                              EngineDeadError, LoadStats, ModelInfo, RequestRejected)
 from longserve.server.sampling import SamplingParams
 
 log = logging.getLogger("longserve.engine")
@@ -25,7 +29,7 @@ _END = object()
 class AsyncEngine:
     def __init__(self, config: EngineConfig, *, device: str | None = None, warmup: bool = True):
         self.config = config
-        self._commands: deque = deque()
+        self._commands: deque[EngineCommand] = deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -81,7 +85,7 @@ class AsyncEngine:
                 self._stats = self.engine.load_stats()
                 for event in events:
                     self._deliver(event.request_id, event)
-                    if isinstance(event, RequestFinished):
+                    if isinstance(event, TERMINAL_EVENTS):
                         self._deliver(event.request_id, _END)
         except BaseException as exc:  # the loop must report, never die silently
             log.exception("engine loop failed")
@@ -91,13 +95,19 @@ class AsyncEngine:
 
     def _drain_commands(self) -> None:
         while self._commands:
-            kind, *args = self._commands.popleft()
-            if kind == "add":
-                request_id, ids, params = args
-                if request_id in self._streams:
-                    self.engine.add_request(request_id, ids, params)
+            command = self._commands.popleft()
+            if isinstance(command, AddRequest):
+                if command.request_id not in self._streams:    # the caller left before it was admitted
+                    continue
+                try:
+                    self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+                except (RequestRejected, ValueError) as exc:   # refused late (e.g. can never fit the cache)
+                    self._deliver(command.request_id, exc if isinstance(exc, RequestRejected)
+                                  else RequestRejected(str(exc), param="input_tokens"))
+            elif isinstance(command, AbortRequest):
+                self.engine.abort(command.request_id)
             else:
-                self.engine.abort(args[0])
+                raise TypeError(f"unknown engine command {command!r}")
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -106,22 +116,18 @@ class AsyncEngine:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:      # the caller's loop is closed: nobody listens any more
-                self._commands.append(("abort", request_id))
+                self._commands.append(AbortRequest(request_id))
 
     # --- EngineClient ------------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids, params: SamplingParams):
         if self._error is not None:
             raise EngineDeadError(str(self._error))
-        ids = [int(t) for t in prompt_token_ids]
-        vocab = self.engine.checkpoint.facts.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            from longserve.server.api.engine_client import RequestRejected
-            raise RequestRejected(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        self.engine.resolve_max_tokens(len(ids), params)
+        if request_id in self._streams:
+            raise RequestRejected(f"request id {request_id!r} is already in flight", param="request_id")
+        ids, _ = self.engine.validate(prompt_token_ids, params)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._commands.append(("add", request_id, ids, params))
+        self._commands.append(AddRequest(request_id, tuple(ids), params))
         self._wake.set()
         finished = False
         try:
@@ -136,12 +142,12 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._commands.append(("abort", request_id))
+                self._commands.append(AbortRequest(request_id))
                 self._wake.set()
 
     async def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._commands.append(("abort", request_id))
+        self._commands.append(AbortRequest(request_id))
         self._wake.set()
 
     def is_healthy(self) -> bool:

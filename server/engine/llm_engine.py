@@ -1,31 +1,45 @@
-"""`LLMEngine.step()` = schedule -> run -> postprocess (single-threaded; the async engine drives it).
+"""`LLMEngine`: the single-threaded step loop (the async engine drives it from its own thread).
 
-A request with `n` choices becomes `n` sequences (each prefills its own copy of the prompt and samples
-with its own generator, seeded `seed + index`). Events are the plain dataclasses of the API seam.
+`step()` is schedule -> execute -> update. A request with `n` choices becomes `n` sequences (each
+prefills its own copy of the prompt and samples with its own generator, seeded `seed + index`).
+Events are the plain dataclasses of `protocol`; text and stop strings come from each choice's
+`IncrementalDetokenizer`, which the engine only asks.
+
+Failure isolation: when running a step raises (device out of memory, a kernel error), the step is
+run again one request at a time to find the request(s) that cause it. Those fail alone
+(`RequestFailed`, KV blocks freed); the others keep the results of their re-run and carry on.
+Re-running is safe because a step only writes the K/V of its own tokens, to the same slots each
+time. The cost is paid only on failure: at most one extra forward per request of the failed step.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
-from longserve.server.api.engine_client import (CompletionDelta, LoadStats, PrefillProgress, RequestFinished,
-                                                RequestRejected, RequestTimings, TokenLogprob)
+import torch
+
 from longserve.server.config import EngineConfig
+from longserve.server.engine.admission import check_token_ids
+from longserve.server.engine.admission import resolve_max_tokens as resolve_context
 from longserve.server.engine.block_manager import BlockManager
-from longserve.server.engine.model_runner import ModelRunner
-from longserve.server.engine.scheduler import Scheduler
+from longserve.server.engine.model_runner import ModelRunner, StepResult
+from longserve.server.engine.protocol import (CompletionDelta, FailureCause, FinishReason, GenerationEvent,
+                                              LoadStats, PrefillProgress, RequestFailed, RequestFinished,
+                                              RequestRejected, RequestTimings, TokenLogprob)
+from longserve.server.engine.scheduler import ScheduledBatch, Scheduler
 from longserve.server.engine.sequence import Sequence
 from longserve.server.hf_config import load_checkpoint
 from longserve.server.sampling import SamplingParams
 from longserve.server.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("longserve.engine")
 
 
 @dataclass
 class _Choice:
     seq: Sequence
     detok: IncrementalDetokenizer
-    text: str = ""            # decoded output so far (stop strings already cut)
-    emitted: int = 0          # characters of `text` already sent
 
 
 @dataclass
@@ -38,14 +52,15 @@ class _Request:
     first_token: float | None = None
     chunk_seconds: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
-    done: bool = False
 
 
-def context_error(limit: int, prompt: int, completion: int) -> RequestRejected:
-    return RequestRejected(
-        f"This model's maximum context length is {limit} tokens, but the request needs {prompt + completion} "
-        f"tokens ({prompt} in the prompt, {completion} for the completion). Shorten the prompt or lower "
-        "max_tokens.", param="input_tokens")
+@dataclass
+class _Executed:
+    """What running one scheduled batch produced: the pieces that ran (the whole batch, or one piece per
+    request after a failure) and, per failed request, the error its piece raised and that piece's tokens."""
+    started: float
+    ran: list[tuple[ScheduledBatch, StepResult]]
+    failed: dict[str, tuple[BaseException, int]]
 
 
 class LLMEngine:
@@ -85,40 +100,32 @@ class LLMEngine:
         return self.blocks.num_blocks * self.blocks.block_size
 
     # --- admission ---------------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids, params: SamplingParams) -> tuple[list[int], int]:
+        """Check a request without touching engine state; returns (prompt ids as ints, token cap)."""
+        ids = check_token_ids(prompt_token_ids, self.checkpoint.facts.vocab_size)
+        return ids, self.resolve_max_tokens(len(ids), params)
+
     def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        """Validate a request without touching engine state (serving.md §1.3); returns the token cap."""
-        limit, cap = self.config.max_model_len, self.config.max_output_tokens
-        if prompt_len == 0:
-            raise RequestRejected("the prompt is empty", param="prompt")
-        if prompt_len >= limit:
-            raise context_error(limit, prompt_len, 1 if params.max_tokens is None else params.max_tokens)
-        if params.max_tokens is None:
-            return min(cap, limit - prompt_len)
-        if params.max_tokens > cap:
-            raise RequestRejected(f"max_tokens is too large: {params.max_tokens}. This model supports at most "
-                                  f"{cap} completion tokens.", param="max_tokens")
-        if prompt_len + params.max_tokens > limit:
-            raise context_error(limit, prompt_len, params.max_tokens)
-        if self.blocks.blocks_for(prompt_len + params.max_tokens) > self.blocks.num_blocks:
-            raise RequestRejected(f"the request needs {prompt_len + params.max_tokens} KV slots, the cache holds "
+        """The context-length rule of `admission`, plus: an explicit cap must fit the KV cache."""
+        max_tokens = resolve_context(prompt_len, params.max_tokens, max_model_len=self.config.max_model_len,
+                                     max_output_tokens=self.config.max_output_tokens)
+        if params.max_tokens is not None and self.blocks.blocks_for(prompt_len + max_tokens) > self.blocks.num_blocks:
+            raise RequestRejected(f"the request needs {prompt_len + max_tokens} KV slots, the cache holds "
                                   f"{self.kv_capacity_tokens}", param="input_tokens")
-        return params.max_tokens
+        return max_tokens
 
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams,
                     arrival: float | None = None) -> None:
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in flight", param="request_id")
-        ids = [int(t) for t in prompt_token_ids]
-        vocab = self.checkpoint.facts.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestRejected(f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        max_tokens = self.resolve_max_tokens(len(ids), params)
+        ids, max_tokens = self.validate(prompt_token_ids, params)
         arrival = time.monotonic() if arrival is None else arrival
         choices = []
         for index in range(params.n):
             seq = Sequence(request_id, index, list(ids), params, max_tokens, arrival_time=arrival)
-            choices.append(_Choice(seq, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)))
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output)
+            choices.append(_Choice(seq, detok))
         for choice in choices:
             self.scheduler.add(choice.seq)
         self.requests[request_id] = _Request(request_id, len(ids), choices, arrival)
@@ -141,16 +148,45 @@ class LLMEngine:
                          pending_prefill_tokens=s.pending_prefill_tokens, kv_blocks_total=self.blocks.num_blocks,
                          kv_blocks_used=self.blocks.num_used_blocks, kv_block_size=self.blocks.block_size)
 
-    # --- one step ------------------------------------------------------------------------------------------
-    def step(self) -> list:
-        batch = self.scheduler.schedule()
+    # --- one step: schedule -> execute -> update ----------------------------------------------------------
+    def step(self) -> list[GenerationEvent]:
+        batch = self._schedule()
         if batch.is_empty:
             return []
-        started = time.monotonic()
+        return self._update(self._execute(batch))
+
+    def _schedule(self) -> ScheduledBatch:
+        batch = self.scheduler.schedule()
+        now = time.monotonic()
         for chunk in batch.chunks:
             req = self.requests[chunk.seq.request_id]
             if req.first_scheduled is None:
-                req.first_scheduled = started
+                req.first_scheduled = now
+        return batch
+
+    def _execute(self, batch: ScheduledBatch) -> _Executed:
+        """Run the batch; if that raises, find the request(s) at fault by running each request alone."""
+        started = time.monotonic()
+        try:
+            return _Executed(started, [(batch, self._run(batch))], {})
+        except Exception as exc:     # anything a forward can raise; BaseException (Ctrl-C) still stops us
+            by_request: dict[str, list] = {}
+            for chunk in batch.chunks:
+                by_request.setdefault(chunk.seq.request_id, []).append(chunk)
+            if len(by_request) == 1:
+                return _Executed(started, [], {batch.chunks[0].seq.request_id: (exc, batch.num_tokens)})
+            log.warning("a step of %d requests failed (%s: %s); running them one at a time", len(by_request),
+                        type(exc).__name__, _first_line(exc), extra={"event": "step_failed_isolating"})
+        ran, failed = [], {}
+        for request_id, chunks in by_request.items():
+            piece = ScheduledBatch(chunks=chunks)
+            try:
+                ran.append((piece, self._run(piece)))
+            except Exception as exc:
+                failed[request_id] = (exc, piece.num_tokens)
+        return _Executed(started, ran, failed)
+
+    def _run(self, batch: ScheduledBatch) -> StepResult:
         blocked = {}
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -159,93 +195,123 @@ class LLMEngine:
         count = self.sparse_threshold is not None and any(
             not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
             for c in batch.chunks)
-        result = self.runner.execute(batch, blocked, count_pairs=count)
-        sampled, stats = result.sampled, result.pair_stats
-        density = stats.computed / stats.causal if stats is not None and stats.causal else None
-        self.scheduler.commit(batch)
+        return self.runner.execute(batch, blocked, count_pairs=count)
+
+    def _update(self, executed: _Executed) -> list[GenerationEvent]:
+        """Commit what ran, emit progress and tokens, and fail the requests whose piece raised."""
+        self.scheduler.commit(ScheduledBatch(chunks=[c for piece, _ in executed.ran for c in piece.chunks]))
         now = time.monotonic()
-        events: list = []
+        density = _density([result.pair_stats for _, result in executed.ran])
+        events: list[GenerationEvent] = []
         progressed = {}
-        for chunk in batch.chunks:
-            if not chunk.is_decode and chunk.seq.choice_index == 0:
-                req = self.requests[chunk.seq.request_id]
-                req.chunk_seconds.append(now - started)
-                req.chunk_tokens.append(chunk.num_tokens)
-                progressed[req.request_id] = (min(chunk.seq.num_computed_tokens, req.prompt_len), req.prompt_len)
+        for piece, _ in executed.ran:
+            for chunk in piece.chunks:
+                if not chunk.is_decode and chunk.seq.choice_index == 0:
+                    req = self.requests[chunk.seq.request_id]
+                    req.chunk_seconds.append(now - executed.started)
+                    req.chunk_tokens.append(chunk.num_tokens)
+                    progressed[req.request_id] = (min(chunk.seq.num_computed_tokens, req.prompt_len), req.prompt_len)
         for rid, (done, total) in progressed.items():
             sparse = density is not None and total > self.sparse_threshold
             events.append(PrefillProgress(rid, done, total, density if sparse else None))
-        sampling_chunks = [c for c in batch.chunks if c.samples]
-        for chunk, result in zip(sampling_chunks, sampled):
-            events.extend(self._append_token(chunk.seq, result, now))
+        for piece, result in executed.ran:
+            for chunk, sampled in zip([c for c in piece.chunks if c.samples], result.sampled):
+                events.extend(self._append_token(chunk.seq, sampled, now))
+        for request_id, (exc, step_tokens) in executed.failed.items():
+            events.extend(self._fail(self.requests[request_id], exc, step_tokens, now))
         return events
 
-    def _choice(self, seq: Sequence) -> _Choice:
-        return self.requests[seq.request_id].choices[seq.choice_index]
-
-    def _finish_reason(self, seq: Sequence, token: int) -> tuple[str | None, object]:
+    def _finish_reason(self, seq: Sequence, token: int) -> tuple[FinishReason | None, object]:
         p = seq.params
         if token in p.stop_token_ids:
-            return "stop", token
+            return FinishReason.STOP, token
         if token in self.eos_token_ids and not p.ignore_eos:
-            return "stop", None
+            return FinishReason.STOP, None
         if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            return "length", None
+            return FinishReason.LENGTH, None
         return None, None
 
-    def _append_token(self, seq: Sequence, result, now: float) -> list:
+    def _append_token(self, seq: Sequence, result, now: float) -> list[GenerationEvent]:
         req = self.requests[seq.request_id]
-        choice = self._choice(seq)
+        choice = req.choices[seq.choice_index]
         seq.output_token_ids.append(result.token_id)
         if req.first_token is None:
             req.first_token = now
         reason, stop_reason = self._finish_reason(seq, result.token_id)
         hidden = result.token_id in self.eos_token_ids or result.token_id in seq.params.stop_token_ids
-        choice.text += "" if hidden and seq.params.skip_special_tokens else choice.detok.add([result.token_id])
-        if reason is None and seq.params.stop:
-            reason, stop_reason = self._check_stop_strings(choice)
-        if reason is None:
-            hold = max((len(s) for s in seq.params.stop), default=1) - 1
-            upto = max(choice.emitted, len(choice.text) - hold)
-        else:
-            upto = len(choice.text)
-        delta_text, choice.emitted = choice.text[choice.emitted:upto], upto
+        visible = () if hidden and seq.params.skip_special_tokens else (result.token_id,)
+        text, stop = choice.detok.step(visible, final=reason is not None)
+        if stop is not None:
+            reason, stop_reason = FinishReason.STOP, stop
         logprobs = ()
         if seq.params.logprobs is not None:
             tok = self.tokenizer.id_to_token
             logprobs = (TokenLogprob(result.token_id, tok(result.token_id), result.logprob,
                                      tuple((t, tok(t), lp) for t, lp in result.top)),)
-        events = [CompletionDelta(seq.request_id, seq.choice_index, delta_text, (result.token_id,), logprobs,
-                                  reason, stop_reason, req.prompt_len, len(seq.output_token_ids))]
+        events: list[GenerationEvent] = [
+            CompletionDelta(seq.request_id, seq.choice_index, text, (result.token_id,), logprobs, reason,
+                            stop_reason, req.prompt_len, len(seq.output_token_ids))]
         if reason is not None:
             self.scheduler.finish(seq, reason, stop_reason)
             self.runner.release(seq)
             if all(c.seq.is_finished for c in req.choices):
-                events.append(self._finished(req, now))
+                del self.requests[req.request_id]
+                events.append(RequestFinished(req.request_id, req.prompt_len, self._num_output(req),
+                                              tuple(c.seq.finish_reason for c in req.choices),
+                                              self._timings(req, now),
+                                              sum(c.seq.num_preemptions for c in req.choices)))
+        return events
+
+    def _fail(self, req: _Request, exc: BaseException, step_tokens: int, now: float) -> list[GenerationEvent]:
+        """End every unfinished choice with `error`, free the request's KV blocks, and say why."""
+        oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        cause = FailureCause.OUT_OF_MEMORY if oom else FailureCause.EXCEPTION
+        size = (f"prompt of {req.prompt_len} tokens, {self._num_output(req)} generated, {step_tokens} tokens "
+                "in the failed step")
+        what = "ran out of memory" if oom else "failed"
+        message = (f"The engine {what} while running this request ({size}): {type(exc).__name__}: "
+                   f"{_first_line(exc)}. The request was stopped and its KV cache freed; other requests are "
+                   "not affected." + (" Retry later or with a shorter prompt." if oom else ""))
+        log.error("request %s failed: %s", req.request_id, message, exc_info=exc, extra={
+            "event": "request_failed", "request_id": req.request_id, "cause": cause.value,
+            "prompt_tokens": req.prompt_len, "step_tokens": step_tokens})
+        events: list[GenerationEvent] = []
+        for choice in req.choices:
+            seq = choice.seq
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            self.runner.release(seq)
+            events.append(CompletionDelta(req.request_id, seq.choice_index, "", (), (), FinishReason.ERROR,
+                                          None, req.prompt_len, len(seq.output_token_ids)))
+        del self.requests[req.request_id]
+        events.append(RequestFailed(req.request_id, cause, message, req.prompt_len, self._num_output(req),
+                                    self._timings(req, now)))
         return events
 
     @staticmethod
-    def _check_stop_strings(choice: _Choice):
-        params = choice.seq.params
-        window = max(len(s) for s in params.stop) + 8
-        start = max(0, choice.emitted - window)
-        hits = [(choice.text.find(s, start), s) for s in params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return None, None
-        index, stop = min(hits)
-        choice.text = choice.text[:index + (len(stop) if params.include_stop_str_in_output else 0)]
-        choice.emitted = min(choice.emitted, len(choice.text))
-        return "stop", stop
+    def _num_output(req: _Request) -> int:
+        return sum(len(c.seq.output_token_ids) for c in req.choices)
 
-    def _finished(self, req: _Request, now: float) -> RequestFinished:
-        del self.requests[req.request_id]
+    @staticmethod
+    def _timings(req: _Request, now: float) -> RequestTimings:
         first_sched = req.first_scheduled if req.first_scheduled is not None else now
-        timings = RequestTimings(
+        return RequestTimings(
             arrival=req.arrival, queued_seconds=first_sched - req.arrival,
             first_token_seconds=None if req.first_token is None else req.first_token - req.arrival,
             prefill_chunk_seconds=tuple(req.chunk_seconds), prefill_chunk_tokens=tuple(req.chunk_tokens),
             decode_seconds=0.0 if req.first_token is None else now - req.first_token, finished=now)
-        return RequestFinished(req.request_id, req.prompt_len, sum(len(c.seq.output_token_ids) for c in req.choices),
-                               tuple(c.seq.finish_reason for c in req.choices), timings,
-                               sum(c.seq.num_preemptions for c in req.choices))
+
+
+def _density(stats) -> float | None:
+    """Computed / causal (query, key) pairs over the pieces of a step that ran sparse prefill."""
+    stats = [s for s in stats if s is not None]
+    causal = sum(int(s.causal) for s in stats)
+    return sum(int(s.computed) for s in stats) / causal if causal else None
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message, short enough for a client (device OOM messages run to several lines)."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."

@@ -5,9 +5,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from longserve.server.api.engine_client import CompletionDelta, RequestFinished, TokenLogprob
 from longserve.server.config import EngineConfig
 from longserve.server.engine.llm_engine import LLMEngine
+from longserve.server.engine.protocol import (CompletionDelta, FinishReason, RequestFailed, RequestFinished,
+                                              TokenLogprob)
 from longserve.server.sampling import SamplingParams
 
 
@@ -17,7 +18,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
 
 
@@ -27,6 +28,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: RequestFinished | None = None
+    failure: RequestFailed | None = None     # set when the engine could not run the request (choices end "error")
 
 
 def default_engine_config(model_path: str, **overrides) -> EngineConfig:
@@ -81,4 +83,6 @@ class LLM:
                         out.finish_reason, out.stop_reason = event.finish_reason, event.stop_reason
                 elif isinstance(event, RequestFinished):
                     outputs[event.request_id].finished = event
+                elif isinstance(event, RequestFailed):
+                    outputs[event.request_id].failure = event
         return [outputs[r] for r in order]

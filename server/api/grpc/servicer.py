@@ -1,6 +1,7 @@
 """`longserve.v1.Generation`: pb <-> domain conversion over `GenerationCore` (serving.md §2).
 
-Errors are raised as `APIError` and mapped to status codes by the interceptor. Cancelling the
+Errors are raised as `APIError` and mapped to status codes by the interceptor; a request the engine
+fails ends with INTERNAL, or RESOURCE_EXHAUSTED when it ran out of memory. Cancelling the
 RPC cancels this handler, whose `finally` closes the event stream: the engine request is aborted
 and its KV freed, the same path as an HTTP disconnect.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 import time
 import uuid
 
-from longserve.server.api.engine_client import CompletionDelta, PrefillProgress, RequestFinished
+from longserve.server.api.engine_client import CompletionDelta, FinishReason, PrefillProgress, RequestFinished
 from longserve.server.api.errors import APIError, BadRequest
 from longserve.server.api.generation import END, TIMEOUT, GenerationCore
 from longserve.server.api.grpc.pb import generation_pb2 as pb
 from longserve.server.api.grpc.pb import generation_pb2_grpc as pb_grpc
 
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "n", "seed", "ignore_eos", "include_stop_str_in_output", "min_tokens",
              "logprobs", "skip_special_tokens")
@@ -95,6 +97,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     done = event.processed_tokens if event is not None else done
                     yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(
                         prefill_tokens_done=done, prompt_tokens=prompt_tokens))
+                elif isinstance(event, CompletionDelta) and event.finish_reason == FinishReason.ERROR:
+                    pass       # the engine failed the request: the call ends with the error status next
                 elif isinstance(event, CompletionDelta):
                     prefilling = False
                     tokens[event.index] = max(tokens[event.index] + len(event.token_ids), event.num_output_tokens)
@@ -116,8 +120,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     @staticmethod
     def _final(finished: RequestFinished | None, prompt_tokens: int, tokens: list[int],
                reasons: dict[int, tuple[str, str]]) -> pb.Final:
-        choices = [pb.ChoiceFinish(index=i, finish_reason=_FINISH.get(reasons.get(i, ("abort", ""))[0]),
-                                   stop_reason=reasons.get(i, ("abort", ""))[1]) for i in range(len(tokens))]
+        unfinished = (FinishReason.ABORT, "")
+        choices = [pb.ChoiceFinish(index=i, finish_reason=_FINISH.get(reasons.get(i, unfinished)[0]),
+                                   stop_reason=reasons.get(i, unfinished)[1]) for i in range(len(tokens))]
         completion = sum(tokens)
         cached, timing = 0, pb.Timing()
         if finished is not None:

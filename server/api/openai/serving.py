@@ -1,7 +1,9 @@
 """Chat, completions, tokenize and models over `GenerationCore` (HTTP-agnostic: returns bodies or SSE text).
 
 Validation and admission happen before anything is returned, so errors up to the first engine
-event are plain HTTP errors; once the stream has started they become an in-stream error event.
+event are plain HTTP errors; once the stream has started they become an in-stream error event. A
+request the engine fails mid-stream ends with a chunk whose finish_reason is "error", then the error
+object and `[DONE]`; without streaming it is a 500 (503 when the engine ran out of memory).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from longserve.server.api.engine_client import CompletionDelta, PrefillProgress, RequestFinished
+from longserve.server.api.engine_client import CompletionDelta, FinishReason, PrefillProgress, RequestFinished
 from longserve.server.api.errors import APIError, BadRequest
 from longserve.server.api.generation import END, TIMEOUT, EngineRequest, EventStream, GenerationCore
 from longserve.server.api.openai import responses as R
@@ -44,7 +46,7 @@ class _Totals:
         """Choices the engine never finished (client gone, drain abort) end as `abort`."""
         left = [c for c in self.ordered() if c.finish_reason is None]
         for c in left:
-            c.finish_reason = "abort"
+            c.finish_reason = FinishReason.ABORT
         return left
 
     def usage(self) -> dict:
@@ -200,7 +202,7 @@ class OpenAIServing:
                     return
             use = totals.usage()
             for choice in totals.close_unfinished():
-                yield writer.content(choice, "", (), "abort", None, use if continuous_usage else None)
+                yield writer.content(choice, "", (), FinishReason.ABORT, None, use if continuous_usage else None)
             if writer.include_usage:
                 yield writer.usage(use)
             yield R.DONE
