@@ -1,25 +1,31 @@
 """Dual chunk attention prefill composed from the Triton kernels (dense or vertical-slash); decode: ``dca_decode``.
 
-Same signatures and semantics as ``longserve.kernels.reference.dca`` (algorithms.md §1.4-§1.6, §2.5): queries
-are cut into sub-blocks at DCA chunk boundaries; each sub-block attends its intra keys (causal, bottom-right),
-the previous chunk (succ, non-causal) and all older chunks (inter, non-causal) with the three query rotations,
-and the parts are LSE-merged in fp32. Rotations run as torch ops (fp64 angles, via the reference RoPE); the
-attention parts run ``vertical_slash`` (dense or sparse work lists) and the merge runs the Triton merge kernel.
-The sparse path uses the reference estimation (vectorised torch, device-agnostic), the device index builder and
-the sparse kernel. Decode is three paged-attention calls per step (intra, succ, inter) plus the merge.
-Shapes follow the kernel contract: q ``[n_q, H, D]`` un-rotated for positions ``[L - n_q, L)``, k/v ``[L, G, D]``.
+Same semantics as ``longserve.kernels.reference.dca`` (algorithms.md §1.4-§1.6, §2.5): queries are cut into
+sub-blocks at DCA chunk boundaries; each sub-block attends its intra keys (causal, bottom-right), the previous
+chunk (succ, non-causal) and all older chunks (inter, non-causal) with the three query rotations, and the parts
+are LSE-merged in fp32. Rotations run as torch ops (fp64 angles, via the reference RoPE); the attention parts run
+``vertical_slash`` (dense or sparse work lists) and the merge runs the Triton merge kernel.
+
+One composition serves both key layouts: ``paged_dual_chunk_attention_triton`` takes a KV source (a ``PagedKV``
+straight from the engine's cache, or a ``ContiguousKV``) and every region is one kernel launch over keys
+``[lo, hi)`` of that source, addressed in place: nothing gathers the context or slices K/V. The sparse path's
+estimation reads keys through the same source, the device index builder makes the work lists, and the sparse
+kernel counts the pairs it computes on the device. The sub-block structure comes from host integers (lengths),
+so the host code issues no device-to-host synchronisation of its own.
+Shapes: q ``[n_q, H, D]`` un-rotated for positions ``[L - n_q, L)``; keys ``[0, L)`` stored rotated at ``j mod cl``.
 """
 from __future__ import annotations
 
 import torch
 
+from longserve.kernels.estimation import estimate_dca_selection, split_regions
+from longserve.kernels.kv_source import ContiguousKV, PagedKV
 from longserve.kernels.merge import merge_lse_stacked
-from longserve.kernels.reference.dca import (chunk_length, key_positions, query_positions, softmax_scale,
+from longserve.kernels.reference.dca import (chunk_length, dense_regions, key_positions, region_pairs, softmax_scale,
                                               sub_blocks)
-from longserve.kernels.reference.estimate import estimate_dca_selection, split_regions
 from longserve.kernels.reference.rope import apply_rope
 from longserve.kernels.sparse_index import convert_vertical_slash_indexes
-from longserve.kernels.vertical_slash import dense_attention, vertical_slash_attention
+from longserve.kernels.vertical_slash import dense_attention_kv, vertical_slash_attention_kv
 
 
 def chunk_params(chunk_size, local_size):
@@ -28,68 +34,102 @@ def chunk_params(chunk_size, local_size):
     return cl, None if cl is None else int(chunk_size)
 
 
-def _validate(q, k, v):
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"expected q [n_q, H, D], k/v [L, G, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if q.shape[0] > k.shape[0]:
-        raise ValueError(f"n_q={q.shape[0]} exceeds kv_len={k.shape[0]}: queries must be the tail of the keys")
+def _source_shape(kv) -> tuple[int, int, int, torch.dtype, torch.device]:
+    """(L, G, D, dtype, device) of a KV source."""
+    if isinstance(kv, PagedKV):
+        if kv.k_cache.dim() != 4:
+            raise ValueError(f"paged caches must be [num_blocks, PAGE, G, D], got {tuple(kv.k_cache.shape)}")
+        t = kv.k_cache
+    elif isinstance(kv, ContiguousKV):
+        t = kv.k
+    else:
+        raise TypeError(f"kv must be a PagedKV or ContiguousKV, got {type(kv).__name__}")
+    return int(kv.length), t.shape[-2], t.shape[-1], t.dtype, t.device
 
 
 def dual_chunk_attention_triton(q, k, v, *, rope_theta, chunk_size, local_size,
                                 original_max_position_embeddings=0, prompt_len=None, sparse=None,
-                                return_lse=False, keys_rotated=False, scale=None):
-    """DCA prefill on the Triton kernels; returns O ``[n_q, H, D]`` (and LSE fp32 ``[n_q, H]``)."""
-    _validate(q, k, v)
-    cl, chunk_size = chunk_params(chunk_size, local_size)
-    n_q, H, D = q.shape
-    L = k.shape[0]
-    n_prompt = L if prompt_len is None else int(prompt_len)
-    tau = softmax_scale(q.shape[-1], scale, original_max_position_embeddings, n_prompt)
+                                return_lse=False, keys_rotated=False, scale=None, stats=None):
+    """DCA prefill on the Triton kernels over contiguous k/v ``[L, G, D]``; returns O (and LSE fp32)."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [n_q, H, D], k/v [L, G, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     if not keys_rotated:
-        k = apply_rope(k, key_positions(torch.arange(L, device=k.device), cl), rope_theta)
-    out = torch.empty_like(q)
-    lse = torch.empty((n_q, H), dtype=torch.float32, device=q.device)
+        cl = chunk_length(chunk_size, local_size)
+        k = apply_rope(k, key_positions(torch.arange(k.shape[0], device=k.device), cl), rope_theta)
+    return paged_dual_chunk_attention_triton(
+        q, ContiguousKV(k, v), rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size,
+        original_max_position_embeddings=original_max_position_embeddings, prompt_len=prompt_len, sparse=sparse,
+        scale=scale, return_lse=return_lse, stats=stats)
+
+
+def paged_dual_chunk_attention_triton(q, kv, *, rope_theta, chunk_size, local_size,
+                                      original_max_position_embeddings=0, prompt_len=None, sparse=None,
+                                      scale=None, return_lse=False, stats=None):
+    """DCA prefill of q (positions ``[kv.length - n_q, kv.length)``) over the keys of a KV source.
+
+    ``kv`` is a ``PagedKV`` (one sequence in one layer of the paged cache) or a ``ContiguousKV``; keys are
+    stored rotated at ``j mod cl``. YaRN uses ``m(prompt_len or kv.length)^2``. ``sparse`` (``SparseHeadBudgets``)
+    switches to vertical-slash attention when the prompt length exceeds its threshold. On that sparse path
+    ``stats`` (a ``PairStats``) gets ``computed`` (pairs the kernels score, see ``vertical_slash``; a 0-dim
+    device tensor, never read back here) and ``causal`` (what dense attention would score, an int) added; a
+    dense prefill adds nothing, like the reference.
+    Returns O ``[n_q, H, D]`` in q's dtype (and LSE fp32 ``[n_q, H]``).
+    """
+    L, G, D, dtype, device = _source_shape(kv)
+    if q.dim() != 3 or q.shape[2] != D or q.shape[1] % max(G, 1) or q.dtype != dtype or q.device != device:
+        raise ValueError(f"q must be [n_q, H, D={D}] with H a multiple of G={G}, {dtype} on {device}; got "
+                         f"{tuple(q.shape)} {q.dtype} on {q.device}")
+    n_q, H, _ = q.shape
+    if n_q > L:
+        raise ValueError(f"n_q={n_q} exceeds kv_len={L}: queries must be the tail of the keys")
+    cl, chunk_size = chunk_params(chunk_size, local_size)
+    n_prompt = L if prompt_len is None else int(prompt_len)
+    if n_prompt < L:
+        raise ValueError(f"prompt_len={n_prompt} is shorter than kv_len={L}")
+    tau = softmax_scale(D, scale, original_max_position_embeddings, n_prompt)
     use_sparse = sparse is not None and n_prompt > int(sparse.threshold)
     if use_sparse and sparse.num_heads != H:
         raise ValueError(f"sparse budgets cover {sparse.num_heads} heads, this call has {H}")
+    out = torch.empty_like(q)
+    lse = torch.empty((n_q, H), dtype=torch.float32, device=device)
+    counting = use_sparse and stats is not None
+    computed = torch.zeros((), dtype=torch.int64, device=device) if counting else None
+    causal_pairs = 0
     q0 = L - n_q
     for b, e, P in sub_blocks(L, n_q, cl):
         rows = slice(b - q0, e - q0)
-        pos = torch.arange(b, e, device=q.device)
-        p_intra, p_succ, p_inter = query_positions(pos, cl, chunk_size)
-        qr = q[rows]
-        regions = [(apply_rope(qr, p_intra, rope_theta), P, e, True)]
-        if cl is not None and P >= cl:
-            regions.append((apply_rope(qr, p_succ, rope_theta), P - cl, P, False))
-        if cl is not None and P >= 2 * cl:
-            regions.append((apply_rope(qr, p_inter, rope_theta), 0, P - cl, False))
+        regions = dense_regions(q[rows], P, e, b, cl, chunk_size, rope_theta)
         lists = None
         if use_sparse:
-            lists = sparse_work_lists(qr, k, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size, rope_theta=rope_theta,
-                                      tau=tau, budgets=sparse)
+            lists = sparse_work_lists(q[rows], kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
+                                      rope_theta=rope_theta, tau=tau, budgets=sparse)
         single = len(regions) == 1
         o_parts = out[rows][None] if single else torch.empty((len(regions), e - b, H, D), dtype=torch.float32,
-                                                             device=q.device)
+                                                             device=device)
         l_parts = lse[rows][None] if single else torch.empty((len(regions), e - b, H), dtype=torch.float32,
-                                                             device=q.device)
+                                                             device=device)
         for i, (qi, lo, hi, causal) in enumerate(regions):
+            causal_pairs += region_pairs(e - b, hi - lo, causal, H)
             if lists is None:
-                dense_attention(qi, k[lo:hi], v[lo:hi], scale=tau, causal=causal, out=o_parts[i],
-                                lse_out=l_parts[i])
+                dense_attention_kv(qi, kv, lo, hi, scale=tau, causal=causal, out=o_parts[i], lse_out=l_parts[i])
             else:
-                vertical_slash_attention(qi, k[lo:hi], v[lo:hi], *lists[i], scale=tau, causal=causal,
-                                         out=o_parts[i], lse_out=l_parts[i])
+                vertical_slash_attention_kv(qi, kv, lo, hi, *lists[i], scale=tau, causal=causal, out=o_parts[i],
+                                            lse_out=l_parts[i], pair_count=computed)
         if not single:
             _merge_into((o_parts, l_parts), out[rows], lse[rows])
+    if counting:                                # like the reference: only sparse prefill reports pairs
+        stats.computed = stats.computed + computed
+        stats.causal = stats.causal + causal_pairs
     return (out, lse) if return_lse else out
 
 
-def sparse_work_lists(q_rows, k_rot, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
-    """§2.5 for one sub-block: reference estimation and region split (vectorised torch), then the device index
-    builder; returns the (block_count, block_offset, column_count, column_index) lists of intra, succ, inter."""
-    sel = estimate_dca_selection(q_rows, k_rot, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size, rope_theta=rope_theta,
-                                 tau=tau, budgets=budgets)
+def sparse_work_lists(q_rows, kv, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
+    """§2.5 for one sub-block: estimation over the source's keys and the region split (vectorised torch), then
+    the device index builder; returns the (block_count, block_offset, column_count, column_index) lists of
+    intra, succ, inter in region-local key indices."""
+    sel = estimate_dca_selection(q_rows, kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
+                                 rope_theta=rope_theta, tau=tau, budgets=budgets)
     return [convert_vertical_slash_indexes(r.vertical, r.vertical_count, r.slash, r.slash_count, e - b,
                                            r.key_end - r.key_start, causal=r.causal)
             for r in split_regions(sel, b=b, e=e, P=P, cl=cl)]

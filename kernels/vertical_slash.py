@@ -13,6 +13,20 @@ causal mask (a no-op for lists built by §2.3, whose causal columns lie before t
 Limits: any head dim (padded to a power of two internally, >= 16); fp32 / fp16 / bf16 inputs, softmax in
 fp32, base-2 exponentials internally; the dense path (``dense_attention``) walks all causal key blocks itself
 and may use larger query tiles.
+
+Key sources (``*_kv`` entries): the kernel's key range ``[0, n_k)`` is keys ``[lo, hi)`` of one sequence, read
+either from contiguous ``[n, G, D]`` tensors (row ``lo + col``) or straight from a paged cache ``[num_blocks,
+PAGE, G, D]`` through the sequence's block table (position ``p = lo + col`` lives at page
+``block_table[p // PAGE]``, slot ``p % PAGE``); ``PAGE`` is a power of two. Addresses are int64.
+
+Pair counting (``pair_count=``): **computed pairs** = the (query row, key) pairs the kernel scores with the
+key valid and causally visible, i.e. over every key tile a program processes (each listed block start's 64
+keys, each 64-wide chunk of listed columns, or every tile of the dense walk), the count of (row, key) with
+``row < n_q``, ``0 <= key < n_k``, the column slot actually listed (``c < column_count``), and in causal mode
+``key <= n_k - n_q + row``. Keys listed twice (overlapping block ranges, a column inside a listed block, a
+column repeated) count twice: this is work done, not a set size. Dense attention's count therefore equals the
+causal (or full-rectangle) pair count exactly. Each program writes its count to an int32 ``[H, R]`` buffer
+(no atomics); the wrapper sums it on the device into the caller's 0-dim int64 tensor.
 """
 from __future__ import annotations
 
@@ -24,6 +38,7 @@ import triton
 import triton.language as tl
 
 from longserve.kernels.dispatch import launches_enabled
+from longserve.kernels.kv_source import ContiguousKV, PagedKV
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -56,15 +71,42 @@ def _online_step(acc, m_i, l_i, q, kT, v, qk_scale, mask, USE_MASK: tl.constexpr
 
 
 @triton.jit
+def _key_rows(cols, ok, BLOCK_TABLE, key_start, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """(major, minor) int64 address terms of key columns ``cols`` (region-local): contiguous mode reads row
+    ``key_start + col`` of a ``[n, G, D]`` tensor (minor 0); paged mode reads the physical page and slot of
+    sequence position ``key_start + col`` through the block table (masked lanes read page 0)."""
+    pos = key_start + cols.to(tl.int64)
+    if PAGED:
+        phys = tl.load(BLOCK_TABLE + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        return phys, pos % PAGE
+    else:
+        return pos, tl.zeros_like(pos)
+
+
+@triton.jit
+def _tile(k_base, v_base, cols, col_ok, d_ok, BLOCK_TABLE, key_start,
+          stride_k0, stride_k1, stride_v0, stride_v1, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """K^T ``[BLOCK_D, BLOCK_N]`` and V ``[BLOCK_N, BLOCK_D]`` tiles of the key columns ``cols``."""
+    major, minor = _key_rows(cols, col_ok, BLOCK_TABLE, key_start, PAGED, PAGE)
+    kT = tl.load(k_base + major[None, :] * stride_k0 + minor[None, :] * stride_k1,
+                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    vv = tl.load(v_base + major[:, None] * stride_v0 + minor[:, None] * stride_v1,
+                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    return kT, vv
+
+
+@triton.jit
 def _vs_attn_fwd_kernel(
-    Q, K, V, O, LSE,                                        # q [n_q, H, D]; k, v [n_k, G, D]; o like q; lse [n_q, H]
+    Q, K, V, O, LSE,                                        # q [n_q, H, D]; k, v [n, G, D] or [blocks, PAGE, G, D]
     BLOCK_COUNT, BLOCK_OFFSET, COLUMN_COUNT, COLUMN_INDEX,  # [H, R], [H, R, NB], [H, R], [H, R, NC]
-    stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    BLOCK_TABLE, PAIRS,                                     # int32 [pages] (paged mode); int32 [H, R] (COUNT)
+    stride_qm, stride_qh, stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
     stride_om, stride_oh, stride_lm, stride_lh,
     stride_bch, stride_bcr, stride_boh, stride_bor, stride_cch, stride_ccr, stride_cih, stride_cir,
-    q_len, kv_len, group, qk_scale,
+    stride_ph, q_len, kv_len, key_start, group, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DENSE: tl.constexpr, IEEE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -88,6 +130,8 @@ def _vs_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     limit = off + offs_m                       # last visible key per row (causal)
+    pairs = tl.zeros([], tl.int32)             # per program: at most BLOCK_M x kv_len, well below 2**31
+    n_rows = tl.sum(row_ok.to(tl.int32))
 
     if DENSE:
         if CAUSAL:
@@ -96,20 +140,25 @@ def _vs_attn_fwd_kernel(
         else:
             hi = kv_len
             n_full = kv_len // BLOCK_N
+        all_cols = offs_n >= 0
         for i in range(0, n_full):             # blocks every row sees entirely: no mask
             cols = i * BLOCK_N + offs_n
-            kT = tl.load(k_base + cols[None, :] * stride_kn, mask=d_ok[:, None], other=0.0)
-            vv = tl.load(v_base + cols[:, None] * stride_vn, mask=d_ok[None, :], other=0.0)
+            kT, vv = _tile(k_base, v_base, cols, all_cols, d_ok, BLOCK_TABLE, key_start,
+                           stride_k0, stride_k1, stride_v0, stride_v1, PAGED, PAGE)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, vv, qk_scale, None, False, IEEE)
+        if COUNT:
+            pairs += n_rows * tl.maximum(n_full, 0) * BLOCK_N
         for start in range(n_full * BLOCK_N, hi, BLOCK_N):
             cols = start + offs_n
             col_ok = cols < kv_len
-            kT = tl.load(k_base + cols[None, :] * stride_kn, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            vv = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            kT, vv = _tile(k_base, v_base, cols, col_ok, d_ok, BLOCK_TABLE, key_start,
+                           stride_k0, stride_k1, stride_v0, stride_v1, PAGED, PAGE)
             mask = col_ok[None, :]
             if CAUSAL:
                 mask = mask & (cols[None, :] <= limit[:, None])
             acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, vv, qk_scale, mask, True, IEEE)
+            if COUNT:
+                pairs += tl.sum((mask & row_ok[:, None]).to(tl.int32))
     else:
         n_blocks = tl.load(BLOCK_COUNT + head * stride_bch + pid_m * stride_bcr)
         bo_base = BLOCK_OFFSET + head * stride_boh + pid_m * stride_bor
@@ -117,24 +166,28 @@ def _vs_attn_fwd_kernel(
             start = tl.load(bo_base + i)
             cols = start + offs_n
             col_ok = (cols < kv_len) & (cols >= 0)
-            kT = tl.load(k_base + cols[None, :] * stride_kn, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            vv = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            kT, vv = _tile(k_base, v_base, cols, col_ok, d_ok, BLOCK_TABLE, key_start,
+                           stride_k0, stride_k1, stride_v0, stride_v1, PAGED, PAGE)
             mask = col_ok[None, :]
             if CAUSAL:
                 mask = mask & (cols[None, :] <= limit[:, None])
             acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, vv, qk_scale, mask, True, IEEE)
+            if COUNT:
+                pairs += tl.sum((mask & row_ok[:, None]).to(tl.int32))
         n_cols = tl.load(COLUMN_COUNT + head * stride_cch + pid_m * stride_ccr)
         ci_base = COLUMN_INDEX + head * stride_cih + pid_m * stride_cir
         for c0 in range(0, n_cols, BLOCK_N):
             listed = (c0 + offs_n) < n_cols
             cols = tl.load(ci_base + c0 + offs_n, mask=listed, other=0)
             col_ok = listed & (cols < kv_len) & (cols >= 0)
-            kT = tl.load(k_base + cols[None, :] * stride_kn, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            vv = tl.load(v_base + cols[:, None] * stride_vn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            kT, vv = _tile(k_base, v_base, cols, col_ok, d_ok, BLOCK_TABLE, key_start,
+                           stride_k0, stride_k1, stride_v0, stride_v1, PAGED, PAGE)
             mask = col_ok[None, :]
             if CAUSAL:
                 mask = mask & (cols[None, :] <= limit[:, None])
             acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, vv, qk_scale, mask, True, IEEE)
+            if COUNT:
+                pairs += tl.sum((mask & row_ok[:, None]).to(tl.int32))
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -143,6 +196,8 @@ def _vs_attn_fwd_kernel(
     tl.store(O + rows64[:, None] * stride_om + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + offs_m * stride_lm + head * stride_lh, lse, mask=row_ok)
+    if COUNT:
+        tl.store(PAIRS + head * stride_ph + pid_m, pairs)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -152,15 +207,20 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"head dims differ: q {q.shape[2]} vs k {k.shape[2]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k.shape[1]}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
+    return _check_heads(q, k)
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> int:
+    """q ``[n_q, H, D]`` against a K layout whose last two dims are ``[G, D]``; returns the group size."""
+    if q.shape[2] != k.shape[-1]:
+        raise ValueError(f"head dims differ: q {q.shape[2]} vs k {k.shape[-1]}")
+    if k.shape[-2] == 0 or q.shape[1] % k.shape[-2] != 0:
+        raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k.shape[-2]}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}")
+    if q.device != k.device:
         raise ValueError("q, k and v must be on the same device")
-    return q.shape[1] // k.shape[1]
+    return q.shape[1] // k.shape[-2]
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -180,37 +240,86 @@ def _outputs(q: torch.Tensor, out: torch.Tensor | None, lse_out: torch.Tensor | 
     return out, lse_out
 
 
-def _launch(q, k, v, lists, *, scale, causal, dense, block_m, num_warps, num_stages, out, lse_out):
-    group = _check_qkv(q, k, v)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+def _key_layout(kv, lo: int, hi: int):
+    """Kernel view of keys ``[lo, hi)`` of a KV source: (k, v, block table, page, strides, paged).
+
+    ``ContiguousKV`` (or a plain ``(k, v)`` pair) is read as rows ``lo + col`` of ``[n, G, D]`` tensors; a
+    ``PagedKV`` through its block table, the caches staying where they are (nothing is gathered)."""
+    if isinstance(kv, PagedKV):
+        kc, vc, table = kv.k_cache, kv.v_cache, kv.block_table
+        if kc.dim() != 4 or vc.shape != kc.shape:
+            raise ValueError(f"paged caches must be [num_blocks, PAGE, G, D] alike, got {tuple(kc.shape)}, "
+                             f"{tuple(vc.shape)}")
+        page = kc.shape[1]
+        if page <= 0 or page & (page - 1):
+            raise ValueError(f"page size must be a power of two, got {page}")
+        if table.dim() != 1 or table.dtype not in (torch.int32, torch.int64) or table.device != kc.device:
+            raise ValueError(f"block_table must be a 1-D int32/int64 tensor on {kc.device}, got {table.dtype} "
+                             f"{tuple(table.shape)} on {table.device}")
+        if not 0 <= lo <= hi <= min(kv.length, table.shape[0] * page):
+            raise ValueError(f"key range [{lo}, {hi}) outside the sequence's {kv.length} cached keys")
+        kc, vc = _last_dim_contiguous(kc), _last_dim_contiguous(vc)
+        table = table if table.dtype == torch.int32 and table.stride(0) == 1 else table.to(torch.int32).contiguous()
+        return kc, vc, table, page, (kc.stride(0), kc.stride(1), kc.stride(2)), \
+            (vc.stride(0), vc.stride(1), vc.stride(2)), True
+    k, v = (kv.k, kv.v) if isinstance(kv, ContiguousKV) else kv
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected k, v [n_k, G, D] alike, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if not 0 <= lo <= hi <= k.shape[0]:
+        raise ValueError(f"key range [{lo}, {hi}) outside the {k.shape[0]} keys")
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return k, v, None, 1, (k.stride(0), 0, k.stride(1)), (v.stride(0), 0, v.stride(1)), False
+
+
+def _pair_buffer(pair_count: torch.Tensor | None, shape, device):
+    if pair_count is None:
+        return None
+    if pair_count.dim() != 0 or pair_count.dtype != torch.int64 or pair_count.device != device:
+        raise ValueError(f"pair_count must be a 0-dim int64 tensor on {device}, got {pair_count.dtype} "
+                         f"{tuple(pair_count.shape)} on {pair_count.device}")
+    return torch.zeros(shape, dtype=torch.int32, device=device)
+
+
+def _launch(q, kv, lo, hi, lists, *, scale, causal, dense, block_m, num_warps, num_stages, out, lse_out,
+            pair_count):
+    if q.dim() != 3:
+        raise ValueError(f"expected q [n_q, H, D], got {tuple(q.shape)}")
+    k, v, table, page, ks, vs, paged = _key_layout(kv, lo, hi)
+    group = _check_heads(q, k)
+    if v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    q = _last_dim_contiguous(q)
     out, lse_out = _outputs(q, out, lse_out)
     n_q, H, D = q.shape
+    grid = (triton.cdiv(n_q, block_m), H)
+    pairs = _pair_buffer(pair_count, grid[::-1], q.device)
     if n_q == 0:
         return out, lse_out
     bc, bo, cc, ci = lists
-    grid = (triton.cdiv(n_q, block_m), H)
     if launches_enabled():
+        dummy = bc                              # any int32 pointer: never read when its mode is off
         _vs_attn_fwd_kernel[grid](
-            q, k, v, out, lse_out, bc, bo, cc, ci,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q, k, v, out, lse_out, bc, bo, cc, ci, table if paged else dummy, dummy if pairs is None else pairs,
+            q.stride(0), q.stride(1), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
             out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1),
             bc.stride(0), bc.stride(1), bo.stride(0), bo.stride(1),
             cc.stride(0), cc.stride(1), ci.stride(0), ci.stride(1),
-            n_q, k.shape[0], group, float(scale) * _LOG2E,
+            0 if pairs is None else pairs.stride(0), n_q, hi - lo, lo, group, float(scale) * _LOG2E,
             HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
             CAUSAL=bool(causal), DENSE=dense, IEEE=q.dtype == torch.float32,
+            PAGED=paged, PAGE=page, COUNT=pairs is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
+    if pairs is not None:
+        pair_count.add_(pairs.sum(dtype=torch.int64))   # stays on the device: no host sync
     return out, lse_out
 
 
-def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *,
-                             scale: float, causal: bool, out=None, lse_out=None):
-    """Sparse attention over §2.3 work lists; returns (O like q, LSE fp32 [n_q, H], natural log)."""
+def _check_lists(q, lists):
     H = q.shape[1] if q.dim() == 3 else -1
     R = triton.cdiv(q.shape[0], BLOCK_M) if q.dim() == 3 else -1
-    for name, t, rank in (("block_count", block_count, 2), ("block_offset", block_offset, 3),
-                          ("column_count", column_count, 2), ("column_index", column_index, 3)):
+    names = ("block_count", "block_offset", "column_count", "column_index")
+    for name, t, rank in zip(names, lists, (2, 3, 2, 3)):
         if t.dim() != rank or tuple(t.shape[:2]) != (H, R):
             raise ValueError(f"{name} must have shape [H={H}, R={R}{', ...' if rank == 3 else ''}], "
                              f"got {tuple(t.shape)}")
@@ -218,9 +327,28 @@ def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, c
             raise ValueError(f"{name} must be int32, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on {q.device}")
-    lists = [_last_dim_contiguous(t) for t in (block_count, block_offset, column_count, column_index)]
-    return _launch(q, k, v, lists, scale=scale, causal=causal, dense=False, block_m=BLOCK_M,
-                   num_warps=4, num_stages=2, out=out, lse_out=lse_out)
+    return [_last_dim_contiguous(t) for t in lists]
+
+
+def vertical_slash_attention_kv(q, kv, lo: int, hi: int, block_count, block_offset, column_count, column_index,
+                                *, scale: float, causal: bool, out=None, lse_out=None, pair_count=None):
+    """Sparse attention of q over keys ``[lo, hi)`` of a KV source (``PagedKV``, ``ContiguousKV`` or a
+    ``(k, v)`` pair), work lists in region-local key indices; returns (O like q, LSE fp32 [n_q, H]).
+
+    ``pair_count`` (0-dim int64 tensor on q's device) accumulates the computed pairs in place, on the device.
+    """
+    lists = _check_lists(q, (block_count, block_offset, column_count, column_index))
+    return _launch(q, kv, lo, hi, lists, scale=scale, causal=causal, dense=False, block_m=BLOCK_M,
+                   num_warps=4, num_stages=2, out=out, lse_out=lse_out, pair_count=pair_count)
+
+
+def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *,
+                             scale: float, causal: bool, out=None, lse_out=None, pair_count=None):
+    """Sparse attention over §2.3 work lists; returns (O like q, LSE fp32 [n_q, H], natural log)."""
+    _check_qkv(q, k, v)
+    return vertical_slash_attention_kv(q, (k, v), 0, k.shape[0], block_count, block_offset, column_count,
+                                       column_index, scale=scale, causal=causal, out=out, lse_out=lse_out,
+                                       pair_count=pair_count)
 
 
 def default_dense_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -234,8 +362,9 @@ def default_dense_config(head_dim: int, device: torch.device, dtype: torch.dtype
     return {"block_m": 128, "num_warps": 8, "num_stages": 3}
 
 
-def dense_attention(q, k, v, *, scale: float, causal: bool, out=None, lse_out=None, config: dict | None = None):
-    """Full (causal bottom-right or non-causal) attention with the same kernel, walking all key blocks."""
+def dense_attention_kv(q, kv, lo: int, hi: int, *, scale: float, causal: bool, out=None, lse_out=None,
+                       config: dict | None = None, pair_count=None):
+    """Full (causal bottom-right or non-causal) attention of q over keys ``[lo, hi)`` of a KV source."""
     if q.dim() != 3:
         raise ValueError(f"expected q [n_q, H, D], got {tuple(q.shape)}")
     cfg = dict(default_dense_config(q.shape[2], q.device, q.dtype))
@@ -244,8 +373,19 @@ def dense_attention(q, k, v, *, scale: float, causal: bool, out=None, lse_out=No
         raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {cfg['block_m']}")
     dummy = torch.zeros((1, 1, 1), dtype=torch.int32, device=q.device)
     lists = (dummy[0], dummy, dummy[0], dummy)
-    return _launch(q, k, v, lists, scale=scale, causal=causal, dense=True, block_m=cfg["block_m"],
-                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], out=out, lse_out=lse_out)
+    return _launch(q, kv, lo, hi, lists, scale=scale, causal=causal, dense=True, block_m=cfg["block_m"],
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], out=out, lse_out=lse_out,
+                   pair_count=pair_count)
+
+
+def dense_attention(q, k, v, *, scale: float, causal: bool, out=None, lse_out=None, config: dict | None = None,
+                    pair_count=None):
+    """Full (causal bottom-right or non-causal) attention with the same kernel, walking all key blocks."""
+    if q.dim() != 3:
+        raise ValueError(f"expected q [n_q, H, D], got {tuple(q.shape)}")
+    _check_qkv(q, k, v)
+    return dense_attention_kv(q, (k, v), 0, k.shape[0], scale=scale, causal=causal, out=out, lse_out=lse_out,
+                              config=config, pair_count=pair_count)
 
 
 def full_block_lists(q_len: int, kv_len: int, num_heads: int, *, causal: bool, device=None):

@@ -38,15 +38,17 @@ def _variants(dtype: str):
 
     vs = vertical_slash._vs_attn_fwd_kernel
     vs_ptrs = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "fp32", "BLOCK_COUNT": "i32",
-               "BLOCK_OFFSET": "i32", "COLUMN_COUNT": "i32", "COLUMN_INDEX": "i32"}
+               "BLOCK_OFFSET": "i32", "COLUMN_COUNT": "i32", "COLUMN_INDEX": "i32", "BLOCK_TABLE": "i32",
+               "PAIRS": "i32"}
     ieee = dtype == "fp32"
     out = []
     for causal in (True, False):
         for dense, bm, warps, stages in ((False, 64, 4, 2), (True, 128, 8, 3), (True, 64, 4, 3)):
-            cx = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": bm, "BLOCK_N": 64, "CAUSAL": causal,
-                  "DENSE": dense, "IEEE": ieee}
-            label = f"vs_attn dense={dense} causal={causal} bm={bm} {dtype}"
-            out.append((label, vs, vs_ptrs, cx, warps, stages))
+            for paged, count in ((False, False), (True, not dense)):      # engine: paged, sparse counted
+                cx = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": bm, "BLOCK_N": 64, "CAUSAL": causal,
+                      "DENSE": dense, "IEEE": ieee, "PAGED": paged, "PAGE": 16, "COUNT": count}
+                label = f"vs_attn dense={dense} causal={causal} bm={bm} paged={paged} count={count} {dtype}"
+                out.append((label, vs, vs_ptrs, cx, warps, stages))
     pg = paged_attention._paged_decode_kernel
     pg_ptrs = {"Q": dtype, "K_CACHE": dtype, "V_CACHE": dtype, "BLOCK_TABLES": "i32", "KEY_START": "i32",
                "KEY_END": "i32", "QK_SCALE": "fp32", "O_PART": "fp32", "LSE_PART": "fp32"}

@@ -130,10 +130,10 @@ def test_bad_config_raises():
 def _twin_sparse_dca(q, k, v, q_sel, k_sel, budgets, tau):
     """Reference composition of sparse DCA with the same work lists the Triton path builds from (q_sel, k_sel):
     covered-mask attention per region (reference twin) and the reference LSE merge."""
+    from longserve.kernels.estimation import estimate_dca_selection, split_regions
     from longserve.kernels.reference import vertical_slash as ref_vs
     from longserve.kernels.reference.attention import merge_lse
     from longserve.kernels.reference.dca import dense_regions, sub_blocks
-    from longserve.kernels.reference.estimate import estimate_dca_selection, split_regions
     from longserve.kernels.reference.rope import apply_rope
     from longserve.kernels.reference.sparse_index import convert_vertical_slash_indexes
 
