@@ -45,6 +45,10 @@ class DeviceBlockTables:
 
     def row_of(self, seq: Sequence) -> int:
         """The device row of `seq`, updated to cover its current host block table (new tail only)."""
+        with torch.inference_mode(False):     # the table outlives the step: keep it a normal tensor
+            return self._sync(seq)
+
+    def _sync(self, seq: Sequence) -> int:
         host = seq.block_table
         row = self._rows.get(seq.seq_id)
         if row is not None and (row.host is not host or row.synced > len(host)):
