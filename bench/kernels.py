@@ -92,7 +92,7 @@ def bench_length(tokens: int, *, heads: int = 4, kv_heads: int = 1, head_dim: in
 
     from longserve.kernels import SparseHeadBudgets, dual_chunk_attention
     from longserve.kernels.reference.attention import tiled_math_only
-    from longserve.kernels.reference.sparse_dca import collect_pair_stats
+    from longserve.kernels import PairStats
 
     v_budget, s_budget = scaled_budgets(tokens, vertical, slash)
     q, k, v = synthetic_qkv(tokens, heads, kv_heads, head_dim, rope_theta=rope_theta, seed=seed, device=device)
@@ -102,10 +102,11 @@ def bench_length(tokens: int, *, heads: int = 4, kv_heads: int = 1, head_dim: in
         with tiled_math_only():          # like for like: both paths in plain PyTorch math
             (o_dense, lse_dense), dense_s, dense_cpu = _timed(lambda: dual_chunk_attention(q, k, v, **kw))
         _, fused_s, _ = _timed(lambda: dual_chunk_attention(q, k, v, **kw))   # the engine's CPU dense path
-        with collect_pair_stats() as stats:
-            (o_sparse, lse_sparse), sparse_s, sparse_cpu = _timed(
-                lambda: dual_chunk_attention(q, k, v, sparse=budgets, **kw))
+        stats = PairStats.with_selected()
+        (o_sparse, lse_sparse), sparse_s, sparse_cpu = _timed(
+            lambda: dual_chunk_attention(q, k, v, sparse=budgets, stats=stats, **kw))
         recall = torch.exp(lse_sparse.double() - lse_dense.double())
+    stats = stats.resolved()
     causal = heads * tokens * (tokens + 1) // 2
     return {
         "tokens": tokens, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="filler text: the seed prompt's repeated block, or a sampled sentence pool")
     p.add_argument("--backend", choices=["engine", "oracle"], default="engine",
                    help="engine: greedy generation through longserve's LLM; oracle: transformers, teacher-forced")
+    p.add_argument("--kernels", choices=["auto", "reference", "triton"], default="auto",
+                   help="kernel path (sets LONGSERVE_KERNELS); triton on a CPU runs the Triton interpreter "
+                        "(TRITON_INTERPRET=1, set here before Triton is imported; fp32; slow)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (keys, filler)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default bench/results/passkey-<time>)")
@@ -90,7 +93,9 @@ def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed)
     return grid
 
 
-def _engine_answers(args, prompts: list[list[int]]) -> list[str]:
+def _engine_answers(args, prompts: list[list[int]]):
+    """(answers, PairStats summed over every step's returned prefill pair counts)."""
+    from longserve.kernels import PairStats
     from longserve.server.engine import LLM, SamplingParams
 
     overrides = {"dca": args.dca == "on", "sparse_prefill": args.sparse == "on", "dtype": "float32"}
@@ -98,8 +103,21 @@ def _engine_answers(args, prompts: list[list[int]]) -> list[str]:
         overrides["sparse_threshold"] = args.sparse_threshold
     longest = max(len(p) for p in prompts) + args.key_digits + 16
     llm = LLM(args.model, max_model_len=max(longest, 1024), **overrides)
+    stats = llm.engine.runner.pair_totals = PairStats()
     params = SamplingParams(temperature=0.0, max_tokens=args.key_digits + 12)
-    return [o.outputs[0].text for o in llm.generate(prompts, params)]
+    return [o.outputs[0].text for o in llm.generate(prompts, params)], stats
+
+
+def select_kernels(choice: str) -> None:
+    """Routes every kernel call to one path (``LONGSERVE_KERNELS``); the Triton path on a machine without a GPU
+    needs the interpreter, which Triton reads when it is first imported."""
+    import os
+
+    os.environ["LONGSERVE_KERNELS"] = choice
+    if choice == "triton":
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _sparse_setting(args, model):
@@ -133,27 +151,29 @@ def evaluate(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     grid = build_prompts(tokenizer, args.lengths, args.depths, args.samples, args.key_digits, args.filler,
                          args.seed)
-    from longserve.kernels.reference.sparse_dca import collect_pair_stats
-
     keys = list(grid)
     t0 = time.time()
-    with collect_pair_stats() as stats:
-        if args.backend == "engine":
-            flat = [ids for k in keys for _, ids in grid[k]]
-            texts = iter(_engine_answers(args, flat))
-            verdicts = {k: [first_number(next(texts)) == s.target for s, _ in grid[k]] for k in keys}
-        else:
-            from longserve.bench.passkey_oracle import load
-            model, _ = load(args.model)
-            verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k]) for k in keys}
+    stats = None
+    answers = {}
+    if args.backend == "engine":
+        flat = [ids for k in keys for _, ids in grid[k]]
+        texts, stats = _engine_answers(args, flat)
+        texts = iter(texts)
+        answers = {k: [next(texts) for _ in grid[k]] for k in keys}
+        verdicts = {k: [first_number(a) == s.target for a, (s, _) in zip(answers[k], grid[k])] for k in keys}
+    else:
+        from longserve.bench.passkey_oracle import load
+        model, _ = load(args.model)
+        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k]) for k in keys}
     cells = [{"length": k[0], "depth": k[1], "samples": len(grid[k]), "correct": sum(verdicts[k]),
               "accuracy": sum(verdicts[k]) / len(grid[k]),
-              "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1)}
+              "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1),
+              "answers": answers.get(k)}
              for k in keys]
     pairs = None
-    if stats.causal:
-        pairs = {"computed": stats.computed, "selected": stats.selected, "dense_causal": stats.causal,
-                 "computed_fraction": stats.computed / stats.causal, "selected_fraction": stats.selected / stats.causal}
+    if stats is not None and stats.causal and args.sparse == "on":
+        pairs = {"computed": stats.computed, "dense_causal": stats.causal,
+                 "computed_fraction": stats.computed / stats.causal}
     return {"cells": cells, "seconds": round(time.time() - t0, 1), "sparse_pairs": pairs}
 
 
@@ -195,21 +215,21 @@ def run(args) -> int:
         raise SystemExit("error: --samples and --key-digits must be >= 1")
     if not Path(args.model, "config.json").is_file():
         raise SystemExit(f"error: {args.model} has no config.json")
+    if args.kernels != "auto":
+        select_kernels(args.kernels)
     out = Path(args.out or f"bench/results/passkey-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(args)
     cells = result["cells"]
-    mode = f"dca={args.dca} sparse={args.sparse} backend={args.backend}"
+    mode = f"dca={args.dca} sparse={args.sparse} backend={args.backend} kernels={args.kernels}"
     print(f"passkey accuracy ({mode}, {args.samples} prompts per cell, {args.key_digits}-digit keys)")
     print(format_table(cells, args.lengths, args.depths))
     pairs = result["sparse_pairs"]
     if pairs:
-        print(f"sparse prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs "
-              f"of its sparse sub-blocks ({100 * pairs['selected_fraction']:.1f}% selected by the exact VS mask), "
-              "counted by the kernels' reference pair counter over all layers and heads")
+        print(f"prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs, "
+              "as the kernels counted them over all layers, heads and prompts")
     elif args.sparse == "on":
-        print("sparse prefill pair counts: none recorded (no prompt above the threshold, or the backend ran "
-              "kernels that do not report them)")
+        print("sparse prefill pair counts: none recorded (the oracle backend counts no pairs)")
     with open(out / "passkey.csv", "w") as f:
         f.write("length,depth,samples,correct,accuracy,mean_prompt_tokens\n")
         for c in cells:
@@ -217,6 +237,8 @@ def run(args) -> int:
                     f"{c['mean_prompt_tokens']}\n")
     save_heatmap(out / "passkey.png", cells, args.lengths, args.depths, f"passkey: {Path(args.model).name}, {mode}")
     summary = {"model": args.model, "dca": args.dca, "sparse": args.sparse, "backend": args.backend,
+               "kernels": args.kernels, "depths": args.depths,
+               "answers": {f"{c['length']}/{c['depth']}": c["answers"] for c in cells if c["answers"]},
                "samples": args.samples, "seed": args.seed, "seconds": result["seconds"],
                "sparse_pairs": result["sparse_pairs"],
                "average_by_length": {str(n): sum(c["accuracy"] for c in cells if c["length"] == n)

@@ -72,10 +72,10 @@ else:
               kv_capacity_tokens=args["tokens"] + 64, sparse_prefill=args["mode"] == "sparse")
     kv = (llm.engine.runner.cache.k.numel() * 2 * 4) / 2**20
     base = rss_mib() - kv              # the cache is allocated (zeroed) at load: count it as prefill memory
-    from longserve.kernels.reference.sparse_dca import collect_pair_stats
+    from longserve.kernels import PairStats
+    stats = llm.engine.runner.pair_totals = PairStats()        # every step adds the counts its kernels return
     t0 = time.perf_counter()
-    with collect_pair_stats(count_selected=False) as stats:    # sums the engine's per-step counts
-        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
+    llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
     seconds = time.perf_counter() - t0
     pairs = stats.computed / stats.causal if stats.causal else None
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

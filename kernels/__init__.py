@@ -9,6 +9,8 @@ kernels (imported lazily), everything else runs the same-signature PyTorch refer
 from __future__ import annotations
 
 from longserve.kernels import dispatch
+from longserve.kernels.kv_source import ContiguousKV, PagedKV
+from longserve.kernels.pair_stats import PairStats
 from longserve.kernels.reference.dca import relative_positions, rotate_keys, yarn_mscale
 from longserve.kernels.sparse_config import (
     HeadPattern,
@@ -19,11 +21,15 @@ from longserve.kernels.sparse_config import (
 )
 
 __all__ = [
+    "ContiguousKV",
     "HeadPattern",
+    "PagedKV",
+    "PairStats",
     "SparseAttentionConfig",
     "SparseHeadBudgets",
     "dual_chunk_attention",
     "load_sparse_attention_config",
+    "paged_dual_chunk_attention",
     "paged_dca_decode",
     "refine_sparse_config",
     "relative_positions",
@@ -34,19 +40,36 @@ __all__ = [
 
 
 def dual_chunk_attention(q, k, v, *, rope_theta, chunk_size, local_size, original_max_position_embeddings=0,
-                         prompt_len=None, sparse=None, return_lse=False, keys_rotated=False, scale=None):
+                         prompt_len=None, sparse=None, return_lse=False, keys_rotated=False, scale=None, stats=None):
     """DCA prefill for queries at absolute positions ``[kv_len - n_q, kv_len)`` over keys ``[0, kv_len)``.
 
     q is un-rotated; k is un-rotated unless ``keys_rotated`` (then it carries RoPE at ``j mod cl`` as the KV cache
     stores it). ``chunk_size = local_size = None`` is plain causal RoPE attention. ``scale`` defaults to
     ``1/sqrt(D)``; the YaRN factor ``m(prompt_len or kv_len)^2`` is applied on top. ``sparse`` is None (dense) or
     a ``SparseHeadBudgets`` for the H heads of this call; sparse prefill runs iff the prompt length exceeds its
-    threshold. Returns O ``[n_q, H, D]`` (and LSE ``[n_q, H]`` when ``return_lse``).
+    threshold. ``stats`` (a ``PairStats``) gets the call's (query, key) pair counts added. Returns O ``[n_q, H,
+    D]`` (and LSE ``[n_q, H]`` when ``return_lse``).
     """
     return dispatch.dual_chunk_attention(
         q, k, v, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size,
         original_max_position_embeddings=original_max_position_embeddings, prompt_len=prompt_len, sparse=sparse,
-        return_lse=return_lse, keys_rotated=keys_rotated, scale=scale)
+        return_lse=return_lse, keys_rotated=keys_rotated, scale=scale, stats=stats)
+
+
+def paged_dual_chunk_attention(q, kv, *, rope_theta, chunk_size, local_size, original_max_position_embeddings=0,
+                               prompt_len=None, sparse=None, scale=None, return_lse=False, stats=None):
+    """DCA prefill reading keys and values straight from a KV source: ``PagedKV`` (one sequence's block table
+    in one layer of the paged cache) or ``ContiguousKV``; keys stored rotated at ``j mod cl``.
+
+    q ``[n_q, H, D]`` un-rotated for positions ``[kv.length - n_q, kv.length)``. No whole-context gather: the
+    Triton path reads the cache through the block table, the reference reads bounded key blocks (dense) or the
+    keys its work lists name (sparse). ``stats`` (a ``PairStats``) gets the pair counts added; other arguments
+    as ``dual_chunk_attention``. Returns O ``[n_q, H, D]`` (and LSE ``[n_q, H]`` when ``return_lse``).
+    """
+    return dispatch.paged_dual_chunk_attention(
+        q, kv, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size,
+        original_max_position_embeddings=original_max_position_embeddings, prompt_len=prompt_len, sparse=sparse,
+        scale=scale, return_lse=return_lse, stats=stats)
 
 
 def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,

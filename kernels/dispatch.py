@@ -62,6 +62,17 @@ def dual_chunk_attention(q, k, v, **kwargs):
     return impl(q, k, v, **kwargs)
 
 
+def paged_dual_chunk_attention(q, kv, **kwargs):
+    """DCA prefill reading K/V from a KV source (``kernels.kv_source``); signature of
+    ``reference.dca.paged_dual_chunk_attention_reference``."""
+    caches = (kv.k_cache, kv.v_cache) if hasattr(kv, "k_cache") else (kv.k, kv.v)
+    if backend_for(q, *caches) == "triton":
+        from longserve.kernels.dca import paged_dual_chunk_attention_triton as impl
+    else:
+        from longserve.kernels.reference.dca import paged_dual_chunk_attention_reference as impl
+    return impl(q, kv, **kwargs)
+
+
 def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs):
     """One DCA decode step over a paged cache; signature of ``reference.dca.paged_dca_decode_reference``."""
     if backend_for(q, k_cache, v_cache) == "triton":

@@ -112,27 +112,73 @@ def dense_regions(q_rows, P: int, e: int, b: int, cl, chunk_size, rope_theta):
     return regions
 
 
-def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_size, original_max_position_embeddings=0,
-                                   prompt_len=None, sparse=None, return_lse=False, keys_rotated=False, scale=None):
-    """DCA prefill for queries at ``[kv_len - n_q, kv_len)`` over keys ``[0, kv_len)``.
+KEY_BLOCK = 32768      # keys read (and scored) at a time by the paged prefill
 
-    Returns O ``[n_q, H, D]`` in q's dtype (and LSE ``[n_q, H]`` in fp32, fp64 for fp64 inputs). ``sparse`` (a
-    ``SparseHeadBudgets``) switches to exact-mask vertical-slash attention when the prompt length exceeds its
-    threshold (§2.5); ``keys_rotated`` means k already carries the cache rotation.
+
+def region_pairs(n_q: int, kv: int, causal: bool, heads: int) -> int:
+    """(query, key) pairs dense attention scores in one region: bottom-right causal or the full rectangle."""
+    if not causal:
+        return n_q * kv * heads
+    off = kv - n_q
+    return heads * (n_q * (off + 1) + n_q * (n_q - 1) // 2)
+
+
+def _accumulate(acc, part):
+    return part if acc is None else merge_lse([acc, part])
+
+
+def dense_region(qr, kv, lo: int, hi: int, *, causal: bool, scale: float, key_block: int = KEY_BLOCK):
+    """Dense attention of rotated queries ``qr`` over keys ``[lo, hi)`` of ``kv`` (bottom-right causal or full),
+    reading at most ``key_block`` keys at a time and merging the blocks by LSE -> (O, LSE) in the work dtype.
+
+    Causal rows are taken ``key_block`` at a time: the keys every row of the tile sees go in blocks, non-causal;
+    the tile's own diagonal square is one causal block."""
+    n_q = qr.shape[0]
+    if not causal:
+        acc = None
+        for a in range(lo, max(hi, lo + 1), key_block):
+            k, v = kv.read(a, min(hi, a + key_block))
+            acc = _accumulate(acc, attend(qr, k, v, scale=scale))
+        return acc
+    off = (hi - lo) - n_q
+    outs, lses = [], []
+    for r0 in range(0, max(n_q, 1), key_block):
+        r1 = min(n_q, r0 + key_block)
+        acc = None
+        for a in range(lo, lo + off + r0, key_block):
+            k, v = kv.read(a, min(lo + off + r0, a + key_block))
+            acc = _accumulate(acc, attend(qr[r0:r1], k, v, scale=scale))
+        k, v = kv.read(lo + off + r0, lo + off + r1)
+        acc = _accumulate(acc, attend(qr[r0:r1], k, v, scale=scale, causal=True))
+        outs.append(acc[0])
+        lses.append(acc[1])
+    return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+
+
+def paged_dual_chunk_attention_reference(q, kv, *, rope_theta, chunk_size, local_size,
+                                         original_max_position_embeddings=0, prompt_len=None, sparse=None,
+                                         scale=None, return_lse=False, stats=None):
+    """DCA prefill for queries at ``[kv.length - n_q, kv.length)`` reading keys from a KV source.
+
+    ``kv`` is a ``PagedKV`` (or ``ContiguousKV``) whose keys are stored rotated at ``j mod cl``. Dense regions
+    read at most ``KEY_BLOCK`` keys at a time (LSE-merged); the sparse path (``sparse`` budgets, prompt length
+    above their threshold) reads only the keys its work lists name, with the Triton kernel's tile semantics
+    (``sparse_dca``). ``stats`` (a ``PairStats``), when given, gets the pair counts added: ``causal`` the dense
+    pairs of every region, ``computed`` the pairs scored (equal to ``causal`` on the dense path). Returns O
+    ``[n_q, H, D]`` in q's dtype (and LSE ``[n_q, H]``, fp32 or fp64 for fp64 inputs).
     """
-    check_shapes(q, k, v)
+    if q.dim() != 3:
+        raise ValueError(f"expected q [n_q, H, D], got {tuple(q.shape)}")
     cl = chunk_length(chunk_size, local_size)
     chunk_size = None if cl is None else int(chunk_size)
     n_q, H, D = q.shape
-    L = k.shape[0]
+    L = int(kv.length)
     if n_q > L:
         raise ValueError(f"n_q={n_q} exceeds kv_len={L}: the queries must be the tail of the keys")
     n_prompt = L if prompt_len is None else int(prompt_len)
     if n_prompt < L:
         raise ValueError(f"prompt_len={n_prompt} is shorter than kv_len={L}")
     tau = softmax_scale(D, scale, original_max_position_embeddings, n_prompt)
-    if not keys_rotated:
-        k = apply_rope(k, key_positions(torch.arange(L, device=k.device), cl), rope_theta)
     use_sparse = sparse is not None and n_prompt > int(sparse.threshold)
     if use_sparse and sparse.num_heads != H:
         raise ValueError(f"sparse budgets cover {sparse.num_heads} heads, this call has {H}")
@@ -142,11 +188,17 @@ def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_siz
         q_rows = q[b - q0:e - q0]
         if use_sparse:
             from longserve.kernels.reference.sparse_dca import sparse_subblock
-            o, l_ = sparse_subblock(q_rows, k, v, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
-                                    rope_theta=rope_theta, tau=tau, budgets=sparse)
+            o, l_ = sparse_subblock(q_rows, kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
+                                    rope_theta=rope_theta, tau=tau, budgets=sparse, stats=stats)
         else:
-            parts = [attend(qr, k[lo:hi], v[lo:hi], scale=tau, causal=causal)
-                     for qr, lo, hi, causal in dense_regions(q_rows, P, e, b, cl, chunk_size, rope_theta)]
+            parts = []
+            for qr, lo, hi, causal in dense_regions(q_rows, P, e, b, cl, chunk_size, rope_theta):
+                parts.append(dense_region(qr, kv, lo, hi, causal=causal, scale=tau, key_block=KEY_BLOCK))
+                if stats is not None:           # dense work: every causal pair is computed
+                    n = region_pairs(e - b, hi - lo, causal, H)
+                    stats.computed, stats.causal = stats.computed + n, stats.causal + n
+                    if stats.selected is not None:
+                        stats.selected = stats.selected + n
             o, l_ = parts[0] if len(parts) == 1 else merge_lse(parts)
         outs.append(o)
         lses.append(l_)
@@ -154,10 +206,33 @@ def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_siz
         out, lse = torch.cat(outs), torch.cat(lses)
     else:
         wd = torch.promote_types(q.dtype, torch.float32)
-        out = torch.zeros((0, H, v.shape[-1]), dtype=wd, device=q.device)
+        out = torch.zeros((0, H, D), dtype=wd, device=q.device)
         lse = torch.zeros((0, H), dtype=wd, device=q.device)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_size, original_max_position_embeddings=0,
+                                   prompt_len=None, sparse=None, return_lse=False, keys_rotated=False, scale=None,
+                                   stats=None):
+    """DCA prefill for queries at ``[kv_len - n_q, kv_len)`` over contiguous keys ``[0, kv_len)``.
+
+    Returns O ``[n_q, H, D]`` in q's dtype (and LSE ``[n_q, H]`` in fp32, fp64 for fp64 inputs). ``sparse`` (a
+    ``SparseHeadBudgets``) switches to vertical-slash attention with the kernel's tile semantics when the prompt
+    length exceeds its threshold (§2.5); ``keys_rotated`` means k already carries the cache rotation; ``stats``
+    (a ``PairStats``) receives the sparse pair counts. Same computation as the paged entry.
+    """
+    from longserve.kernels.kv_source import ContiguousKV
+
+    check_shapes(q, k, v)
+    cl = chunk_length(chunk_size, local_size)
+    L = k.shape[0]
+    if not keys_rotated:
+        k = apply_rope(k, key_positions(torch.arange(L, device=k.device), cl), rope_theta)
+    return paged_dual_chunk_attention_reference(
+        q, ContiguousKV(k, v), rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size,
+        original_max_position_embeddings=original_max_position_embeddings, prompt_len=prompt_len, sparse=sparse,
+        scale=scale, return_lse=return_lse, stats=stats)
 
 
 def paged_dca_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,

@@ -51,17 +51,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
-    def gather(self, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(length, device=self.k.device)
-        blocks = block_table[pos // self.block_size]
-        offsets = pos % self.block_size
-        return self.k[layer, blocks, offsets], self.v[layer, blocks, offsets]
-
 
 class PagedDCABackend:
-    def __init__(self, cache: KVCache, meta: StepMetadata, dca: DCASettings, sparse_budgets=None):
+    def __init__(self, cache: KVCache, meta: StepMetadata, dca: DCASettings, sparse_budgets=None,
+                 pair_stats=None):
         self.cache, self.meta, self.dca = cache, meta, dca
         self.sparse_budgets = sparse_budgets   # callable layer -> SparseHeadBudgets, or None (dense)
+        self.pair_stats = pair_stats           # kernels.PairStats the prefill calls add into, or None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m, d = self.meta, self.dca
@@ -78,9 +74,9 @@ class PagedDCABackend:
                 m.decode_seq_lens, max_seq_len=m.decode_max_seq_len, scales=m.decode_scales,
                 **common).to(q.dtype)
         sparse = self.sparse_budgets(layer) if self.sparse_budgets is not None else None
-        for span in m.prefills:
-            keys, values = self.cache.gather(layer, span.block_table, span.end)
-            out[span.rows] = kernels.dual_chunk_attention(
-                q[span.rows], keys, values, prompt_len=span.prompt_len, sparse=sparse, keys_rotated=True,
+        for span in m.prefills:            # reads K/V through the block table: no whole-context gather
+            kv = kernels.PagedKV(self.cache.k[layer], self.cache.v[layer], span.block_table, span.end)
+            out[span.rows] = kernels.paged_dual_chunk_attention(
+                q[span.rows], kv, prompt_len=span.prompt_len, sparse=sparse, stats=self.pair_stats,
                 **common).to(q.dtype)
         return out

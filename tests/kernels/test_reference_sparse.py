@@ -1,9 +1,10 @@
-"""Sparse references: estimation (O10, O11), index conversion (O9 b-d), exact-mask sparse DCA (O7, O8, O12, O13,
-O14) against dense masked attention, pattern masks."""
+"""Sparse references: estimation (O10, O11), index conversion (O9 b-d), sparse DCA with the kernel's tile semantics
+(O7, O8, O12, O13, O14) against dense attention masked to the work lists' tiles, pair counts, pattern masks."""
 import pytest
 import torch
 
 from longserve.kernels import SparseHeadBudgets, dual_chunk_attention
+from longserve.kernels.estimation import Selection, estimate_dca_selection, fallback_indices, split_regions
 from longserve.kernels.reference.attention import attend, attention_with_lse, merge_lse
 from longserve.kernels.reference.dca import (
     dense_regions,
@@ -12,14 +13,7 @@ from longserve.kernels.reference.dca import (
     softmax_scale,
     sub_blocks,
 )
-from longserve.kernels.reference.estimate import (
-    Selection,
-    estimate_dca_selection,
-    estimate_vertical_slash,
-    fallback_indices,
-    select,
-    split_regions,
-)
+from longserve.kernels.reference.estimate import estimate_vertical_slash, select
 from longserve.kernels.reference.masks import (
     a_shape_mask,
     block_sparse_mask,
@@ -28,7 +22,8 @@ from longserve.kernels.reference.masks import (
     vs_region_mask,
 )
 from longserve.kernels.reference.rope import apply_rope
-from longserve.kernels.reference.sparse_dca import collect_pair_stats
+from longserve.kernels.pair_stats import PairStats
+from longserve.kernels.reference.sparse_dca import listed_keys, selected_pair_count
 from longserve.kernels.reference.sparse_index import convert_vertical_slash_indexes
 
 CFG = dict(rope_theta=1e4, chunk_size=80, local_size=16)           # cl = 64: L = 150 has intra, succ and inter
@@ -41,35 +36,55 @@ def budgets(H, seed, threshold=0, last_q=16):
                              tuple(int(x) for x in torch.randint(1, 120, (H,), generator=g)), threshold, last_q)
 
 
-def masked_truth(q, k, v, sparse):
-    """Sparse DCA with the exact mask as a dense boolean mask over every region (the oracle)."""
+def masked_truth(q, k, v, sparse, exact=False):
+    """Sparse DCA as dense attention under a boolean mask over every region (the oracle): the tiles the work
+    lists cover (``covered_mask``), or the exact selection ``j in V or t - j in S`` when ``exact``."""
     L, n_q = k.shape[0], q.shape[0]
     tau = softmax_scale(q.shape[-1], None, 0, L)
     kr = rotate_keys(k, torch.arange(L), rope_theta=1e4, chunk_size=80, local_size=16)
     outs, lses = [], []
+    pairs = 0
     for b, e, P in sub_blocks(L, n_q, CL):
         rows = q[b - (L - n_q):e - (L - n_q)]
         sel = estimate_dca_selection(rows, kr, b=b, e=e, P=P, cl=CL, chunk_size=80, rope_theta=1e4, tau=tau,
                                      budgets=sparse)
-        mask = subblock_selected_mask(split_regions(sel, b=b, e=e, P=P, cl=CL), b, e)
-        o, lse = merge_lse([attend(qr, kr[lo:hi], v[lo:hi], scale=tau, causal=c, mask=mask[:, :, lo:hi])
-                            for qr, lo, hi, c in dense_regions(rows, P, e, b, CL, 80, 1e4)])
+        regions = split_regions(sel, b=b, e=e, P=P, cl=CL)
+        if exact:
+            whole = subblock_selected_mask(regions, b, e)
+            masks = [whole[:, :, r.key_start:r.key_end] for r in regions]
+        else:
+            masks = [covered_mask(e - b, r.key_end - r.key_start,
+                                  *convert_vertical_slash_indexes(r.vertical, r.vertical_count, r.slash,
+                                                                  r.slash_count, e - b, r.key_end - r.key_start,
+                                                                  causal=r.causal), causal=r.causal)
+                     for r in regions]
+        pairs += sum(int(m.sum()) for m in masks)
+        o, lse = merge_lse([attend(qr, kr[lo:hi], v[lo:hi], scale=tau, causal=c, mask=m)
+                            for (qr, lo, hi, c), m in zip(dense_regions(rows, P, e, b, CL, 80, 1e4), masks)])
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    return torch.cat(outs), torch.cat(lses), pairs
 
 
 @pytest.mark.parametrize("L,n_q,H,G", [(150, 150, 4, 2), (150, 77, 7, 1), (129, 1, 2, 2), (65, 65, 2, 1),
                                        (64, 64, 4, 4), (1, 1, 2, 1), (100, 37, 4, 2), (200, 101, 4, 1)])
-def test_exact_mask_sparse_dca_matches_masked_dense(kit, L, n_q, H, G):
+def test_tile_sparse_dca_matches_masked_dense(kit, L, n_q, H, G):
+    """The reference computes the work lists' whole tiles (the kernel's semantics), a superset of the exact
+    selection, with fp64 accuracy and the pair counts of that mask."""
     q, k, v = kit.make_qkv(n_q, L, H, G, seed=L + n_q)
     sp = budgets(H, seed=L)
-    o, lse = dual_chunk_attention_reference(q, k, v, **CFG, sparse=sp, return_lse=True)
-    o_ref, lse_ref = masked_truth(q, k, v, sp)
+    stats = PairStats.with_selected()
+    o, lse = dual_chunk_attention_reference(q, k, v, **CFG, sparse=sp, return_lse=True, stats=stats)
+    o_ref, lse_ref, pairs = masked_truth(q, k, v, sp)
     assert kit.max_err(o, o_ref) < kit.FP64_TOL and kit.max_err(lse, lse_ref) < kit.FP64_TOL
+    assert int(stats.computed) == pairs                # the builder lists no key twice
+    exact_lse = masked_truth(q, k, v, sp, exact=True)[1]
+    assert torch.all(lse >= exact_lse - 1e-12)                     # tiles only add keys to the exact selection
     o32, lse32 = dual_chunk_attention_reference(q.float(), k.float(), v.float(), **CFG, sparse=sp, return_lse=True)
     assert o32.dtype == torch.float32
     assert kit.max_err(o32, o_ref) < 1e-4 and kit.max_err(lse32, lse_ref) < 1e-4   # fp32 may flip a near tie
+    stats = stats.resolved()
+    assert 0 < stats.selected <= stats.computed <= stats.causal
 
 
 @pytest.mark.parametrize("L,n_q", [(150, 150), (200, 50), (100, 100), (2, 2)])
@@ -77,26 +92,66 @@ def test_o7_full_budget_equals_dense(kit, L, n_q):
     q, k, v = kit.make_qkv(n_q, L, 4, 2, seed=3)
     full = SparseHeadBudgets.uniform(4, L, L, threshold=0)
     dense = dual_chunk_attention_reference(q, k, v, **CFG, return_lse=True)
-    with collect_pair_stats() as stats:
-        sparse = dual_chunk_attention_reference(q, k, v, **CFG, sparse=full, return_lse=True)
+    stats = PairStats.with_selected()
+    sparse = dual_chunk_attention_reference(q, k, v, **CFG, sparse=full, return_lse=True, stats=stats)
     assert kit.max_err(sparse[0], dense[0]) < 1e-13 and kit.max_err(sparse[1], dense[1]) < 1e-13
-    assert stats.selected == stats.causal == 4 * (n_q * (L - n_q) + n_q * (n_q + 1) // 2)
-    assert stats.computed >= stats.selected
+    stats = stats.resolved()
+    assert stats.selected == stats.computed == stats.causal == 4 * (n_q * (L - n_q) + n_q * (n_q + 1) // 2)
 
 
-def test_pair_stats_collectors_nest(kit):
-    """An inner collector (the engine's per-step density) also feeds the enclosing one (a benchmark)."""
+def test_pair_stats_add_up_over_calls(kit):
+    """Calls add into the PairStats they are given; dense calls count every causal pair as computed."""
     q, k, v = kit.make_qkv(120, 120, 4, 2, seed=5)
-    with collect_pair_stats() as alone:
-        dual_chunk_attention_reference(q, k, v, **CFG, sparse=budgets(4, 5))
-    with collect_pair_stats() as outer:
-        for _ in range(2):
-            with collect_pair_stats(count_selected=False) as inner:
-                dual_chunk_attention_reference(q, k, v, **CFG, sparse=budgets(4, 5))
-            assert inner.count_selected and inner.computed == alone.computed    # the outer one wants selected
-    assert (outer.selected, outer.computed, outer.causal) == (2 * alone.selected, 2 * alone.computed,
+    alone = PairStats.with_selected()
+    dual_chunk_attention_reference(q, k, v, **CFG, sparse=budgets(4, 5), stats=alone)
+    twice = PairStats.with_selected()
+    for _ in range(2):
+        dual_chunk_attention_reference(q, k, v, **CFG, sparse=budgets(4, 5), stats=twice)
+    alone, twice = alone.resolved(), twice.resolved()
+    assert (twice.selected, twice.computed, twice.causal) == (2 * alone.selected, 2 * alone.computed,
                                                               2 * alone.causal)
-    assert 0 < alone.selected < alone.causal
+    assert 0 < alone.selected < alone.computed < alone.causal
+    dense = PairStats()
+    dual_chunk_attention_reference(q, k, v, **CFG, stats=dense)
+    assert dense.computed == dense.causal == alone.causal and dense.selected is None
+    total = PairStats(computed=torch.tensor(3), causal=4).add(PairStats(computed=2, causal=torch.tensor(6)))
+    assert total.resolved() == PairStats(computed=5, causal=10) and total.computed_fraction == 0.5
+
+
+def test_listed_keys_follow_the_kernel_order_and_keep_duplicates():
+    """Block keys in list order, then columns; a column inside a listed block stays (the kernel scores it twice)."""
+    bc, bo = torch.tensor([[2]]), torch.tensor([[[64, 0, 0]]])
+    cc, ci = torch.tensor([[2]]), torch.tensor([[[5, 200]]])
+    keys, listed = listed_keys(bc, bo, cc, ci, 2 * 64 + 3)
+    expect = list(range(64, 128)) + list(range(0, 64)) + [5, 200]
+    assert keys[0, 0, :130].tolist() == expect and listed[0, 0].tolist() == [True] * 130 + [False]
+
+
+def test_duplicate_listed_key_counts_twice(kit):
+    """Lists naming key 5 as a block key and as a column weigh it twice, like the kernel's two phases."""
+    from longserve.kernels.kv_source import ContiguousKV
+    from longserve.kernels.reference.sparse_dca import tile_attention
+    q, k, v = kit.make_qkv(4, 70, 1, 1, seed=6)
+    lists = (torch.tensor([[1]], dtype=torch.int32), torch.tensor([[[0]]], dtype=torch.int32),
+             torch.tensor([[1]], dtype=torch.int32), torch.tensor([[[5]]], dtype=torch.int32))
+    stats = PairStats()
+    o, lse = tile_attention(q, ContiguousKV(k, v), 0, 70, lists, scale=0.3, causal=False, stats=stats)
+    keys = torch.cat([k[:64], k[5:6]])
+    vals = torch.cat([v[:64], v[5:6]])
+    o_ref, lse_ref = attention_with_lse(q, keys, vals, scale=0.3)
+    assert kit.max_err(o, o_ref) < kit.FP64_TOL and kit.max_err(lse, lse_ref) < kit.FP64_TOL
+    assert int(stats.computed) == 4 * 65
+
+
+def test_selected_pair_count_matches_the_exact_mask():
+    g = torch.Generator().manual_seed(21)
+    from longserve.kernels.estimation import RegionIndices
+    for causal in (True, False):
+        for q_len, kv in ((1, 1), (63, 70), (130, 130), (64, 200)):
+            vert, vc, sl, sc = _random_selection(g, 3, kv, q_len, causal)
+            region = RegionIndices("r", 0, kv, causal, vert, vc, sl, sc, 0)
+            exact = vs_region_mask(q_len, kv, vert, vc, sl, sc, causal=causal)
+            assert int(selected_pair_count(region, q_len, rows_per_tile=50)) == int(exact.sum())
 
 
 def test_o8_recall_bound(kit):
