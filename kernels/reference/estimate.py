@@ -1,51 +1,20 @@
-"""Vertical-slash index estimation (algorithms.md §2.2, §2.5) and the per-region split that feeds the kernels.
+"""Vertical-slash index estimation by full materialisation: the oracle the bounded estimation is tested against.
 
 Estimation looks at the last ``n = min(last_q, rows)`` query rows: one fp32 softmax over all keys, vertical scores
 (column sums, keys 0..29 forced) and diagonal scores (sums along diagonals indexed by the key ``c`` they meet on the
 last row, the 100 nearest forced). Top-k is deterministic: a stable descending sort, ties going to the smaller key
-for verticals and to the larger ``c`` (nearer diagonal) for slashes (§7 pitfall 12). Everything is batched over
-heads with torch ops, so the same code runs on GPU tensors.
+for verticals and to the larger ``c`` (nearer diagonal) for slashes. This holds the ``[H, n, N]`` logits and sorts
+over N, so it is a test oracle only; serving uses ``longserve.kernels.estimation`` (bounded memory, no host syncs),
+which also owns the selection types and the region split.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
+from longserve.kernels.estimation import FORCED_DIAGONALS, FORCED_SINKS, Selection
 from longserve.kernels.reference.attention import softmax_with_lse, work_dtype
 from longserve.kernels.reference.dca import selection_positions
 from longserve.kernels.reference.rope import apply_rope
-
-FORCED_SINKS = 30
-FORCED_DIAGONALS = 100
-INT32_MAX = 2**31 - 1
-INT32_MIN = -(2**31)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Per-head global selections of one sub-block: key columns ``vertical`` and diagonal ids ``diagonal`` (the
-    key each diagonal meets on the sub-block's last row), in score order, valid up to the counts."""
-    vertical: torch.Tensor        # [H, KV] int64
-    vertical_count: torch.Tensor  # [H] int64
-    diagonal: torch.Tensor        # [H, KS] int64
-    diagonal_count: torch.Tensor  # [H] int64
-
-
-@dataclass(frozen=True)
-class RegionIndices:
-    """Kernel-convention indices of one DCA region: local verticals (ascending, INT32_MAX padded) and local slash
-    values (descending, INT32_MIN padded); ``delta_shift`` turns a slash value into the global offset t - j."""
-    name: str
-    key_start: int
-    key_end: int
-    causal: bool
-    vertical: torch.Tensor        # [H, NV] int64
-    vertical_count: torch.Tensor  # [H]
-    slash: torch.Tensor           # [H, NS] int64
-    slash_count: torch.Tensor     # [H]
-    delta_shift: int
 
 
 def ordered_topk(scores: torch.Tensor, k: int, *, prefer_larger_index: bool = False) -> torch.Tensor:
@@ -85,13 +54,20 @@ def vs_scores(z: torch.Tensor):
 
 
 def select(vertical_scores, diagonal_scores, vertical_budget, slash_budget) -> Selection:
-    """Top-k per head: verticals once with the largest budget then truncated per head (§2.5 step 4)."""
+    """Top-k per head: verticals once with the largest budget then truncated per head. Budgets are host
+    sequences (no device read-back) or tensors."""
     H, N = vertical_scores.shape
     device = vertical_scores.device
+
+    def widest(budget):
+        if isinstance(budget, torch.Tensor):
+            return int(budget.clamp(max=N).max())
+        return min(max(int(x) for x in budget), N)
+
     kv = torch.as_tensor(vertical_budget, device=device).to(torch.int64).clamp(max=N)
     ks = torch.as_tensor(slash_budget, device=device).to(torch.int64).clamp(max=N)
-    vert = ordered_topk(vertical_scores, int(kv.max()))
-    diag = ordered_topk(diagonal_scores, int(ks.max()), prefer_larger_index=True)
+    vert = ordered_topk(vertical_scores, widest(vertical_budget))
+    diag = ordered_topk(diagonal_scores, widest(slash_budget), prefer_larger_index=True)
     return Selection(vert, kv, diag, ks)
 
 
@@ -107,9 +83,10 @@ def estimate_vertical_slash(q_last, keys, *, scale: float, vertical_size, slash_
     return select(v, d, kv, ks)
 
 
-def estimate_dca_selection(q_rows, k_rot, *, b: int, e: int, P: int, cl, chunk_size, rope_theta, tau: float,
-                           budgets) -> Selection:
-    """§2.5 steps 1-4 for the sub-block ``[b, e)`` (un-rotated ``q_rows``) over cache keys ``k_rot[:e]``.
+def estimate_dca_selection_oracle(q_rows, k_rot, *, b: int, e: int, P: int, cl, chunk_size, rope_theta,
+                                  tau: float, budgets) -> Selection:
+    """Oracle of ``estimation.estimate_dca_selection``: the sub-block ``[b, e)`` (un-rotated ``q_rows``) over
+    cache keys ``k_rot[:e]``, with the whole ``[H, n, e]`` logits at once.
 
     The last n rows are rotated per key region with the continuous selection positions (intra ``o(t)``, succ
     ``o(t) + cl``, inter ``o(t) + chunk_size``) so that diagonals stay diagonals across chunk boundaries.
@@ -130,54 +107,3 @@ def estimate_dca_selection(q_rows, k_rot, *, b: int, e: int, P: int, cl, chunk_s
         z = torch.cat(parts, dim=-1)
     v, d = vs_scores(z)
     return select(v, d, budgets.effective_vertical(), budgets.slash)
-
-
-def fallback_indices(length: int, device) -> torch.Tensor:
-    """~5 evenly spaced local indices ``0, len/5, 2 len/5, ...`` (truncated) for a region left without any."""
-    step = max(1.0, length / 5)
-    count = math.ceil(length / step)
-    return (torch.arange(count, device=device, dtype=torch.float64) * step).to(torch.int64)
-
-
-def _compact(values: torch.Tensor, keep: torch.Tensor, fallback: torch.Tensor, *, descending: bool):
-    """Kept values sorted per head with padding last; heads with none get ``fallback``."""
-    pad = INT32_MIN if descending else INT32_MAX
-    count = keep.sum(dim=1)
-    empty = count == 0
-    width = max(int(count.max()) if count.numel() else 0, fallback.numel() if bool(empty.any()) else 0, 1)
-    x = torch.where(keep, values, torch.full_like(values, pad))
-    x = torch.sort(x, dim=1, descending=descending).values
-    if x.shape[1] < width:
-        x = torch.cat([x, torch.full((x.shape[0], width - x.shape[1]), pad, dtype=x.dtype, device=x.device)], 1)
-    x = x[:, :width]
-    if bool(empty.any()):
-        fb = torch.full((width,), pad, dtype=x.dtype, device=x.device)
-        fb[:fallback.numel()] = fallback.sort(descending=descending).values
-        x = torch.where(empty[:, None], fb[None, :], x)
-        count = torch.where(empty, torch.full_like(count, fallback.numel()), count)
-    return x, count
-
-
-def split_regions(sel: Selection, *, b: int, e: int, P: int, cl) -> list[RegionIndices]:
-    """§2.5 step 5 (+ step 6 fallbacks): global selections -> intra / succ / inter kernel indices."""
-    n_q = e - b
-    device = sel.vertical.device
-    v, d = sel.vertical, sel.diagonal
-    v_ok = torch.arange(v.shape[1], device=device)[None, :] < sel.vertical_count[:, None]
-    d_ok = torch.arange(d.shape[1], device=device)[None, :] < sel.diagonal_count[:, None]
-    specs = [("intra", P, e, True, P, None, e - 1, 0)]
-    if cl is not None and P >= cl:
-        specs.append(("succ", P - cl, P, False, P - cl, P + n_q, P + n_q - 1, b - P))
-    if cl is not None and P >= 2 * cl:
-        specs.append(("inter", 0, P - cl, False, None, P - cl + n_q, P - cl + n_q - 1, b - P + cl))
-    out = []
-    for name, lo, hi, causal, c_lo, c_hi, anchor, shift in specs:
-        keep_v = v_ok & (v >= lo) & (v < hi)
-        keep_s = d_ok if c_lo is None else d_ok & (d >= c_lo)
-        if c_hi is not None:
-            keep_s = keep_s & (d < c_hi)
-        fb = fallback_indices(hi - lo, device)
-        verts, vc = _compact(v - lo, keep_v, fb, descending=False)
-        slashes, sc = _compact(anchor - d, keep_s, fb, descending=True)
-        out.append(RegionIndices(name, lo, hi, causal, verts, vc, slashes, sc, shift))
-    return out
