@@ -263,6 +263,46 @@ def check_dca_sparse(sizes: Sizes, dtype, device, seed=0):
             "covers_exact_mask": superset, "ok": ok and superset}
 
 
+def check_dca_paged_prefill(sizes: Sizes, dtype, device, seed=0):
+    """paged_dual_chunk_attention_triton (keys read through a shuffled block table, page 16) against the
+    contiguous composition, dense and sparse: the same kernels over the same keys, so equal up to launch-order
+    noise; the sparse pair counter (a device tensor) lies between 0 and the causal count."""
+    from longserve.kernels.dca import dual_chunk_attention_triton, paged_dual_chunk_attention_triton
+    from longserve.kernels.kv_source import PagedKV
+    from longserve.kernels.pair_stats import PairStats
+    from longserve.kernels.sparse_config import SparseHeadBudgets
+
+    H, G = sizes.dca_heads
+    L = sizes.dca_sparse_len
+    chunk_size, local_size, orig = sizes.dca_cfg
+    q, k, v = (t.to(dtype) for t in _qkv(L, L, H, G, sizes.head_dim, device, seed))
+    kc, vc, bt = _paged_inputs([L], G, sizes.head_dim, 16, device, seed)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    pos = torch.arange(L, device=device)
+    phys = bt[0].long()[pos // 16]
+    kc[phys, pos % 16], vc[phys, pos % 16] = k, v
+    paged = PagedKV(kc, vc, bt[0], L)
+    kw = dict(rope_theta=1e6, chunk_size=chunk_size, local_size=local_size,
+              original_max_position_embeddings=orig, return_lse=True)
+    n_q = L // 3                                    # a chunked prefill: the queries are the tail
+    record = {"check": "dca_paged_prefill", "dtype": str(dtype).replace("torch.", ""), "L": L, "n_q": n_q}
+    ok = True
+    for name, sparse in (("dense", None), ("sparse", SparseHeadBudgets.uniform(H, *sizes.budgets,
+                                                                                threshold=L - 1))):
+        stats = PairStats()
+        o_p, l_p = paged_dual_chunk_attention_triton(q[-n_q:], paged, sparse=sparse, stats=stats, **kw)
+        o_c, l_c = dual_chunk_attention_triton(q[-n_q:], k, v, keys_rotated=True, sparse=sparse, **kw)
+        diff = max(float((o_p.float() - o_c.float()).abs().max()), float((l_p - l_c).abs().max()))
+        record[f"{name}_diff"] = diff
+        ok = ok and diff <= 1e-6
+        if sparse is not None:
+            computed, causal = int(stats.computed), int(stats.causal)
+            record.update(computed_pairs=computed, causal_pairs=causal)
+            ok = ok and 0 < computed <= causal
+    record["ok"] = bool(ok)
+    return record
+
+
 def check_dca_decode(sizes: Sizes, dtype, device, seed=0):
     """paged_dca_decode_triton vs paged_dca_decode_reference at lengths spanning 1, 2 and 3+ chunks."""
     from longserve.kernels.dca_decode import paged_dca_decode_triton
@@ -352,5 +392,6 @@ def plan(sizes: Sizes, device, dtypes):
         checks.append((f"dca {dtype}", lambda d=dtype: check_dca(sizes, d, device)))
         checks.append((f"dca decode {dtype}", lambda d=dtype: check_dca_decode(sizes, d, device)))
         checks.append((f"dca sparse {dtype}", lambda d=dtype: check_dca_sparse(sizes, d, device)))
+        checks.append((f"dca paged prefill {dtype}", lambda d=dtype: check_dca_paged_prefill(sizes, d, device)))
     checks.append(("determinism", lambda: check_determinism(sizes, dtypes[0], device, sizes.small)))
     return checks
