@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import random
@@ -62,7 +63,6 @@ def smoke_setup(args) -> Setup:
 
 def full_setup(args) -> Setup:
     import torch
-
     from longserve.operator.catalog import lookup_model
     from longserve.operator.planner import SizingRequest, plan
     entry = lookup_model("Qwen/Qwen2.5-7B-Instruct-1M")
@@ -158,7 +158,6 @@ class Runner:
 
     def engine_for(self, mode: str):
         import torch
-
         from longserve.server.engine.llm_engine import LLMEngine
         if self.mode == mode:
             return self.engine
@@ -177,7 +176,6 @@ class Runner:
     def prompt(self, length: int, decode_tokens: int) -> dict:
         """One request of `length` random tokens; times every step. Returns TTFT, decode ms/token, peak bytes."""
         import torch
-
         from longserve.server.sampling import SamplingParams
         engine, cuda = self.engine, self.s.device == "cuda"
         self.seed += 1                            # a fresh prompt each time: no prefix shared with earlier ones
@@ -200,7 +198,7 @@ class Runner:
                 raise TimeoutError(f"time budget spent after {len(token_times)} tokens")
         if not token_times:
             raise RuntimeError("the request finished without producing a token")
-        gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(token_times)]
         out = {"ttftSeconds": round(token_times[0] - t0, 4),
                "decodeTokens": len(gaps), "decodeMsPerToken": round(1e3 * sorted(gaps)[len(gaps) // 2], 3)
                if gaps else None}
@@ -250,17 +248,19 @@ def predict(last: dict, mode: str, length: int) -> float:
     return t0 * (length / n0) ** GROWTH_EXPONENT[mode]
 
 
+def _cell(row: dict, key: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+    value = row.get(key)
+    return "–" if value is None else fmt.format(value / scale)
+
+
 def table(report: dict) -> str:
     gb = 1e9
-    lines = ["| attention | prompt tokens | TTFT s | tokens/s | decode ms/token | peak GB | transient GB | "
-             "planned transient GB | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| attention | prompt tokens | TTFT s | tokens/s | decode ms/token | peak GB | transient GB | "
+              "planned transient GB | note |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        def cell(key, scale=1.0, fmt="{:.2f}"):
-            value = r.get(key)
-            return "–" if value is None else fmt.format(value / scale)
-        lines.append(f"| {r['attention']} | {r['promptTokens']:,} | {cell('ttftSeconds')} | "
-                     f"{cell('prefillTokensPerSecond', fmt='{:.0f}')} | {cell('decodeMsPerToken')} | "
-                     f"{cell('peakBytes', gb)} | {cell('peakTransientBytes', gb)} | "
+        lines.append(f"| {r['attention']} | {r['promptTokens']:,} | {_cell(r, 'ttftSeconds')} | "
+                     f"{_cell(r, 'prefillTokensPerSecond', fmt='{:.0f}')} | {_cell(r, 'decodeMsPerToken')} | "
+                     f"{_cell(r, 'peakBytes', gb)} | {_cell(r, 'peakTransientBytes', gb)} | "
                      f"{r['planned']['transient'] / gb:.2f} | {(r.get('error') or '')[:60]} |")
     for sk in report["skipped"]:
         lines.append(f"| {sk['attention']} | {sk['promptTokens']:,} | skipped | | | | | | {sk['reason']} |")

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-
 from longserve.server.config import EngineConfig
 from longserve.server.engine import LLM, SamplingParams
 
@@ -45,9 +44,9 @@ def test_auto_load_format_still_needs_the_weights(config_only_dir):
 
 
 def test_load_format_is_validated():
-    base = dict(schema_version=1, runtime="native", model_path="/m", served_model_name="m", tensor_parallel_size=1,
-                max_model_len=4096, max_num_seqs=1, max_output_tokens=16, prefill_chunk_tokens=256,
-                gpu_memory_utilization=0.9)
+    base = {"schema_version": 1, "runtime": "native", "model_path": "/m", "served_model_name": "m",
+            "tensor_parallel_size": 1, "max_model_len": 4096, "max_num_seqs": 1, "max_output_tokens": 16,
+            "prefill_chunk_tokens": 256, "gpu_memory_utilization": 0.9}
     assert EngineConfig(**base).load_format == "auto"
     assert EngineConfig.from_json(EngineConfig(**base, load_format="dummy").to_json()).load_format == "dummy"
     with pytest.raises(ValueError, match="load_format must be one of auto, dummy"):
