@@ -133,13 +133,13 @@ def _sparse_setting(args, model):
     return config, threshold
 
 
-def _oracle_correct(args, model, tokenizer, cell) -> list[bool]:
+def _oracle_correct(args, model, tokenizer, cell, stats) -> list[bool]:
     from longserve.bench.passkey_oracle import answer_correct
 
     dca = model.config.dual_chunk_attention_config if args.dca == "on" else None
     chunk, local = (dca["chunk_size"], dca["local_size"]) if dca else (None, None)
     sparse = _sparse_setting(args, model)
-    return [answer_correct(model, tokenizer, sample, chunk, local, sparse) for sample, _ in cell]
+    return [answer_correct(model, tokenizer, sample, chunk, local, sparse, stats) for sample, _ in cell]
 
 
 def evaluate(args) -> dict:
@@ -163,8 +163,11 @@ def evaluate(args) -> dict:
         verdicts = {k: [first_number(a) == s.target for a, (s, _) in zip(answers[k], grid[k])] for k in keys}
     else:
         from longserve.bench.passkey_oracle import load
+        from longserve.kernels import PairStats
         model, _ = load(args.model)
-        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k]) for k in keys}
+        stats = PairStats()
+        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k], stats) for k in keys}
+        stats = stats.resolved()
     cells = [{"length": k[0], "depth": k[1], "samples": len(grid[k]), "correct": sum(verdicts[k]),
               "accuracy": sum(verdicts[k]) / len(grid[k]),
               "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1),
@@ -226,10 +229,10 @@ def run(args) -> int:
     print(format_table(cells, args.lengths, args.depths))
     pairs = result["sparse_pairs"]
     if pairs:
-        print(f"prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs, "
+        print(f"sparse prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs, "
               "as the kernels counted them over all layers, heads and prompts")
     elif args.sparse == "on":
-        print("sparse prefill pair counts: none recorded (the oracle backend counts no pairs)")
+        print("sparse prefill pair counts: none recorded (no prompt above the threshold)")
     with open(out / "passkey.csv", "w") as f:
         f.write("length,depth,samples,correct,accuracy,mean_prompt_tokens\n")
         for c in cells:

@@ -18,8 +18,9 @@ from longserve.bench import demo_prompts as dp
 ATTN_NAME = "longserve_dca_oracle"
 # chunk_size/local_size: DCA (None: plain RoPE); sparse: None or (SparseAttentionConfig, threshold), which
 # routes attention through longserve.kernels' sparse DCA; capture: None or a list that receives
-# (layer, q [L,H,D], k [L,G,D], v [L,G,D]) un-rotated, per layer (refinement input).
-_SETTINGS: dict = {"chunk_size": None, "local_size": None, "sparse": None, "capture": None}
+# (layer, q [L,H,D], k [L,G,D], v [L,G,D]) un-rotated, per layer (refinement input); stats: None or a
+# kernels.PairStats the sparse calls add their pair counts to.
+_SETTINGS: dict = {"chunk_size": None, "local_size": None, "sparse": None, "capture": None, "stats": None}
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -82,7 +83,7 @@ def _kernels_sparse(module, query, key, value, theta, scaling):
     budgets = config.budgets(module.layer_idx, threshold=threshold)
     outs = [dual_chunk_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), rope_theta=theta,
                                  chunk_size=_SETTINGS["chunk_size"], local_size=_SETTINGS["local_size"],
-                                 sparse=budgets, scale=scaling)
+                                 sparse=budgets, scale=scaling, stats=_SETTINGS["stats"])
             for q, k, v in zip(query, key, value)]
     return torch.stack(outs)
 
@@ -99,9 +100,10 @@ def load(model_dir: str):
 
 @torch.no_grad()
 def answer_correct(model, tok, sample: dp.Sample, chunk_size: int | None, local_size: int | None,
-                   sparse=None) -> bool:
-    """True iff every target digit is the argmax given the prompt and the correct answer prefix."""
-    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size, sparse=sparse)
+                   sparse=None, stats=None) -> bool:
+    """True iff every target digit is the argmax given the prompt and the correct answer prefix; ``stats`` (a
+    ``kernels.PairStats``) gets the sparse calls' pair counts added."""
+    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size, sparse=sparse, stats=stats)
     prompt = tok.encode(dp.chat_prompt(sample.prompt), add_special_tokens=False)
     head = sample.answer.rpartition(sample.target)[0]
     head_ids = tok.encode(head, add_special_tokens=False)

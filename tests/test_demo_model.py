@@ -147,9 +147,8 @@ def test_bench_passkey_writes_table_csv_heatmap_and_pair_counts(tmp_path, capsys
     assert rows[0].startswith("length,depth") and len(rows) == 3
     assert (tmp_path / "passkey.png").read_bytes()[:4] == b"\x89PNG"
     pairs = json.loads((tmp_path / "summary.json").read_text())["sparse_pairs"]
-    # selected: the exact VS mask (never more than dense); computed: what the tiled kernel scores, which can
-    # exceed the dense causal count when budgets cover a short prompt (whole 64-wide tiles are scored)
-    assert 0 < pairs["selected_fraction"] <= 1 and pairs["computed"] >= pairs["selected"]
+    # computed: the causally visible pairs the kernels' 64-wide tiles score, returned by the attention calls
+    assert 0 < pairs["computed_fraction"] <= 1 and pairs["computed"] <= pairs["dense_causal"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", str(MODEL), "--lengths", "0"])
 
