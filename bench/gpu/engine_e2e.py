@@ -5,7 +5,7 @@ Measures, through the real engine (scheduler, paged KV cache, DCA, sparse prefil
   * peak GPU memory (`torch.cuda.max_memory_allocated`) beside the planner's per-GPU terms for the same
     model, chunk and context (`longserve.operator.memory`): weights + KV measured after start-up, and the
     transient peak of each prompt against the planned activations + attention + estimation;
-  * decode ms/token at the longest context (decode is always dense).
+  * decode ms/token after every prompt, i.e. at 128K, 512K and 1M context (decode is always dense).
 The engine gets `load_format="dummy"`: seeded random weights made on the GPU, a config.json written from the
 built-in catalog, a small byte-level tokenizer and a sparse config with one budget for every head.
 
@@ -210,11 +210,11 @@ class Runner:
 
 
 def measure_all(s: Setup, runner: Runner, budget: Budget, modes: list[str], log) -> tuple[list, list]:
-    """Every (mode, length) in order, decode after each mode's longest prompt, within the budget."""
+    """Every (mode, length) in order, each prompt followed by its decode steps, within the budget."""
     runs, skipped, last = [], [], {}
     for mode in modes:
         for length in sorted(s.lengths):
-            decode = s.decode_tokens if length == max(s.lengths) else 0
+            decode = s.decode_tokens
             guess = predict(last, mode, length) + decode * DECODE_GUESS_S
             if guess > budget.left():
                 reason = f"predicted {guess:.0f} s > {max(budget.left(), 0):.0f} s left"
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for everything")
     parser.add_argument("--lengths", type=parse_lengths, default=None, help="prompt lengths, comma-separated")
     parser.add_argument("--modes", default="sparse,dense", help="attention modes in run order")
-    parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps after the longest prompt")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps after every prompt")
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the planner's)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
