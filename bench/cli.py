@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "benchmarks: kernels, prefill, serve, passkey"
+HELP = "benchmarks: kernels, prefill, serve, passkey, memory"
 
 BENCHES = {
     "kernels": "longserve.bench.kernels",
     "prefill": "longserve.bench.prefill",
     "serve": "longserve.bench.serve_load",
     "passkey": "longserve.bench.passkey",
+    "memory": "longserve.bench.memory",
 }
 
 

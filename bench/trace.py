@@ -39,8 +39,8 @@ _THIS = os.path.abspath(__file__)
 COMPONENTS: tuple[tuple[str, str], ...] = (
     ("kernels/estimation.py", "estimation"),
     ("kernels/reference/estimate.py", "estimation"),
-    ("kernels/sparse_index.py", "estimation"),
-    ("kernels/reference/sparse_index.py", "estimation"),
+    ("kernels/sparse_index.py", "index"),                  # the sparse kernel's work lists
+    ("kernels/reference/sparse_index.py", "index"),
     ("kernels/", "attention"),
     ("server/layers/attention.py", "attention"),
     ("server/layers/sampler.py", "sampling"),

@@ -1,32 +1,30 @@
 """The planner's memory model: per-GPU bytes of one (TP, chunk) candidate (pure arithmetic).
 
-Memory model per GPU at tensor parallelism t, prefill chunk C, N = max_model_len, S = max_num_seqs,
-b = bytes per element (2 for bf16), H/G query/KV heads, D head dim, I intermediate size
-(operator.md §4.2, algorithms.md §5):
+Native runtime: the terms come from `longserve.server.memory_model`, the same functions the engine sizes its KV
+cache with (weights, KV for max_model_len × max_num_seqs tokens, the step's transient peak, overhead; see that
+module for how each transient is derived from the tensors the engine allocates). The breakdown reports the
+transient peak by component at the step's largest phase (activations with the step metadata, attention,
+estimation with the sparse work lists), so
+weights + kv + activations + attention + estimation + overhead is what one GPU must hold.
+
+Upstream runtimes (vllm, sglang) are modelled as those engines allocate, at tensor parallelism t, prefill chunk
+C, N = max_model_len, S = max_num_seqs, b = bytes per element, H/G query/KV heads, D head dim, I intermediate:
 
     weights     = W / t
-    kv          = 2·layers·G·D·b · N · S / t          (KV heads sharded; t always divides G here)
-    activations = 3·C·hidden·b + 3·C·(I/t)·b           residual buffers (not split) + MLP gate/up and
-                                                        SiLU·up intermediates of one chunk
-    attention   = C·(H/t)·D·(2·variants + 4·parts)     bf16 query variants + fp32 partial outputs:
-                                                        N > 2·cl: 3 DCA parts, 3 (+2 selection when
-                                                        sparse) variants = 22·C·(H/t)·D; N ≤ cl: one
-                                                        part, one variant (plain attention)
-    estimation  = native:       0.5 GiB when sparse prefill can trigger (N > threshold), else 0
-                  vllm, sglang: 4·N·D·(G/t + H/t) + 512·(H/t)·N   gathered + GQA-expanded K/V and
-                                                        [H/t, 64, N] estimation logits
-    overhead    = 1.5 GiB + 0.05·weights                CUDA context, NCCL, allocator slack
+    kv          = 2·layers·G·D·b · N · S / t
+    activations = 3·C·hidden·b + 3·C·(I/t)·b           residual buffers + MLP gate/up and SiLU·up of one chunk
+    attention   = C·(H/t)·D·(2·variants + 4·parts)     bf16 query variants + fp32 partial outputs of their DCA
+                                                        backend: N > 2·cl: 3 parts, 3 (+2 when sparse) variants
+    estimation  = 4·N·D·(G/t + H/t) + 512·(H/t)·N       gathered + GQA-expanded K/V and [H/t, 64, N] logits
+    overhead    = 1.5 GiB + 0.05·weights
 
 Budget and safety margin. The native engine must satisfy
 
-    weights + kv + activations + attention + estimation + overhead ≤ u·M·(1 − m_eff)
+    weights + kv + transients + overhead ≤ u·M·(1 − m_eff)
 
-with u the utilisation bound (default 0.90), M the usable memory per GPU and m_eff the effective
-safety margin: the configured margin m (default 10 %) guards against under-estimating the
-request-dependent terms (kv + activations + attention + estimation = R), so it shrinks for small
-requests: m_eff = m · min(1, R / 32 GiB). Large 1M-token plans get the full margin (the worked plans
-of operator.md §4.3: 7B on one H200 needs 104.1 of 120.9 GB), while Qwen2.5-7B at 32K tokens still
-fits one 24 GB GPU, as vLLM users run it daily.
+with u the utilisation bound (default 0.90, a fraction of the GPU's total memory M) and m_eff the effective
+safety margin: the configured margin m (default 10 %) guards against under-estimating the request-dependent
+terms (kv + transients = R), so it shrinks for small requests: m_eff = m · min(1, R / 32 GiB).
 
 Upstream runtimes budget memory themselves through a fraction of the GPU:
 
@@ -49,15 +47,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from longserve.operator.catalog import GiB, ModelEntry
+from longserve.operator.catalog import ModelEntry
+from longserve.server.memory_model import (CHUNK_CANDIDATES, DEFAULT_SPARSE_THRESHOLD, KV_BLOCK_SIZE,
+                                           chunk_candidates, effective_margin, native_sizing, overhead_bytes)
 
-CHUNK_CANDIDATES = (131072, 65536, 32768, 16384, 8192)
-DEFAULT_SPARSE_THRESHOLD = 32768
-KV_BLOCK_SIZE = 16
-MARGIN_FULL_AT_BYTES = 32 * GiB
-NATIVE_ESTIMATION_BYTES = GiB // 2
-OVERHEAD_FIXED_BYTES = 3 * GiB // 2
-OVERHEAD_WEIGHT_FRACTION = 0.05
+__all__ = ["CHUNK_CANDIDATES", "KV_BLOCK_SIZE", "GB", "MemoryBreakdown", "chunk_candidates", "memory_breakdown",
+           "minimum_memory_per_gpu", "minimum_total_vram", "valid_tensor_parallel_sizes"]
+
 GB = 1e9
 
 
@@ -120,28 +116,23 @@ def memory_breakdown(model: ModelEntry, tp: int, chunk: int, max_model_len: int,
                      runtime: str, memory_per_gpu: float, utilization: float,
                      margin: float) -> MemoryBreakdown:
     """Per-GPU memory terms and the verdict for one (TP, chunk) candidate."""
+    if runtime == "native":
+        return _native_breakdown(model, tp, chunk, max_model_len, max_num_seqs, memory_per_gpu, utilization,
+                                 margin)
     f, b = model.facts, model.dtype_bytes
     n = max_model_len
     weights = model.weight_bytes / tp
     kv = f.kv_bytes_per_token(b) * n * max_num_seqs / tp
     activations = 3 * chunk * f.hidden_size * b + 3 * chunk * (f.intermediate_size / tp) * b
     attention = chunk * (f.num_heads / tp) * f.head_dim * _attention_factor(model, n)
-    if runtime == "native":
-        estimation = NATIVE_ESTIMATION_BYTES if _sparse_possible(model, n) else 0.0
-    elif _sparse_possible(model, n):
+    if _sparse_possible(model, n):
         estimation = 4 * n * f.head_dim * (f.num_kv_heads / tp + f.num_heads / tp) + 512 * (f.num_heads / tp) * n
     else:
         estimation = 0.0
-    overhead = OVERHEAD_FIXED_BYTES + OVERHEAD_WEIGHT_FRACTION * weights
-    request = kv + activations + attention + estimation
-    m_eff = margin * min(1.0, request / MARGIN_FULL_AT_BYTES)
+    overhead = overhead_bytes(weights)
+    m_eff = effective_margin(margin, kv + activations + attention + estimation)
     terms = dict(weights=weights, kv=kv, activations=activations, attention=attention,
                  estimation=estimation, overhead=overhead)
-    if runtime == "native":
-        budget = utilization * memory_per_gpu * (1 - m_eff)
-        need = sum(terms.values())
-        return MemoryBreakdown(**terms, budget=budget, fraction=utilization, margin=m_eff,
-                               feasible=need <= budget)
     pool = weights + kv + (activations if runtime == "vllm" else 0.0)
     outside = sum(terms.values()) - pool
     fraction = min(utilization, math.floor((1 - outside * (1 + m_eff) / memory_per_gpu) * 100) / 100)
@@ -151,10 +142,17 @@ def memory_breakdown(model: ModelEntry, tp: int, chunk: int, max_model_len: int,
                            feasible=fraction > 0 and budget >= pool * (1 + m_eff))
 
 
-def chunk_candidates(max_model_len: int) -> list[int]:
-    """Prefill chunks to try, largest first, never longer than the context."""
-    chunks = [c for c in CHUNK_CANDIDATES if c <= max_model_len]
-    return chunks or [max(KV_BLOCK_SIZE, max_model_len // KV_BLOCK_SIZE * KV_BLOCK_SIZE)]
+def _native_breakdown(model: ModelEntry, tp: int, chunk: int, max_model_len: int, max_num_seqs: int,
+                      memory_per_gpu: float, utilization: float, margin: float) -> MemoryBreakdown:
+    """The engine's own model (server.memory_model); transients by component at the step's peak phase, with the
+    runner's small per-step metadata counted under activations."""
+    sz = native_sizing(model.facts, tp=tp, chunk=chunk, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       memory_per_gpu=memory_per_gpu, utilization=utilization, margin=margin,
+                       dtype_bytes=model.dtype_bytes, weights=model.weight_bytes / tp)
+    c = sz.transients.components
+    return MemoryBreakdown(weights=sz.weights, kv=sz.kv, activations=c["activations"] + c["metadata"],
+                           attention=c["attention"], estimation=c["estimation"] + c["index"], overhead=sz.overhead,
+                           budget=sz.budget, fraction=utilization, margin=sz.margin, feasible=sz.fits)
 
 
 def minimum_memory_per_gpu(model: ModelEntry, tp: int, chunk: int, max_model_len: int, runtime: str, *,

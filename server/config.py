@@ -30,7 +30,7 @@ class EngineConfig:
     max_num_seqs: int
     max_output_tokens: int              # default and cap for max_tokens
     prefill_chunk_tokens: int           # tokens per scheduler step (max-num-batched-tokens)
-    gpu_memory_utilization: float
+    gpu_memory_utilization: float       # fraction of the GPU's *total* memory for everything (vLLM's meaning)
     kv_block_size: int = 16             # must divide the DCA chunk length (checked at start-up)
     kv_capacity_tokens: int | None = None   # explicit KV capacity; None: from gpu_memory_utilization
     dtype: str = "bfloat16"

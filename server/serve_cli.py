@@ -60,9 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     eng.add_argument("--max-output-tokens", type=int, help="default and cap for max_tokens (default 8192)")
     eng.add_argument("--max-num-seqs", type=int, help="concurrent sequences (default 16)")
-    eng.add_argument("--prefill-chunk-tokens", type=int, help="tokens per prefill step (default 8192)")
+    eng.add_argument("--prefill-chunk-tokens", type=int,
+                     help="tokens per prefill step (default: on a GPU the largest of 131072..8192 that fits, as "
+                          "the planner sizes it; on a CPU 8192)")
     eng.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica (default 1)")
-    eng.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory (default 0.9)")
+    eng.add_argument("--gpu-memory-utilization", type=float,
+                     help="fraction of the GPU's total memory the engine may use (default 0.9)")
     eng.add_argument("--kv-capacity-tokens", type=int, help="explicit KV capacity (default: from memory)")
     eng.add_argument("--kv-block-size", type=int, help="tokens per KV block (default 16)")
     eng.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights/activations dtype")
@@ -110,7 +113,49 @@ def build_config(args):
                   max_num_seqs=16, max_output_tokens=min(8192, max_model_len - 1), prefill_chunk_tokens=8192,
                   gpu_memory_utilization=0.9)
     values.update(overrides)
+    if "prefill_chunk_tokens" not in overrides:
+        values["prefill_chunk_tokens"] = default_prefill_chunk(facts, values, args.model)
     return EngineConfig(**values)
+
+
+def gpu_total_memory() -> int | None:
+    """Total memory of the GPU the engine will use, or None without one (torch is imported only here)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[1])
+
+
+def default_prefill_chunk(facts, values: dict, model_dir: str) -> int:
+    """The prefill chunk the planner would choose for this GPU: the largest candidate with which the weights,
+    one max_model_len sequence of KV, the step transients and the overhead fit `gpu_memory_utilization` of the
+    GPU's total memory (with the planner's 10 % safety margin). On a CPU host memory is not profiled: 8192."""
+    from longserve.server import memory_model as mm
+    from longserve.server.config import DTYPE_BYTES
+
+    total = gpu_total_memory()
+    if total is None:
+        log.info("prefill chunk %d tokens (CPU default)", mm.CPU_DEFAULT_CHUNK,
+                 extra={"event": "prefill_chunk", "prefill_chunk_tokens": mm.CPU_DEFAULT_CHUNK})
+        return mm.CPU_DEFAULT_CHUNK
+    sparse = values.get("sparse_prefill", True) and os.path.exists(
+        values.get("sparse_config_path") or os.path.join(model_dir, "sparse_attention_config.json"))
+    n = values["max_model_len"]
+    chunk = mm.choose_chunk(facts, tp=values["tensor_parallel_size"], max_model_len=n, memory_per_gpu=total,
+                            utilization=values["gpu_memory_utilization"],
+                            dtype_bytes=DTYPE_BYTES[values.get("dtype", "bfloat16")], dca=values.get("dca", True),
+                            sparse=sparse, sparse_threshold=values.get("sparse_threshold"))
+    fallback = chunk is None
+    if fallback:
+        chunk = mm.chunk_candidates(n)[-1]
+    log.log(logging.WARNING if fallback else logging.INFO,
+            "prefill chunk %d tokens for max_model_len %d on a %.1f GB GPU%s", chunk, n, total / 1e9,
+            ": nothing fits one full-length sequence, using the smallest chunk" if fallback else "",
+            extra={"event": "prefill_chunk", "prefill_chunk_tokens": chunk, "gpu_total_bytes": total})
+    return chunk
 
 
 def read_api_key(args) -> str | None:

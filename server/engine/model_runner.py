@@ -88,7 +88,7 @@ class ModelRunner:
         if use_dca and (chunk - local) % config.kv_block_size:
             raise ValueError(f"kv_block_size {config.kv_block_size} must divide the DCA chunk length "
                              f"{chunk - local} (chunk_size - local_size)")
-        self.num_kv_blocks = self._kv_blocks()
+        self.num_kv_blocks = self._kv_blocks(checkpoint.sparse_config)
         self.cache = KVCache(f.num_layers, self.num_kv_blocks, config.kv_block_size, f.num_kv_heads, f.head_dim,
                              self.dtype, self.device)
         self.step_metadata = StepMetadataBuilder(self.device, config.kv_block_size, head_dim=f.head_dim,
@@ -98,19 +98,21 @@ class ModelRunner:
         self._rng = random.Random(config.seed)
         self._generators: dict[int, torch.Generator] = {}
 
-    def _kv_blocks(self) -> int:
+    def _kv_blocks(self, sparse_config: list | None = None) -> int:
         c, bs = self.config, self.config.kv_block_size
         if c.kv_capacity_tokens is not None:
             return -(-c.kv_capacity_tokens // bs)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            return self.kv_blocks_for_memory(total=total, free=free)
+            return self.kv_blocks_for_memory(total=total, free=free, sparse_config=sparse_config)
         return -(-c.max_model_len * c.max_num_seqs // bs) + c.max_num_seqs
 
-    def kv_blocks_for_memory(self, *, total: int, free: int) -> int:
+    def kv_blocks_for_memory(self, *, total: int, free: int, sparse_config: list | None = None) -> int:
         """KV blocks from the shared memory model: `gpu_memory_utilization` of the GPU's total memory less the
         weights, the transient reserve of one step (kept free) and the overhead; `free` (after loading) must hold
-        the cache and the reserve. ValueError, naming every term, when they do not fit."""
+        the cache and the reserve. `sparse_config` (the checkpoint's sparse_attention_config list) sizes the
+        sparse prefill's buffers; without one prefill is dense. ValueError, naming every term, when they do not
+        fit."""
         import dataclasses
         import logging
 
@@ -119,8 +121,10 @@ class ModelRunner:
         c = self.config
         dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
         shapes = mm.rank_shapes(self.facts, 1, dtype_bytes=dtype_bytes, dca=self.dca.chunk_size is not None,
-                                sparse=c.sparse_prefill, sparse_threshold=c.sparse_threshold,
-                                sparse_last_q=c.sparse_last_q, block_size=c.kv_block_size)
+                                sparse=c.sparse_prefill and sparse_config is not None,
+                                sparse_threshold=c.sparse_threshold, sparse_last_q=c.sparse_last_q,
+                                sparse_budgets=mm.sparse_budget_maxima(sparse_config) if sparse_config else None,
+                                block_size=c.kv_block_size)
         if self.dca.chunk_size is not None:
             shapes = dataclasses.replace(shapes, dca_chunk_len=self.dca.chunk_size - self.dca.local_size)
         weights = mm.weight_bytes(self.facts, 1, dtype_bytes)
