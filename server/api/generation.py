@@ -141,6 +141,7 @@ class EventStream:
                 finished = finished or isinstance(event, RequestFinished)
                 self._queue.put_nowait(StreamItem(req, event))
         except RequestRejected as exc:
+            finished = True     # never admitted: nothing to abort (an abort could hit a request with the same id)
             outcome = "rejected_overload" if exc.code in _OVERLOAD_CODES else (
                 "rejected_too_long" if exc.param == "input_tokens" else "rejected_invalid")
             recorder.outcome(outcome)

@@ -9,7 +9,11 @@ Failure isolation: when running a step raises (device out of memory, a kernel er
 run again one request at a time to find the request(s) that cause it. Those fail alone
 (`RequestFailed`, KV blocks freed); the others keep the results of their re-run and carry on.
 Re-running is safe because a step only writes the K/V of its own tokens, to the same slots each
-time. The cost is paid only on failure: at most one extra forward per request of the failed step.
+time, and sampling (the only consumer of random generators) comes after the forward. The cost is
+paid only on failure: at most one extra forward per request of the failed step, each smaller than
+the step. An error while turning one request's sampled token into output fails that request too.
+Errors outside any request (the scheduler, the loop) still propagate: the async engine then reports
+itself dead.
 """
 from __future__ import annotations
 
@@ -214,11 +218,18 @@ class LLMEngine:
         for rid, (done, total) in progressed.items():
             sparse = density is not None and total > self.sparse_threshold
             events.append(PrefillProgress(rid, done, total, density if sparse else None))
+        failed = dict(executed.failed)
         for piece, result in executed.ran:
             for chunk, sampled in zip([c for c in piece.chunks if c.samples], result.sampled):
-                events.extend(self._append_token(chunk.seq, sampled, now))
-        for request_id, (exc, step_tokens) in executed.failed.items():
-            events.extend(self._fail(self.requests[request_id], exc, step_tokens, now))
+                if chunk.seq.request_id in failed:
+                    continue
+                try:
+                    events.extend(self._append_token(chunk.seq, sampled, now))
+                except Exception as exc:     # e.g. detokenizing its output: that request alone fails
+                    failed[chunk.seq.request_id] = (exc, chunk.num_tokens)
+        for request_id, (exc, step_tokens) in failed.items():
+            if request_id in self.requests:
+                events.extend(self._fail(self.requests[request_id], exc, step_tokens, now))
         return events
 
     def _finish_reason(self, seq: Sequence, token: int) -> tuple[FinishReason | None, object]:

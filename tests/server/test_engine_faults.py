@@ -141,3 +141,24 @@ def test_offline_llm_reports_the_failure(llm):
     assert outs[1].failure is not None and outs[1].finished is None
     assert outs[1].outputs[0].finish_reason is FinishReason.ERROR
     assert_idle(llm.engine)
+
+
+def test_error_turning_a_token_into_text_fails_only_that_request(llm):
+    engine = llm.engine
+    clean = baseline(llm, max_tokens=6)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    for rid, ids in PROMPTS.items():
+        engine.add_request(rid, ids, params)
+
+    def broken(token_ids, final=False):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+    engine.requests["c"].choices[0].detok.step = broken
+    got: dict[str, list] = {rid: [] for rid in PROMPTS}
+    while engine.has_work():
+        for event in engine.step():
+            got[event.request_id].append(event)
+    assert {r: tokens(got[r]) for r in ("a", "b")} == {r: tokens(clean[r]) for r in ("a", "b")}
+    failed = got["c"][-1]
+    assert isinstance(failed, RequestFailed) and failed.cause is FailureCause.EXCEPTION
+    assert "UnicodeDecodeError" in failed.message
+    assert_idle(engine)

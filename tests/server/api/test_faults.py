@@ -210,3 +210,17 @@ def test_grpc_gets_a_status(real, undisturbed, exc_type, code):
     assert deltas == 2                                               # the two tokens before the failure
     assert httpx.get(srv.stack.http_url + "/health").status_code == 200
     assert _idle(engine) and engine.is_healthy()
+
+
+def test_a_request_id_already_in_flight_is_a_400_and_leaves_the_first_alone(real):
+    srv, engine = real
+    url = srv.stack.http_url + "/v1/completions"
+    body = {"model": "tiny", "prompt": "Same id twice", "ignore_eos": True, "request_id": "twice"}
+    with httpx.stream("POST", url, json={**body, "max_tokens": 24, "stream": True}, timeout=60) as first:
+        lines = first.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))     # the first one is in flight
+        second = httpx.post(url, json={**body, "max_tokens": 2}, timeout=60)
+        assert second.status_code == 400 and "already in flight" in second.json()["error"]["message"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
+    assert _idle(engine) and engine.is_healthy()
