@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from longserve.server.engine.block_manager import BlockManager
+from longserve.server.engine.protocol import FinishReason
 from longserve.server.engine.sequence import Sequence, SequenceStatus
 
 
@@ -63,7 +64,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason=None) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -76,7 +77,7 @@ class Scheduler:
     def abort(self, request_id: str) -> list[Sequence]:
         victims = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
         for seq in victims:
-            self.finish(seq, "abort")
+            self.finish(seq, FinishReason.ABORT)
         return victims
 
     @property
