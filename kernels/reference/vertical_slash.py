@@ -1,9 +1,10 @@
-"""Reference twin of ``longserve.kernels.vertical_slash``: the same work lists as a dense boolean mask.
+"""Reference twin of ``longserve.kernels.vertical_slash``: attention over the same work lists, same semantics.
 
-The covered pair set of (block_count, block_offset, column_count, column_index) per (head, 64-row query block)
-is built vectorised (keys ``[b, b + 64)`` of every listed block start, plus every listed column), intersected
-with ``key < n_k`` and, in causal mode, with the bottom-right causal mask ``key <= (n_k - n_q) + row``; then
-dense masked attention with LSE. Same signatures as the Triton module; fp64-capable, CPU or GPU.
+``vertical_slash_attention`` scores, per (head, 64-row query block), keys ``[b, b + 64)`` of every listed block
+start and every listed column, with ``key < n_k`` and, in causal mode, the bottom-right mask ``key <= (n_k - n_q) +
+row``; a key listed twice is scored twice, as in the kernel (it runs ``sparse_dca.tile_attention``).
+``covered_mask`` gives the covered pair set as a dense boolean mask (a set: duplicates collapse), for tests and
+checks on row samples. Same signatures as the Triton module; fp64-capable, CPU or GPU.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from longserve.kernels.reference.attention import attention_with_lse
+from longserve.kernels.reference.attention import attention_with_lse, check_shapes
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -63,10 +64,19 @@ def covered_mask(q_len: int, kv_len: int, block_count, block_offset, column_coun
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *,
                              scale: float, causal: bool):
-    """Masked dense attention over the covered pairs; returns (O like q, LSE [n_q, H], fp32 or fp64)."""
-    mask = covered_mask(q.shape[0], k.shape[0], block_count, block_offset, column_count, column_index,
-                        causal=causal)
-    return attention_with_lse(q, k, v, scale=scale, causal=False, mask=mask)
+    """Work-list attention with the kernel's semantics; returns (O like q, LSE [n_q, H], fp32 or fp64)."""
+    from longserve.kernels.kv_source import ContiguousKV
+    from longserve.kernels.reference.sparse_dca import tile_attention
+
+    check_shapes(q, k, v)
+    R = math.ceil(q.shape[0] / BLOCK_M)
+    for name, t in (("block_count", block_count), ("block_offset", block_offset), ("column_count", column_count),
+                    ("column_index", column_index)):
+        if tuple(t.shape[:2]) != (q.shape[1], R):
+            raise ValueError(f"{name} must start with [H={q.shape[1]}, R={R}], got {tuple(t.shape)}")
+    lists = (block_count, block_offset, column_count, column_index)
+    out, lse = tile_attention(q, ContiguousKV(k, v), 0, k.shape[0], lists, scale=scale, causal=causal)
+    return out.to(q.dtype), lse
 
 
 def dense_attention(q, k, v, *, scale: float, causal: bool):

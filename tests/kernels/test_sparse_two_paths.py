@@ -77,3 +77,24 @@ def test_paged_reference_equals_paged_triton():
     assert _err(ref[0], tri[0]) < TOL and _err(ref[1], tri[1]) < TOL
     assert _err(ref[0], contiguous[0]) < 1e-6
     assert ref_stats.resolved().causal == tri_stats.resolved().causal
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_listed_twice_are_scored_twice_on_both_paths(causal):
+    """Hand-made lists naming keys twice (overlapping block starts, a column inside a block, a repeated column):
+    the reference twin matches the kernel, and both differ from attention over the set of keys."""
+    from longserve.kernels.reference import vertical_slash as ref_vs
+    from longserve.kernels.reference.attention import attention_with_lse
+    from longserve.kernels.vertical_slash import vertical_slash_attention
+    q, k, v = _inputs(70, 200, 2, 1, seed=8)
+    bc = torch.tensor([[2, 1], [1, 2]], dtype=torch.int32)
+    bo = torch.tensor([[[0, 32], [64, 0]], [[100, 0], [0, 10]]], dtype=torch.int32)
+    cc = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)
+    ci = torch.tensor([[[5, 150, 150], [0, 0, 0]], [[120, 0, 0], [3, 3, 0]]], dtype=torch.int32)
+    lists = (bc, bo, cc, ci)
+    ref = ref_vs.vertical_slash_attention(q, k, v, *lists, scale=0.3, causal=causal)
+    tri = vertical_slash_attention(q, k, v, *lists, scale=0.3, causal=causal)
+    assert _err(ref[0], tri[0]) < TOL and _err(ref[1], tri[1]) < TOL
+    as_set = attention_with_lse(q, k, v, scale=0.3, causal=causal,
+                                mask=ref_vs.covered_mask(70, 200, *lists, causal=causal))
+    assert _err(ref[1], as_set[1]) > 1e-3
