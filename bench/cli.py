@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "benchmarks: kernels, prefill, serve, passkey, memory"
+HELP = "benchmarks: kernels, prefill, serve, passkey, memory, host"
 
 BENCHES = {
     "kernels": "longserve.bench.kernels",
@@ -11,6 +11,7 @@ BENCHES = {
     "serve": "longserve.bench.serve_load",
     "passkey": "longserve.bench.passkey",
     "memory": "longserve.bench.memory",
+    "host": "longserve.bench.host",
 }
 
 

@@ -96,19 +96,15 @@ class StepMetadataBuilder:
     def drop(self, seq_id: int) -> None:
         self.tables.drop(seq_id)
 
-    def _ints(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
     def build(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepMetadata]:
         for seq in batch.preempted:                       # their tables were freed: drop the device copies
             self.tables.drop(seq.seq_id)
         bs, dev = self.block_size, self.device
+        # Every host int of the step goes up in one upload; the tensors below are views of it.
         ids: list[int] = []
-        # Consecutive tokens whose positions are host ints (decodes) form one "run"; a prefill chunk is a range.
-        pieces: list[tuple] = []                          # ("run", positions, table rows) | ("range", start, end, row)
-        run_pos: list[int] = []
-        run_rows: list[int] = []
-        prefills, decode_rows, decode_table_rows, decode_lens = [], [], [], []
+        pieces: list[tuple] = []        # ("run", first decode index, count) | ("range", start, end, table row)
+        prefills, decode_rows, decode_pos, decode_table_rows = [], [], [], []
+        run_start = None
         for chunk in batch.chunks:
             seq = chunk.seq
             start, end = chunk.start, chunk.start + chunk.num_tokens
@@ -118,49 +114,52 @@ class StepMetadataBuilder:
             row0 = len(ids)
             ids.extend(seq.token_ids(start, end))
             table_row = self.tables.row_of(seq)
-            if chunk.is_decode:
-                run_pos.append(start)
-                run_rows.append(table_row)
+            if chunk.is_decode:                           # consecutive decodes form one run of host positions
+                if run_start is None:
+                    run_start = len(decode_pos)
                 decode_rows.append(row0)
+                decode_pos.append(start)
                 decode_table_rows.append(table_row)
-                decode_lens.append(end)
                 continue
-            if run_pos:
-                pieces.append(("run", run_pos, run_rows))
-                run_pos, run_rows = [], []
+            if run_start is not None:
+                pieces.append(("run", run_start, len(decode_pos) - run_start))
+                run_start = None
             pieces.append(("range", start, end, table_row))
-            blocks = -(-end // bs)
             prefills.append(PrefillSpan(slice(row0, len(ids)), end, max(seq.prompt_len, end),
-                                        self.tables.table[table_row, :blocks]))
-        if run_pos:
-            pieces.append(("run", run_pos, run_rows))
+                                        self.tables.table[table_row, :-(-end // bs)]))
+        if run_start is not None:
+            pieces.append(("run", run_start, len(decode_pos) - run_start))
+
+        B = len(decode_pos)
+        packed = torch.tensor(ids + decode_rows + decode_pos + decode_table_rows, dtype=torch.int64)
+        packed = packed.to(dev, non_blocking=True)
+        ids_t, rest = packed[:len(ids)], packed[len(ids):]
+        rows_t, pos_t, table_rows_t = rest[:B], rest[B:2 * B], rest[2 * B:]
 
         table = self.tables.table
         pos_parts, block_parts = [], []
         for piece in pieces:
             if piece[0] == "run":
-                pos, rows = self._ints(piece[1]), self._ints(piece[2])
-                block_parts.append(table[rows, pos // bs])
+                _, first, count = piece
+                pos = pos_t[first:first + count]
+                block_parts.append(table[table_rows_t[first:first + count], pos // bs])
             else:
                 _, start, end, row = piece
                 pos = torch.arange(start, end, dtype=torch.int64, device=dev)
                 block_parts.append(table[row][pos // bs])
             pos_parts.append(pos)
         positions = _cat(pos_parts, torch.int64, dev)
-        slot_blocks = _cat(block_parts, torch.int32, dev)
 
-        max_len = max(decode_lens, default=0)
-        width = -(-max_len // bs)
-        decode_tables = table[:, :width].index_select(0, self._ints(decode_table_rows)) if decode_lens else \
-            torch.zeros((0, 0), dtype=torch.int32, device=dev)
-        scales = [softmax_scale(self.head_dim, None, self.original_max, n) for n in decode_lens]
+        lens = [p + 1 for p in decode_pos]
+        max_len = max(lens, default=0)
+        scales = [softmax_scale(self.head_dim, None, self.original_max, n) for n in lens]
         meta = StepMetadata(
-            positions=positions, slot_blocks=slot_blocks, slot_offsets=positions % bs, prefills=tuple(prefills),
-            decode_rows=self._ints(decode_rows), decode_block_tables=decode_tables,
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            decode_max_seq_len=max_len,
+            positions=positions, slot_blocks=_cat(block_parts, torch.int32, dev), slot_offsets=positions % bs,
+            prefills=tuple(prefills), decode_rows=rows_t,
+            decode_block_tables=table[:, :-(-max_len // bs)][table_rows_t],     # gathered on the device
+            decode_seq_lens=(pos_t + 1).to(torch.int32), decode_max_seq_len=max_len,
             decode_scales=torch.tensor(scales, dtype=torch.float64).to(dev, non_blocking=True))
-        return self._ints(ids), meta
+        return ids_t, meta
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -162,3 +162,13 @@ def test_engine_drops_device_state_of_preempted_finished_and_aborted_sequences(t
     assert tables.num_live == 1
     engine.abort("gone")
     assert tables.num_live == 0
+
+
+def test_bench_host_runs_the_runner_at_two_contexts(capsys):
+    """`longserve bench host` in smoke size: real 7B shapes (one layer) on the meta device, two contexts."""
+    from longserve.bench import host
+    result = host.measure("Qwen/Qwen2.5-7B-Instruct-1M", [64, 5000], batch=2, steps=2, layers=1)
+    assert [r["context"] for r in result["rows"]] == [64, 5000] and result["layers"] == 1
+    assert all(r["metadataMs"] > 0 and r["stepMs"] >= r["metadataMs"] for r in result["rows"])
+    assert result["rows"][0]["metadataRatio"] == 1.0
+    assert "5000" in host.table(result)
