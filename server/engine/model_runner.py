@@ -43,6 +43,8 @@ def random_model(facts, device: torch.device, dtype: torch.dtype, std: float = 0
     with torch.device("meta"):
         model = Qwen2ForCausalLM(facts)
     model = model.to(dtype=dtype).to_empty(device=device)
+    if torch.device(device).type == "meta":
+        return model                    # the memory bench: real shapes, no data to initialise
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
