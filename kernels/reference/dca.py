@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from longserve.kernels.kv_source import PagedKV
 from longserve.kernels.reference.attention import attend, check_shapes, merge_lse
 from longserve.kernels.reference.rope import apply_rope
 
@@ -238,8 +239,9 @@ def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_siz
 def paged_dca_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta, chunk_size, local_size,
                                original_max_position_embeddings=0, scale=None, return_lse=False,
                                max_seq_len: int | None = None, scales=None):
-    """One decode step per sequence: gather its keys ``[0, seq_len)`` from the paged cache (stored rotated at
-    ``j mod cl``) and run the prefill math for the last position with ``m(seq_len)`` (§1.6). O ``[B, H, D]``.
+    """One decode step per sequence: the prefill math for its last position over keys ``[0, seq_len)`` read from the
+    paged cache (stored rotated at ``j mod cl``) a bounded key block at a time, with ``m(seq_len)`` (§1.6).
+    O ``[B, H, D]``.
 
     ``max_seq_len`` and ``scales`` as in the Triton composition: a host bound on ``seq_lens`` and ``[B]`` full
     softmax scales (replacing ``scale`` and the YaRN factor). The reference reads the lengths back once per call.
@@ -262,15 +264,12 @@ def paged_dca_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, r
     for i, n in enumerate(lens):
         if n < 1 or n > limit:
             raise ValueError(f"sequence {i}: seq_len {n} outside [1, {limit}]")
-        pos = torch.arange(n, device=k_cache.device)
-        blocks = block_tables[i].to(k_cache.device).long()[pos // page]
-        k = k_cache[blocks, pos % page]
-        v = v_cache[blocks, pos % page]
+        kv = PagedKV(k_cache, v_cache, block_tables[i].to(k_cache.device), n)     # read a key block at a time
         scaling = dict(original_max_position_embeddings=original_max_position_embeddings, scale=scale) \
             if taus is None else dict(original_max_position_embeddings=0, scale=taus[i])
-        o, l_ = dual_chunk_attention_reference(
-            q[i:i + 1], k, v, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size, prompt_len=n,
-            return_lse=True, keys_rotated=True, **scaling)
+        o, l_ = paged_dual_chunk_attention_reference(
+            q[i:i + 1], kv, rope_theta=rope_theta, chunk_size=chunk_size, local_size=local_size, prompt_len=n,
+            return_lse=True, **scaling)
         out[i], lse[i] = o[0].to(wd), l_[0].to(wd)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
