@@ -6,6 +6,10 @@ inter). A prefill cuts its queries into sub-blocks at multiples of ``cl``; each 
 LSE-merged in fp32/fp64. ``chunk_size = local_size = None`` turns DCA off: the same code with ``cl = infinity``,
 i.e. plain causal RoPE attention. The YaRN temperature ``m(N)^2`` multiplies the logits on the query side with
 N the full prompt length, so cached keys stay unscaled (§1.3).
+
+The prefill reads keys from a KV source (``kernels.kv_source``: contiguous tensors or the paged cache) in
+bounded pieces: dense regions ``KEY_BLOCK`` keys at a time, LSE-merged, and the sparse path only the keys its
+work lists name (``sparse_dca``), so no call holds the whole context's keys at once.
 """
 from __future__ import annotations
 
