@@ -109,7 +109,9 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, key_start, key_end
                            max_num_keys: int | None = None, num_splits: int | None = None):
     """One decode query per sequence over its paged key range; returns (O fp32 [B, H, D], LSE fp32 [B, H]).
 
-    ``scale`` is a float or a per-sequence tensor ``[B]`` (each sequence's own YaRN factor).
+    ``scale`` is a float or a per-sequence tensor ``[B]`` (each sequence's own YaRN factor). ``max_num_keys`` bounds
+    the longest key range and sizes the split-KV grid; without it the block tables' capacity is used, so the
+    wrapper never reads a device value back.
     """
     _check(q, k_cache, v_cache, block_tables, key_start, key_end)
     B, H, D = q.shape
@@ -122,8 +124,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, key_start, key_end
     G, page = k_cache.shape[2], k_cache.shape[1]
     key_start = key_start.to(torch.int32).contiguous()
     key_end = torch.maximum(key_end.to(torch.int32), key_start).contiguous()
-    if max_num_keys is None:
-        max_num_keys = int((key_end - key_start).max().item()) if B else 0
+    if max_num_keys is None:                # a bound from shapes alone (no readback): the table's capacity
+        max_num_keys = block_tables.shape[1] * page if B else 0
     if num_splits is None:
         num_splits = _num_splits(max_num_keys, B * G)
     if num_splits < 1:

@@ -162,3 +162,16 @@ def test_decode_step_on_real_tensors_reads_back_only_in_the_sampler(cpu_engine):
     outside_sampler = {site: n for site, n in t.report.sync_sites.items() if "server/layers/sampler.py" not in site}
     assert outside_sampler == {}
     assert t.report.num_syncs == 2 * len(lengths), t.report.sync_sites
+
+
+def test_paged_attention_wrapper_bounds_its_grid_without_a_readback():
+    """Without `max_num_keys` the split grid is sized from the block tables' capacity, not read back."""
+    from longserve.kernels.paged_attention import paged_attention_decode
+    B, H, G, D, page = 3, 8, 2, 64, 16
+    q = torch.empty((B, H, D), device="meta")
+    cache = torch.empty((64, page, G, D), device="meta")
+    tables = torch.empty((B, 20), dtype=torch.int32, device="meta")
+    start = torch.empty(B, dtype=torch.int64, device="meta")
+    with dispatch.tracing(), trace() as t:
+        o, lse = paged_attention_decode(q, cache, cache, tables, start, start, scale=0.125)
+    assert t.report.num_syncs == 0 and o.shape == (B, H, D) and lse.shape == (B, H)
