@@ -21,11 +21,15 @@ import torch
 from longserve.kernels.estimation import estimate_dca_selection, split_regions
 from longserve.kernels.kv_source import ContiguousKV, PagedKV
 from longserve.kernels.merge import merge_lse_stacked
-from longserve.kernels.reference.dca import (chunk_length, dense_regions, key_positions, region_pairs, softmax_scale,
-                                              sub_blocks)
+from longserve.kernels.reference.dca import (chunk_length, dense_regions, key_positions, region_pairs,
+                                              softmax_scale, sub_blocks)
 from longserve.kernels.reference.rope import apply_rope
+from longserve.kernels.reference.sparse_dca import selected_pair_count
 from longserve.kernels.sparse_index import convert_vertical_slash_indexes
-from longserve.kernels.vertical_slash import dense_attention_kv, vertical_slash_attention_kv
+from longserve.kernels.vertical_slash import (
+    dense_attention_kv,
+    vertical_slash_attention_kv,
+)
 
 
 def chunk_params(chunk_size, local_size):
@@ -70,10 +74,10 @@ def paged_dual_chunk_attention_triton(q, kv, *, rope_theta, chunk_size, local_si
 
     ``kv`` is a ``PagedKV`` (one sequence in one layer of the paged cache) or a ``ContiguousKV``; keys are
     stored rotated at ``j mod cl``. YaRN uses ``m(prompt_len or kv.length)^2``. ``sparse`` (``SparseHeadBudgets``)
-    switches to vertical-slash attention when the prompt length exceeds its threshold. On that sparse path
-    ``stats`` (a ``PairStats``) gets ``computed`` (pairs the kernels score, see ``vertical_slash``; a 0-dim
-    device tensor, never read back here) and ``causal`` (what dense attention would score, an int) added; a
-    dense prefill adds nothing, like the reference.
+    switches to vertical-slash attention when the prompt length exceeds its threshold. ``stats`` (a
+    ``PairStats``) gets ``causal`` (what dense attention scores, an int) and ``computed`` added: on the sparse
+    path the pairs the kernels score (see ``vertical_slash``; a 0-dim device tensor, never read back here), on
+    the dense path the causal count; ``selected`` too when it is not None (exact-mask pairs; dense: causal).
     Returns O ``[n_q, H, D]`` in q's dtype (and LSE fp32 ``[n_q, H]``).
     """
     L, G, D, dtype, device = _source_shape(kv)
@@ -93,8 +97,8 @@ def paged_dual_chunk_attention_triton(q, kv, *, rope_theta, chunk_size, local_si
         raise ValueError(f"sparse budgets cover {sparse.num_heads} heads, this call has {H}")
     out = torch.empty_like(q)
     lse = torch.empty((n_q, H), dtype=torch.float32, device=device)
-    counting = use_sparse and stats is not None
-    computed = torch.zeros((), dtype=torch.int64, device=device) if counting else None
+    computed = torch.zeros((), dtype=torch.int64, device=device) if use_sparse and stats is not None else None
+    selected = 0                                # exact-mask pairs, only when stats asks for them
     causal_pairs = 0
     q0 = L - n_q
     for b, e, P in sub_blocks(L, n_q, cl):
@@ -102,8 +106,12 @@ def paged_dual_chunk_attention_triton(q, kv, *, rope_theta, chunk_size, local_si
         regions = dense_regions(q[rows], P, e, b, cl, chunk_size, rope_theta)
         lists = None
         if use_sparse:
-            lists = sparse_work_lists(q[rows], kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
-                                      rope_theta=rope_theta, tau=tau, budgets=sparse)
+            indices = sparse_regions(q[rows], kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
+                                     rope_theta=rope_theta, tau=tau, budgets=sparse)
+            lists = [work_lists(r, e - b) for r in indices]
+            if stats is not None and stats.selected is not None:
+                for r in indices:
+                    selected = selected + selected_pair_count(r, e - b)
         single = len(regions) == 1
         o_parts = out[rows][None] if single else torch.empty((len(regions), e - b, H, D), dtype=torch.float32,
                                                              device=device)
@@ -118,21 +126,32 @@ def paged_dual_chunk_attention_triton(q, kv, *, rope_theta, chunk_size, local_si
                                             lse_out=l_parts[i], pair_count=computed)
         if not single:
             _merge_into((o_parts, l_parts), out[rows], lse[rows])
-    if counting:                                # like the reference: only sparse prefill reports pairs
-        stats.computed = stats.computed + computed
+    if stats is not None:                       # dense work computes (and selects) every causal pair
+        stats.computed = stats.computed + (causal_pairs if computed is None else computed)
         stats.causal = stats.causal + causal_pairs
+        if stats.selected is not None:
+            stats.selected = stats.selected + (causal_pairs if computed is None else selected)
     return (out, lse) if return_lse else out
 
 
-def sparse_work_lists(q_rows, kv, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
-    """§2.5 for one sub-block: estimation over the source's keys and the region split (vectorised torch), then
-    the device index builder; returns the (block_count, block_offset, column_count, column_index) lists of
-    intra, succ, inter in region-local key indices."""
+def sparse_regions(q_rows, kv, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
+    """§2.5 for one sub-block: estimation over the source's keys (bounded blocks), then the split into the
+    intra / succ / inter ``RegionIndices`` (region-local verticals and slashes)."""
     sel = estimate_dca_selection(q_rows, kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
                                  rope_theta=rope_theta, tau=tau, budgets=budgets)
-    return [convert_vertical_slash_indexes(r.vertical, r.vertical_count, r.slash, r.slash_count, e - b,
-                                           r.key_end - r.key_start, causal=r.causal)
-            for r in split_regions(sel, b=b, e=e, P=P, cl=cl)]
+    return split_regions(sel, b=b, e=e, P=P, cl=cl)
+
+
+def work_lists(region, n_q: int):
+    """The device index builder's (block_count, block_offset, column_count, column_index) for one region."""
+    return convert_vertical_slash_indexes(region.vertical, region.vertical_count, region.slash, region.slash_count,
+                                          n_q, region.key_end - region.key_start, causal=region.causal)
+
+
+def sparse_work_lists(q_rows, kv, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
+    """Work lists of intra, succ, inter for one sub-block (estimation, region split, index builder)."""
+    return [work_lists(r, e - b) for r in sparse_regions(q_rows, kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
+                                                         rope_theta=rope_theta, tau=tau, budgets=budgets)]
 
 
 def _merge_into(parts, out, lse):

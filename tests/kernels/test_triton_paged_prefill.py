@@ -11,7 +11,8 @@ from longserve.kernels import vertical_slash as tri
 from longserve.kernels.dca import dual_chunk_attention_triton, paged_dual_chunk_attention_triton, sparse_work_lists
 from longserve.kernels.kv_source import ContiguousKV, PagedKV
 from longserve.kernels.pair_stats import PairStats
-from longserve.kernels.reference.dca import dual_chunk_attention_reference, region_pairs, rotate_keys, sub_blocks
+from longserve.kernels.reference.dca import (dual_chunk_attention_reference, paged_dual_chunk_attention_reference,
+                                              region_pairs, rotate_keys, sub_blocks)
 from longserve.kernels.sparse_config import SparseHeadBudgets
 from longserve.kernels.sparse_index import convert_vertical_slash_indexes
 
@@ -157,7 +158,8 @@ def test_bad_sources_and_counters_raise():
         paged_dual_chunk_attention_triton(q, (k, v), **TOY)
 
 
-def _cache(L, G, D, page, seed, cl):
+def _cache(L, G, D, seed, cl):
+    """Un-rotated k, v ``[L, G, D]`` (fp64) and k as the cache stores it (rotated at ``j mod cl``)."""
     k, v = _randn((L, G, D), seed), _randn((L, G, D), seed + 1)
     return k, v, rotate_keys(k, torch.arange(L), rope_theta=1e4, chunk_size=cl + 16, local_size=16)
 
@@ -175,7 +177,7 @@ def _err(x, truth):
     (F16, 101, 1, 16, 2, 2),       # a single query row
 ])
 def test_paged_dca_matches_reference(dtype, L, n_q, page, H, G):
-    k, v, k_rot = _cache(L, G, 16, page, seed=L, cl=32)
+    k, v, k_rot = _cache(L, G, 16, seed=L, cl=32)
     q = _randn((n_q, H, 16), L + 1)
     kw = dict(TOY, original_max_position_embeddings=40, prompt_len=L + 7, return_lse=True)   # YaRN on
     truth = dual_chunk_attention_reference(q, k, v, **kw)
@@ -195,7 +197,7 @@ def test_paged_sparse_dca_counts_and_equals_contiguous(n_q):
     to the brute-force count of the same work lists, and the causal count of the dense regions."""
     L, H, G, cl = 150, 4, 2, 64
     budgets = SparseHeadBudgets((5, 12, 30, 3), (8, 20, 40, 110), threshold=64, last_q=16)
-    k, v, k_rot = _cache(L, G, 16, 16, seed=11, cl=cl)
+    _, v, k_rot = _cache(L, G, 16, seed=11, cl=cl)
     q = _randn((n_q, H, 16), 12).float()
     k_rot, v = k_rot.float(), v.float()
     paged = paged_copy(k_rot, v, 16, seed=3)
@@ -217,9 +219,13 @@ def test_paged_sparse_dca_counts_and_equals_contiguous(n_q):
             causal += region_pairs(e - b, hi - lo, causal_region, H)
     assert int(stats.computed) == want and stats.causal == causal
     assert 0 < want < causal
-    dense_stats = PairStats()
+    both = PairStats.with_selected(), PairStats.with_selected()        # the reference counts the same tiles
+    paged_dual_chunk_attention_triton(q, paged, sparse=budgets, stats=both[0], **SPARSE_TOY)
+    paged_dual_chunk_attention_reference(q, paged, sparse=budgets, stats=both[1], **SPARSE_TOY)
+    assert both[0].resolved() == both[1].resolved() and 0 < both[0].resolved().selected <= want
+    dense_stats = PairStats.with_selected()
     paged_dual_chunk_attention_triton(q, paged, stats=dense_stats, **SPARSE_TOY)
-    assert dense_stats.computed == 0 and dense_stats.causal == 0          # dense prefill reports no pairs
+    assert dense_stats.computed == dense_stats.causal == dense_stats.selected == causal    # dense: every pair
 
 
 def test_dispatch_tracing_picks_the_paged_triton_path_at_1m_without_copies_or_syncs():
@@ -245,3 +251,17 @@ def test_dispatch_tracing_picks_the_paged_triton_path_at_1m_without_copies_or_sy
         assert t.report.peak_bytes < 16 << 30
         if sparse is not None:
             assert isinstance(stats.computed, torch.Tensor) and stats.causal > 0
+
+
+def test_public_entry_dispatches_to_the_paged_triton_path(monkeypatch):
+    """``kernels.paged_dual_chunk_attention`` with LONGSERVE_KERNELS=triton is bitwise the direct Triton call."""
+    from longserve import kernels
+
+    L, H, G = 77, 4, 2
+    _, v, k_rot = _cache(L, G, 16, seed=5, cl=32)
+    paged = paged_copy(k_rot.half(), v.half(), 16, seed=2)
+    q = _randn((40, H, 16), 6, F16)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    a = kernels.paged_dual_chunk_attention(q, paged, return_lse=True, **TOY)
+    b = paged_dual_chunk_attention_triton(q, paged, return_lse=True, **TOY)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
