@@ -1,9 +1,9 @@
 """Protocol-neutral request handling shared by HTTP and gRPC.
 
 Prompt resolution (tokenization off the event loop), the engine's admission rules run early (so a
-bad request gets a 400 before admission), sampling defaults (request -> generation_config.json -> OpenAI), and `EventStream`: engine
-requests pumped into one queue, with keep-alive ticks, metrics, and abort-on-close so a client
-that goes away frees its KV at once. A request the engine could not run (`RequestFailed`) reaches
+bad request gets a 400 before admission), sampling defaults (request -> generation_config.json ->
+OpenAI), and `EventStream`: engine requests pumped into one queue, with keep-alive ticks, metrics,
+and abort-on-close so a client that goes away frees its KV at once. A request the engine could not run (`RequestFailed`) reaches
 the reader as its choices' last deltas (finish reason "error") followed by an `APIError`: 503 when it
 ran out of memory, 500 otherwise.
 """
@@ -294,9 +294,7 @@ class GenerationCore:
             if isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1:
                 raise BadRequest("truncate_prompt_tokens must be >= 1", param="truncate_prompt_tokens")
             prompt_ids = prompt_ids[-truncate:]
-        if not prompt_ids:
-            raise BadRequest("the prompt is empty", param="prompt")
-        params = self.sampling_params(len(prompt_ids), fields)
+        params = self.sampling_params(len(prompt_ids), fields)     # the admission rules refuse an empty prompt
         return EngineRequest(request_id, prompt_ids, params, choice_offset, prompt_text,
                              arrival if arrival is not None else time.monotonic())
 

@@ -7,7 +7,7 @@ engine runs them again in `add_request` (offline callers reach the engine direct
 from __future__ import annotations
 
 import operator
-from typing import Iterable
+from collections.abc import Iterable
 
 from longserve.server.engine.protocol import RequestRejected
 

@@ -168,6 +168,6 @@ class ModelInfo:
     extra: dict = field(default_factory=dict)
 
 
-__all__ = ["AbortRequest", "AddRequest", "CompletionDelta", "EngineCommand", "EngineDeadError", "FailureCause",
-           "FinishReason", "GenerationEvent", "LoadStats", "ModelInfo", "PrefillProgress", "RequestFailed",
-           "RequestFinished", "RequestRejected", "RequestTimings", "TERMINAL_EVENTS", "TokenLogprob"]
+__all__ = ["TERMINAL_EVENTS", "AbortRequest", "AddRequest", "CompletionDelta", "EngineCommand", "EngineDeadError",
+           "FailureCause", "FinishReason", "GenerationEvent", "LoadStats", "ModelInfo", "PrefillProgress",
+           "RequestFailed", "RequestFinished", "RequestRejected", "RequestTimings", "TokenLogprob"]

@@ -49,15 +49,16 @@ class Fault:
     holding `request_id` once that request has `after_tokens` outputs."""
 
     def __init__(self, engine, request_id: str | None, *, expect: int, after_tokens: int = 2,
-                 exc_type=torch.OutOfMemoryError, message: str = "CUDA out of memory (injected)"):
-        self.async_engine, self.runner = engine, engine.engine.runner
+                 exc_type=torch.OutOfMemoryError, message: str = "CUDA out of memory (injected)",
+                 delay: float = 0.0):
+        self.async_engine, self.runner, self.delay = engine, engine.engine.runner, delay
         self.request_id, self.expect, self.after_tokens = request_id, expect, after_tokens
         self.exc_type, self.message = exc_type, message
         self.raised, self.batch_sizes = 0, []
         self._gate = threading.Event()
         self._forward = self.runner.forward_logits
 
-    def __enter__(self) -> "Fault":
+    def __enter__(self) -> Fault:
         self.runner.forward_logits = self.forward
         return self
 
@@ -70,6 +71,7 @@ class Fault:
             while len(self.async_engine._streams) < self.expect and time.monotonic() < deadline:
                 time.sleep(0.005)
             self._gate.set()
+        time.sleep(self.delay)
         logits = self._forward(batch, *args, **kwargs)
         if any(c.seq.request_id == self.request_id and len(c.seq.output_token_ids) >= self.after_tokens
                for c in batch.chunks):
@@ -216,8 +218,9 @@ def test_a_request_id_already_in_flight_is_a_400_and_leaves_the_first_alone(real
     srv, engine = real
     url = srv.stack.http_url + "/v1/completions"
     body = {"model": "tiny", "prompt": "Same id twice", "ignore_eos": True, "request_id": "twice"}
-    with httpx.stream("POST", url, json={**body, "max_tokens": 24, "stream": True}, timeout=60) as first:
-        lines = first.iter_lines()
+    with Fault(engine, None, expect=1, delay=0.05), \
+            httpx.stream("POST", url, json={**body, "max_tokens": 24, "stream": True}, timeout=60) as first:
+        lines = first.iter_lines()                                      # 24 steps of >= 50 ms each
         assert next(line for line in lines if line.startswith("data: "))     # the first one is in flight
         second = httpx.post(url, json={**body, "max_tokens": 2}, timeout=60)
         assert second.status_code == 400 and "already in flight" in second.json()["error"]["message"]
