@@ -128,12 +128,37 @@ def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True,
                      "actual_tflops": flops * computed / (sp["ms"] * 1e-3) / 1e12}
     rec["dense_over_sparse"] = dense["ms"] / (sp["ms"] + idx["ms"])
     rec["dense_over_sparse_kernel_only"] = dense["ms"] / sp["ms"]
+    rec["paged"] = time_paged(q, k, v, lists, dense_cfg, scale, device, budget_s=budget_s, seed=seed)
+    rec["paged"]["dense_over_contiguous"] = rec["paged"]["dense_ms"] / dense["ms"]
+    rec["paged"]["sparse_over_contiguous"] = rec["paged"]["sparse_ms"] / sp["ms"]
     del q, k, v, lists
     if device.type == "cuda":
         torch.cuda.empty_cache()
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
     return rec
+
+
+def time_paged(q, k, v, lists, dense_cfg, scale, device, *, budget_s, seed=0, page=16) -> dict:
+    """The same dense and sparse launches reading K/V from a paged cache (shuffled block table, ``page``
+    tokens a block) instead of contiguous tensors: the cost of the block-table indirection."""
+    from longserve.kernels.kv_source import PagedKV
+    from longserve.kernels.vertical_slash import dense_attention_kv, vertical_slash_attention_kv
+
+    n = k.shape[0]
+    blocks = -(-n // page)
+    table = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed)).to(torch.int32).to(device)
+    pos = torch.arange(n, device=device)
+    kc = torch.zeros((blocks, page, *k.shape[1:]), dtype=k.dtype, device=device)
+    vc = torch.zeros_like(kc)
+    kc[table[pos // page].long(), pos % page] = k
+    vc[table[pos // page].long(), pos % page] = v
+    kv = PagedKV(kc, vc, table, n)
+    dense = time_call(lambda: dense_attention_kv(q, kv, 0, n, scale=scale, causal=True, config=dense_cfg), device,
+                      budget_s=budget_s)
+    sparse = time_call(lambda: vertical_slash_attention_kv(q, kv, 0, n, *lists, scale=scale, causal=True), device,
+                       budget_s=budget_s)
+    return {"page": page, "dense_ms": dense["ms"], "sparse_ms": sparse["ms"]}
 
 
 def time_decode(kv_len, shape, dtype, device, *, chunk_size, local_size, budget_s, page=16) -> dict:
