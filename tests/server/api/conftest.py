@@ -14,7 +14,7 @@ import time
 import pytest
 
 from longserve.server.api.app import BackgroundServer, ServingStack
-from longserve.server.api.engine_client import (CompletionDelta, LoadStats, ModelInfo, PrefillProgress,
+from longserve.server.api.engine_client import (CompletionDelta, FinishReason, LoadStats, ModelInfo, PrefillProgress,
                                                  RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
 from longserve.server.config import EngineConfig
 
@@ -125,7 +125,7 @@ class FakeEngine:
             rngs = [random.Random(f"greedy-{sum(prompt)}") for _ in range(params.n)]
         held = [""] * params.n
         counts = [0] * params.n
-        reasons: list[str | None] = [None] * params.n
+        reasons: list[FinishReason | None] = [None] * params.n
         total = 0
         for step in range(params.max_tokens):
             for i in range(params.n):
@@ -138,7 +138,8 @@ class FakeEngine:
                 total += 1
                 held[i] += token
                 text, stop = self._release(held[i], params)
-                finish = "stop" if stop is not None else ("length" if counts[i] == params.max_tokens else None)
+                finish = FinishReason.STOP if stop is not None else (
+                    FinishReason.LENGTH if counts[i] == params.max_tokens else None)
                 if stop is not None:
                     held[i] = ""
                 else:
@@ -155,7 +156,7 @@ class FakeEngine:
             if all(r is not None for r in reasons):
                 break
             await asyncio.sleep(self.token_delay)
-        self._reasons[request_id] = [r or "length" for r in reasons]
+        self._reasons[request_id] = [r or FinishReason.LENGTH for r in reasons]
         self._outputs[request_id] = sum(counts)
 
     @staticmethod
