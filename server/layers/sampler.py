@@ -51,23 +51,40 @@ def _truncate(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
            blocked_ids: list[tuple[int, ...]]) -> list[Sampled]:
-    """logits [N, V] (fp32) for N sequences; `blocked_ids[i]` are masked (EOS/stop ids before min_tokens)."""
-    results = []
+    """logits [N, V] (fp32) for N sequences; `blocked_ids[i]` are masked (EOS/stop ids before min_tokens).
+
+    Tokens, their log-probabilities and the requested top log-probabilities stay on the device until one
+    readback for the whole step (a float64 tensor: exact for token ids and for fp32 values)."""
+    if not seqs:
+        return []
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = []
     for i, seq in enumerate(seqs):
         p = seq.params
         row = _penalise(logits[i].clone(), seq)
         if blocked_ids[i]:
             row[list(blocked_ids[i])] = float("-inf")
         if p.is_greedy:
-            token = int(torch.argmax(row))
+            tokens.append(torch.argmax(row))
         else:
             row = _truncate(row / p.temperature, seq)
             probs = torch.softmax(row, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generators[i]))
+            tokens.append(torch.multinomial(probs, 1, generator=generators[i])[0])
+    token_t = torch.stack(tokens)
+    chosen = raw_logprobs[torch.arange(len(seqs), device=logits.device), token_t]
+    parts = [token_t.to(torch.float64), chosen.to(torch.float64)]
+    for i, seq in enumerate(seqs):
+        if seq.params.logprobs:
+            values, ids = torch.topk(raw_logprobs[i], seq.params.logprobs)
+            parts += [ids.to(torch.float64), values.to(torch.float64)]
+    host = torch.cat(parts).tolist()                 # the step's one device->host readback
+    n = len(seqs)
+    results, at = [], 2 * n
+    for i, seq in enumerate(seqs):
         top = ()
-        if p.logprobs:
-            values, ids = torch.topk(raw_logprobs[i], p.logprobs)
-            top = tuple((int(t), float(v)) for t, v in zip(ids, values))
-        results.append(Sampled(token, float(raw_logprobs[i, token]), top))
+        k = seq.params.logprobs
+        if k:
+            top = tuple((int(t), v) for t, v in zip(host[at:at + k], host[at + k:at + 2 * k]))
+            at += 2 * k
+        results.append(Sampled(int(host[i]), host[n + i], top))
     return results

@@ -148,20 +148,33 @@ def test_the_trace_sees_a_decode_that_reads_lengths_back(meta_engine):
         _release(meta_engine, batch)
 
 
-def test_decode_step_on_real_tensors_reads_back_only_in_the_sampler(cpu_engine):
+def test_decode_step_on_real_tensors_reads_back_once_in_the_sampler(cpu_engine, monkeypatch):
     """Real CPU tensors through the Triton interpreter, runner.execute end to end: the layers and the metadata
-    read nothing back; the sampler reads each greedy sequence's token and its log-probability (2 per sequence)."""
+    read nothing back, and the sampler reads the step's tokens and log-probabilities in one `.tolist()` (which
+    the dispatch trace cannot see on CPU tensors, so it is counted here by its caller)."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    readbacks = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        caller = os.path.abspath(sys._getframe(1).f_code.co_filename)
+        if caller.startswith(root) and os.sep + "tests" + os.sep not in caller:
+            readbacks.append(os.path.relpath(caller, root))
+        return tolist(self)
+
     lengths = (9, 120, 700)
     batch = _decode_batch(cpu_engine, lengths)
     try:
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
         with trace() as t:
             result = cpu_engine.runner.execute(batch, {})
     finally:
         _release(cpu_engine, batch)
     assert len(result.sampled) == len(lengths)
-    outside_sampler = {site: n for site, n in t.report.sync_sites.items() if "server/layers/sampler.py" not in site}
-    assert outside_sampler == {}
-    assert t.report.num_syncs == 2 * len(lengths), t.report.sync_sites
+    assert t.report.num_syncs == 0, t.report.sync_sites
+    assert readbacks == ["server/layers/sampler.py"]
 
 
 def test_paged_attention_wrapper_bounds_its_grid_without_a_readback():
