@@ -19,7 +19,7 @@ from longserve.server.engine.sequence import Sequence
 from longserve.server.engine.step_metadata import StepMetadataBuilder
 from longserve.server.hf_config import Checkpoint
 from longserve.server.layers.attention import DCASettings, KVCache, PagedDCABackend, StepMetadata
-from longserve.server.layers.sampler import Sampled, sample
+from longserve.server.layers.sampler import Sampled, SeenTokens, sample
 from longserve.server.models.qwen2 import Qwen2ForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,6 +95,7 @@ class ModelRunner:
                              self.dtype, self.device)
         self.step_metadata = StepMetadataBuilder(self.device, config.kv_block_size, head_dim=f.head_dim,
                                                  original_max_position_embeddings=self.dca.original_max_position_embeddings)
+        self.seen_tokens = SeenTokens()          # repetition-penalty masks, kept across steps
         self.sparse_budgets = None
         self.pair_totals = None        # a kernels.PairStats every step adds its prefill pair counts to (benchmarks)
         self._rng = random.Random(config.seed)
@@ -164,6 +165,7 @@ class ModelRunner:
         """Drop the per-sequence device state (finished or aborted)."""
         self._generators.pop(seq.seq_id, None)
         self.step_metadata.drop(seq.seq_id)
+        self.seen_tokens.drop(seq.seq_id)
 
     def _metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepMetadata]:
         """This step's token ids and attention metadata; host work independent of the contexts' lengths."""
@@ -193,7 +195,7 @@ class ModelRunner:
         logits = self.forward_logits(batch, stats)
         seqs = [c.seq for c in batch.chunks if c.samples]
         sampled = sample(logits, seqs, [self.generator_for(s) for s in seqs],
-                         [blocked.get(s.seq_id, ()) for s in seqs])
+                         [blocked.get(s.seq_id, ()) for s in seqs], self.seen_tokens)
         if stats is not None:
             stats = stats.resolved()
             if self.pair_totals is not None:

@@ -16,18 +16,46 @@ class Sampled:
     top: tuple[tuple[int, float], ...] = ()     # (token id, logprob), best first
 
 
-def _penalise(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+class SeenTokens:
+    """Per-sequence device masks of the token ids in prompt + outputs (for the repetition penalty), built once from
+    the prompt and then updated with each step's new outputs, so no step rebuilds them from a long history.
+    The owner drops a sequence's mask when the sequence ends."""
+
+    def __init__(self):
+        self._masks: dict[int, list] = {}          # seq_id -> [bool mask [V], outputs already applied]
+
+    def mask(self, seq: Sequence, vocab: int, device: torch.device) -> torch.Tensor:
+        entry = self._masks.get(seq.seq_id)
+        if entry is None:
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            mask[torch.tensor(seq.prompt_token_ids, dtype=torch.long).to(device)] = True
+            entry = self._masks[seq.seq_id] = [mask, 0]
+        mask, applied = entry
+        if len(seq.output_token_ids) > applied:
+            mask[torch.tensor(seq.output_token_ids[applied:], dtype=torch.long).to(device)] = True
+            entry[1] = len(seq.output_token_ids)
+        return mask
+
+    def drop(self, seq_id: int) -> None:
+        self._masks.pop(seq_id, None)
+
+    @property
+    def num_live(self) -> int:
+        return len(self._masks)
+
+
+def _penalise(logits: torch.Tensor, seq: Sequence, seen: SeenTokens) -> torch.Tensor:
+    """Penalties as elementwise device ops over the vocabulary (no data-dependent shapes, no readback)."""
     p = seq.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids)), dtype=torch.long,
-                            device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        mask = seen.mask(seq, logits.shape[0], logits.device)
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(mask, penalised, logits)
     if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
-        ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(ids, minlength=logits.shape[0]).to(logits.dtype)
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        ids = torch.tensor(seq.output_token_ids, dtype=torch.long).to(logits.device)
+        counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones(ids.shape, dtype=logits.dtype,
+                                                                         device=logits.device))
+        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype))
     return logits
 
 
@@ -50,18 +78,20 @@ def _truncate(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
-           blocked_ids: list[tuple[int, ...]]) -> list[Sampled]:
-    """logits [N, V] (fp32) for N sequences; `blocked_ids[i]` are masked (EOS/stop ids before min_tokens).
+           blocked_ids: list[tuple[int, ...]], seen: SeenTokens | None = None) -> list[Sampled]:
+    """logits [N, V] (fp32) for N sequences; `blocked_ids[i]` are masked (EOS/stop ids before min_tokens);
+    `seen` keeps the repetition-penalty masks across steps (a fresh one rebuilds them from the whole history).
 
     Tokens, their log-probabilities and the requested top log-probabilities stay on the device until one
     readback for the whole step (a float64 tensor: exact for token ids and for fp32 values)."""
     if not seqs:
         return []
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    seen = SeenTokens() if seen is None else seen
     tokens = []
     for i, seq in enumerate(seqs):
         p = seq.params
-        row = _penalise(logits[i].clone(), seq)
+        row = _penalise(logits[i].clone(), seq, seen)
         if blocked_ids[i]:
             row[list(blocked_ids[i])] = float("-inf")
         if p.is_greedy:

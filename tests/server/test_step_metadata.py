@@ -172,3 +172,23 @@ def test_bench_host_runs_the_runner_at_two_contexts(capsys):
     assert all(r["metadataMs"] > 0 and r["stepMs"] >= r["metadataMs"] for r in result["rows"])
     assert result["rows"][0]["metadataRatio"] == 1.0
     assert "5000" in host.table(result)
+
+
+def test_repetition_mask_follows_new_outputs_without_rebuilding():
+    from longserve.server.layers.sampler import SeenTokens
+    seen = SeenTokens()
+    seq = _seq([5, 9, 5, 3])
+    first = seen.mask(seq, 16, torch.device("cpu"))
+    seq.output_token_ids.extend([12, 9])
+    again = seen.mask(seq, 16, torch.device("cpu"))
+    assert again is first                                  # updated in place, not rebuilt from the history
+    assert again.nonzero().flatten().tolist() == sorted({5, 9, 3, 12})
+    seen.drop(seq.seq_id)
+    assert seen.num_live == 0
+
+
+def test_engine_with_repetition_penalty_drops_its_masks(tiny_model_dir):
+    llm = LLM(tiny_model_dir, prefill_chunk_tokens=32, kv_capacity_tokens=512)
+    params = SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=1, max_tokens=6, ignore_eos=True)
+    llm.generate([list(range(3, 40)), list(range(5, 30))], params)
+    assert llm.engine.runner.seen_tokens.num_live == 0
