@@ -154,7 +154,7 @@ class StepMetadataBuilder:
         max_len = max(lens, default=0)
         scales = [softmax_scale(self.head_dim, None, self.original_max, n) for n in lens]
         meta = StepMetadata(
-            positions=positions, slot_blocks=_cat(block_parts, torch.int32, dev), slot_offsets=positions % bs,
+            positions=positions, slots=_cat(block_parts, torch.int32, dev).to(torch.int64) * bs + positions % bs,
             prefills=tuple(prefills), decode_rows=rows_t,
             decode_block_tables=table[:, :-(-max_len // bs)][table_rows_t],     # gathered on the device
             decode_seq_lens=(pos_t + 1).to(torch.int32), decode_max_seq_len=max_len,

@@ -31,8 +31,7 @@ class StepMetadata:
     """Everything the layers need for one step, prepared once by the runner: no layer reads a device value
     back to the host for it (the decode length maximum is a host int, the per-sequence scales a device tensor)."""
     positions: torch.Tensor         # int64 [T] absolute positions of this step's tokens
-    slot_blocks: torch.Tensor       # int32/int64 [T] physical block of each token's KV slot
-    slot_offsets: torch.Tensor      # int64 [T]
+    slots: torch.Tensor             # int64 [T] KV slot of each token: physical block * block_size + offset
     prefills: tuple[PrefillSpan, ...]
     decode_rows: torch.Tensor       # int64 [B]
     decode_block_tables: torch.Tensor  # int32 [B, max_blocks]
@@ -63,8 +62,8 @@ class PagedDCABackend:
         m, d = self.meta, self.dca
         k_rot = kernels.rotate_keys(k, m.positions, rope_theta=d.rope_theta, chunk_size=d.chunk_size,
                                     local_size=d.local_size).to(self.cache.k.dtype)
-        self.cache.k[layer, m.slot_blocks, m.slot_offsets] = k_rot
-        self.cache.v[layer, m.slot_blocks, m.slot_offsets] = v.to(self.cache.v.dtype)
+        self.cache.k[layer].flatten(0, 1)[m.slots] = k_rot        # [blocks * block_size, G, D] views
+        self.cache.v[layer].flatten(0, 1)[m.slots] = v.to(self.cache.v.dtype)
         out = torch.empty_like(q)
         common = dict(rope_theta=d.rope_theta, chunk_size=d.chunk_size, local_size=d.local_size,
                       original_max_position_embeddings=d.original_max_position_embeddings)

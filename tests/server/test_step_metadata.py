@@ -65,8 +65,7 @@ def test_metadata_equals_the_per_token_construction_for_a_mixed_batch():
     n_ids, n_pos, n_blocks, n_lens, n_tables = _naive(batch, BS)
     assert ids.tolist() == n_ids
     assert meta.positions.tolist() == n_pos
-    assert meta.slot_blocks.tolist() == n_blocks
-    assert meta.slot_offsets.tolist() == [p % BS for p in n_pos]
+    assert meta.slots.tolist() == [b * BS + p % BS for b, p in zip(n_blocks, n_pos)]
     assert meta.decode_rows.tolist() == [0, 13]
     assert meta.decode_seq_lens.tolist() == n_lens and meta.decode_max_seq_len == 22
     width = -(-22 // BS)
