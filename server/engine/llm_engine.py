@@ -13,7 +13,9 @@ time, and sampling (the only consumer of random generators) comes after the forw
 paid only on failure: at most one extra forward per request of the failed step, each smaller than
 the step. An error while turning one request's sampled token into output fails that request too.
 Errors outside any request (the scheduler, the loop) still propagate: the async engine then reports
-itself dead.
+itself dead. So does a failure that leaves the device unusable (CUDA errors such as an illegal memory
+access are sticky): after a failed step that was not an out-of-memory error, a tiny probe runs on
+the device, and if it fails too the step raises `EngineDeadError` instead of failing requests.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from longserve.server.engine.admission import check_token_ids
 from longserve.server.engine.admission import resolve_max_tokens as resolve_context
 from longserve.server.engine.block_manager import BlockManager
 from longserve.server.engine.model_runner import ModelRunner, StepResult
-from longserve.server.engine.protocol import (CompletionDelta, FailureCause, FinishReason, GenerationEvent,
-                                              LoadStats, PrefillProgress, RequestFailed, RequestFinished,
-                                              RequestRejected, RequestTimings, TokenLogprob)
+from longserve.server.engine.protocol import (CompletionDelta, EngineDeadError, FailureCause, FinishReason,
+                                              GenerationEvent, LoadStats, PrefillProgress, RequestFailed,
+                                              RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
 from longserve.server.engine.scheduler import ScheduledBatch, Scheduler
 from longserve.server.engine.sequence import Sequence
 from longserve.server.hf_config import load_checkpoint
@@ -227,6 +229,8 @@ class LLMEngine:
                     events.extend(self._append_token(chunk.seq, sampled, now))
                 except Exception as exc:     # e.g. detokenizing its output: that request alone fails
                     failed[chunk.seq.request_id] = (exc, chunk.num_tokens)
+        if any(not _out_of_memory(exc) for exc, _ in failed.values()):
+            self._check_device()
         for request_id, (exc, step_tokens) in failed.items():
             if request_id in self.requests:
                 events.extend(self._fail(self.requests[request_id], exc, step_tokens, now))
@@ -275,7 +279,7 @@ class LLMEngine:
 
     def _fail(self, req: _Request, exc: BaseException, step_tokens: int, now: float) -> list[GenerationEvent]:
         """End every unfinished choice with `error`, free the request's KV blocks, and say why."""
-        oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+        oom = _out_of_memory(exc)
         cause = FailureCause.OUT_OF_MEMORY if oom else FailureCause.EXCEPTION
         size = (f"prompt of {req.prompt_len} tokens, {self._num_output(req)} generated, {step_tokens} tokens "
                 "in the failed step")
@@ -300,6 +304,14 @@ class LLMEngine:
                                     self._timings(req, now)))
         return events
 
+    def _check_device(self) -> None:
+        """A failed step must not hide a broken device (raises `EngineDeadError` if it is)."""
+        try:
+            _probe_device(self.runner.device)
+        except Exception as exc:
+            raise EngineDeadError(f"the device is unusable after a failed step: {type(exc).__name__}: "
+                                  f"{_first_line(exc)}") from exc
+
     @staticmethod
     def _num_output(req: _Request) -> int:
         return sum(len(c.seq.output_token_ids) for c in req.choices)
@@ -312,6 +324,19 @@ class LLMEngine:
             first_token_seconds=None if req.first_token is None else req.first_token - req.arrival,
             prefill_chunk_seconds=tuple(req.chunk_seconds), prefill_chunk_tokens=tuple(req.chunk_tokens),
             decode_seconds=0.0 if req.first_token is None else now - req.first_token, finished=now)
+
+
+def _probe_device(device: torch.device) -> None:
+    """A tiny computation on the device, read back; raises if the device no longer works."""
+    if device.type == "meta":          # shape-only traces have nothing to probe
+        return
+    value = torch.ones(2, device=device).sum().item()
+    if value != 2:
+        raise RuntimeError(f"1 + 1 computed as {value}")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
 
 
 def _density(stats) -> float | None:

@@ -162,3 +162,60 @@ def test_error_turning_a_token_into_text_fails_only_that_request(llm):
     assert isinstance(failed, RequestFailed) and failed.cause is FailureCause.EXCEPTION
     assert "UnicodeDecodeError" in failed.message
     assert_idle(engine)
+
+
+def test_a_broken_device_is_not_blamed_on_a_request(llm, monkeypatch):
+    """After a failed step that is not out-of-memory the engine probes the device; if the probe fails
+    too (CUDA errors are sticky), the step raises EngineDeadError instead of failing requests."""
+    from longserve.server.engine import llm_engine
+    from longserve.server.engine.protocol import EngineDeadError
+    llm_engine._probe_device(llm.engine.runner.device)             # a working device passes
+    probes = []
+
+    def broken(device):
+        probes.append(device)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(llm_engine, "_probe_device", broken)
+    engine = llm.engine
+    fault = Fault(engine.runner, "a", exc_type=torch.OutOfMemoryError)     # out of memory: no probe
+    try:
+        got = run(engine, {"a": (PROMPTS["a"], SamplingParams(max_tokens=2, **GREEDY))})["a"]
+    finally:
+        engine.runner.forward_logits = fault._forward
+    assert isinstance(got[-1], RequestFailed) and not probes
+    fault = Fault(engine.runner, "a", exc_type=RuntimeError, message="illegal memory access")
+    try:
+        engine.add_request("a", PROMPTS["a"], SamplingParams(max_tokens=2, **GREEDY))
+        with pytest.raises(EngineDeadError, match="device is unusable.*illegal memory access"):
+            engine.step()
+    finally:
+        engine.runner.forward_logits = fault._forward
+        engine.abort("a")
+    assert len(probes) == 1
+    assert_idle(engine)
+
+
+def test_async_engine_dies_only_when_the_device_does(tiny_model_dir, monkeypatch):
+    import asyncio
+
+    from longserve.server.engine import llm_engine
+    from longserve.server.engine.async_engine import AsyncEngine
+    from longserve.server.engine.offline import default_engine_config
+    from longserve.server.engine.protocol import EngineDeadError
+    engine = AsyncEngine(default_engine_config(tiny_model_dir, kv_capacity_tokens=1024, served_model_name="tiny"))
+    try:
+        runner = engine.engine.runner
+
+        async def generate(rid):
+            return [e async for e in engine.generate(rid, PROMPTS["c"], SamplingParams(max_tokens=3, **GREEDY))]
+        fault = Fault(runner, "x", exc_type=RuntimeError, message="bad kernel argument")
+        events = asyncio.run(generate("x"))
+        assert isinstance(events[-1], RequestFailed) and engine.is_healthy()
+        assert isinstance(asyncio.run(generate("y"))[-1], RequestFinished)
+        monkeypatch.setattr(llm_engine, "_probe_device", lambda device: 1 / 0)
+        with pytest.raises(EngineDeadError, match="device is unusable"):
+            asyncio.run(generate("x"))
+        assert not engine.is_healthy()
+        runner.forward_logits = fault._forward
+    finally:
+        engine.shutdown()
