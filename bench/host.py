@@ -65,8 +65,9 @@ def _decoding_sequences(blocks, context: int, batch: int):
 
 def measure_contexts(runner, contexts: list[int], *, batch: int, steps: int, warmup: int = 3) -> list[dict]:
     """Median host milliseconds per decode step at each context: the runner's metadata, and the whole step's host
-    time (metadata + the forward's host code), on the meta device. Steps alternate between the contexts so that
-    load on the machine weighs on every context alike."""
+    time (metadata + the forward's host code), on the meta device. The main figures are the Python thread's CPU
+    time (a shared machine's scheduling gaps left out); wall-clock medians are kept beside them. Steps alternate
+    between the contexts so that load on the machine weighs on every context alike."""
     import torch
 
     from longserve.kernels import dispatch
@@ -75,25 +76,26 @@ def measure_contexts(runner, contexts: list[int], *, batch: int, steps: int, war
 
     blocks = BlockManager(runner.num_kv_blocks, runner.config.kv_block_size)
     groups = [_decoding_sequences(blocks, n, batch) for n in contexts]
-    times = [{"metadataMs": [], "stepMs": []} for _ in contexts]
+    times = [{"metadataMs": [], "stepMs": [], "metadataWallMs": [], "stepWallMs": []} for _ in contexts]
     try:
         for i in range(warmup + steps):
             for seqs, record in zip(groups, times):
-                t0 = time.perf_counter()
+                w0, t0 = time.perf_counter(), time.thread_time()
                 for seq in seqs:                               # what the scheduler does for a decode
                     blocks.grow(seq, seq.num_tokens)
                 step = ScheduledBatch([ScheduledChunk(s, s.num_tokens - 1, 1) for s in seqs])
                 ids, meta = runner._metadata(step)
-                t1 = time.perf_counter()
+                w1, t1 = time.perf_counter(), time.thread_time()
                 with dispatch.tracing(), torch.inference_mode():
                     runner.model.logits(runner.model(ids, _backend(runner, meta)))
-                t2 = time.perf_counter()
+                w2, t2 = time.perf_counter(), time.thread_time()
                 for seq in seqs:                               # commit + the sampled token
                     seq.num_computed_tokens = seq.num_tokens
                     seq.output_token_ids.append(5 + i % 7)
                 if i >= warmup:
-                    record["metadataMs"].append((t1 - t0) * 1e3)
-                    record["stepMs"].append((t2 - t0) * 1e3)
+                    for key, value in (("metadataMs", t1 - t0), ("stepMs", t2 - t0),
+                                       ("metadataWallMs", w1 - w0), ("stepWallMs", w2 - w0)):
+                        record[key].append(value * 1e3)
     finally:
         for seq in (s for seqs in groups for s in seqs):
             blocks.free(seq)
@@ -125,18 +127,21 @@ def measure(model_ref: str, contexts: list[int], *, batch: int = 4, steps: int =
     rows = measure_contexts(runner, contexts, batch=batch, steps=steps)
     ref = rows[0]
     for row in rows:
-        for key in ("metadataMs", "stepMs"):
+        for key in ("metadataMs", "stepMs"):             # ratios of the CPU-time medians
             row[key.replace("Ms", "Ratio")] = row[key] / ref[key]
     return {"model": model_ref, "layers": facts.num_layers, "batch": batch, "steps": steps, "rows": rows}
 
 
 def table(result: dict) -> str:
     lines = [f"decode host time per step: {result['model']} ({result['layers']} layers), batch {result['batch']}, "
-             f"median of {result['steps']} steps; ratios against the first context",
-             f"{'context':>10} {'metadata ms':>12} {'ratio':>6} {'step host ms':>13} {'ratio':>6}"]
+             f"median thread CPU time of {result['steps']} steps (wall-clock median in brackets); ratios against "
+             "the first context",
+             f"{'context':>10} {'metadata ms':>20} {'ratio':>6} {'step host ms':>20} {'ratio':>6}"]
     for r in result["rows"]:
-        lines.append(f"{r['context']:>10} {r['metadataMs']:>12.3f} {r['metadataRatio']:>5.2f}x "
-                     f"{r['stepMs']:>13.2f} {r['stepRatio']:>5.2f}x")
+        metadata = f"{r['metadataMs']:.3f} ({r['metadataWallMs']:.3f})"
+        step = f"{r['stepMs']:.2f} ({r['stepWallMs']:.2f})"
+        lines.append(f"{r['context']:>10} {metadata:>20} {r['metadataRatio']:>5.2f}x {step:>20} "
+                     f"{r['stepRatio']:>5.2f}x")
     lines.append("metadata: runner._metadata; step host: metadata + the forward's host code (Triton wrappers without "
                  "launches). Meta device: host work only; a meta op costs more host time than a GPU launch.")
     return "\n".join(lines)

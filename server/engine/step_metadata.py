@@ -100,10 +100,11 @@ class StepMetadataBuilder:
         for seq in batch.preempted:                       # their tables were freed: drop the device copies
             self.tables.drop(seq.seq_id)
         bs, dev = self.block_size, self.device
-        # Every host int of the step goes up in one upload; the tensors below are views of it.
         ids: list[int] = []
+        # Decode tokens: O(1) host ints each (position, slot from the host table, lengths). Prefill chunks: a
+        # position range whose slots are gathered on the device. Consecutive decodes form one "run".
         pieces: list[tuple] = []        # ("run", first decode index, count) | ("range", start, end, table row)
-        prefills, decode_rows, decode_pos, decode_table_rows = [], [], [], []
+        prefills, decode_rows, decode_pos, decode_slots, decode_table_rows = [], [], [], [], []
         run_start = None
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -114,11 +115,12 @@ class StepMetadataBuilder:
             row0 = len(ids)
             ids.extend(seq.token_ids(start, end))
             table_row = self.tables.row_of(seq)
-            if chunk.is_decode:                           # consecutive decodes form one run of host positions
+            if chunk.is_decode:
                 if run_start is None:
                     run_start = len(decode_pos)
                 decode_rows.append(row0)
                 decode_pos.append(start)
+                decode_slots.append(seq.block_table[start // bs] * bs + start % bs)
                 decode_table_rows.append(table_row)
                 continue
             if run_start is not None:
@@ -130,39 +132,39 @@ class StepMetadataBuilder:
         if run_start is not None:
             pieces.append(("run", run_start, len(decode_pos) - run_start))
 
+        # Every host int of the step goes up in one upload; the tensors below are views of it.
         B = len(decode_pos)
-        packed = torch.tensor(ids + decode_rows + decode_pos + decode_table_rows, dtype=torch.int64)
+        packed = torch.tensor(ids + decode_rows + decode_pos + decode_slots + decode_table_rows, dtype=torch.int64)
         packed = packed.to(dev, non_blocking=True)
-        ids_t, rest = packed[:len(ids)], packed[len(ids):]
-        rows_t, pos_t, table_rows_t = rest[:B], rest[B:2 * B], rest[2 * B:]
+        ids_t = packed[:len(ids)]
+        rows_t, pos_t, slots_t, table_rows_t = packed[len(ids):].view(4, B).unbind(0)
 
         table = self.tables.table
-        pos_parts, block_parts = [], []
+        pos_parts, slot_parts = [], []
         for piece in pieces:
             if piece[0] == "run":
                 _, first, count = piece
-                pos = pos_t[first:first + count]
-                block_parts.append(table[table_rows_t[first:first + count], pos // bs])
+                pos_parts.append(pos_t[first:first + count])
+                slot_parts.append(slots_t[first:first + count])
             else:
                 _, start, end, row = piece
                 pos = torch.arange(start, end, dtype=torch.int64, device=dev)
-                block_parts.append(table[row][pos // bs])
-            pos_parts.append(pos)
-        positions = _cat(pos_parts, torch.int64, dev)
+                pos_parts.append(pos)
+                slot_parts.append(table[row][pos // bs].to(torch.int64) * bs + pos % bs)
 
         lens = [p + 1 for p in decode_pos]
         max_len = max(lens, default=0)
         scales = [softmax_scale(self.head_dim, None, self.original_max, n) for n in lens]
         meta = StepMetadata(
-            positions=positions, slots=_cat(block_parts, torch.int32, dev).to(torch.int64) * bs + positions % bs,
-            prefills=tuple(prefills), decode_rows=rows_t,
+            positions=_cat(pos_parts, dev), slots=_cat(slot_parts, dev), prefills=tuple(prefills),
+            decode_rows=rows_t,
             decode_block_tables=table[:, :-(-max_len // bs)][table_rows_t],     # gathered on the device
             decode_seq_lens=(pos_t + 1).to(torch.int32), decode_max_seq_len=max_len,
             decode_scales=torch.tensor(scales, dtype=torch.float64).to(dev, non_blocking=True))
         return ids_t, meta
 
 
-def _cat(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not parts:
-        return torch.zeros(0, dtype=dtype, device=device)
+        return torch.zeros(0, dtype=torch.int64, device=device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
