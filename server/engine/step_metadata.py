@@ -2,8 +2,9 @@
 
 The scheduler and block manager are torch-free and own each sequence's block table as a host list. This module
 keeps a device copy of every live sequence's table (one row of a [rows, width] int32 tensor, both dimensions
-grown by doubling) and, each step, copies only the blocks appended since the previous step. Positions and slot
-mappings are then computed on the device (`arange` and a gather from the device table), so the host work of a
+grown by doubling) and, each step, copies only the blocks appended since the previous step. A decode token's
+position and KV slot are O(1) host ints; a prefill chunk's positions and slots are computed on the device
+(`arange` and a gather from the device table). All host ints of a step go up in one upload, so the host work of a
 step depends on the number of chunks and of this step's tokens, never on how long the contexts are.
 
 What decode needs (sequence lengths, their maximum, per-sequence softmax scales, the padded block-table batch)
