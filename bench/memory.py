@@ -10,11 +10,14 @@ their output allocations) under `bench.trace.trace()`, which counts the live byt
 step. Reported per GPU: the measured peak of live transient bytes by component beside the memory model's terms
 (`server.memory_model`), and whether weights + KV + measured peak + overhead fit the planner's budget.
 
-Sparse prefill uses uniform per-head budgets (vertical 1000, slash 6096, the common vertical-slash defaults;
-`--vertical/--slash` change them): budgets only size the index lists, a few MB. `--chunks last` traces only the
-prompt's last two chunks (the final one, with the largest context, and the last full-size one; between them they
-hold every transient's peak) and the decode step, running the earlier chunks' scheduling and metadata untraced; `--layers` traces fewer decoder layers (each layer frees its
-temporaries, so one layer shows the same peak). `--sweep` prints the estimation component at 64K..1M tokens.
+Sparse prefill uses uniform per-head budgets (vertical 1000, slash 6096: the base pattern of Qwen's configs;
+`--vertical/--slash` change them, and the memory model is evaluated with the same budgets): the largest budgets
+size the kernel's padded index lists, GBs at 1M tokens. `--chunks last` traces only the prompt's last two chunks
+(the final one, with the largest context, and the last full-size one; between them they hold every transient's
+peak) and the decode step, running the earlier chunks' scheduling and metadata untraced. `--layers` traces
+fewer decoder layers (each layer frees its temporaries, so one layer shows the same peak). `--sweep` prints the
+estimation component at 64K..1M tokens; `--lengths` with `--modes` prints one row per length and mode (the
+memory table of bench/RESULTS.md).
 A host synchronisation on the traced path cannot produce a value on meta tensors: the bench stops and names
 the call site (a finding, not a bench failure mode to work around).
 """
@@ -46,6 +49,8 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, help="trace this many decoder layers (default: all)")
     p.add_argument("--sweep", action="store_true",
                    help="estimation (and total) peak at 64K, 128K, 256K, 512K, 1M tokens (last chunk, one layer)")
+    p.add_argument("--lengths", help="comma-separated prompt lengths: one row per length and mode (a grid)")
+    p.add_argument("--modes", default="sparse,dense", help="with --lengths: sparse, dense or both (default)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
@@ -191,7 +196,8 @@ def measure(model_ref: str, gpu_name: str, *, prompt_tokens: int | None = None, 
     tp = tp or p.tensor_parallel_size
     chunk = chunk or p.prefill_chunk_tokens or mm.chunk_candidates(n)[-1]
     chunk = min(chunk, n)
-    shapes = mm.rank_shapes(facts, tp, dtype_bytes=entry.dtype_bytes, sparse=not dense)
+    shapes = mm.rank_shapes(facts, tp, dtype_bytes=entry.dtype_bytes, sparse=not dense,
+                            sparse_budgets=mm.sparse_budget_maxima([{"0": ["vertical_and_slash", vertical, slash]}]))
     planned = mm.step_transients(shapes, chunk, n, 1)
     weights = entry.weight_bytes / tp
     kv = mm.kv_bytes(shapes, n)
@@ -241,8 +247,16 @@ def sweep(model_ref: str, gpu_name: str, *, dense: bool = False, tp: int | None 
         est = r["components"]["estimation"]
         rows.append({"prompt": n, "tp": r["tp"], "chunk": r["chunk"],
                      "estimationBytes": est["measuredOwnPeak"], "estimationPlannedBytes": est["plannedOwnPeak"],
-                     "peakTransientBytes": r["peakTransientBytes"], "planTransientBytes": r["planTransientBytes"]})
+                     "indexBytes": r["components"]["index"]["measuredOwnPeak"],
+                     "peakTransientBytes": r["peakTransientBytes"], "planTransientBytes": r["planTransientBytes"],
+                     "predictedTransientBytes": r["predictedTransientBytes"]})
     return rows
+
+
+def grid(model_ref: str, gpu_name: str, lengths, modes, **kw) -> list[dict]:
+    """One full measurement per (length, mode): the rows of the RESULTS memory table."""
+    return [measure(model_ref, gpu_name, prompt_tokens=n, dense=mode == "dense", **kw)
+            for n in lengths for mode in modes]
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------------
@@ -272,12 +286,27 @@ def table(r: dict) -> str:
 
 
 def sweep_table(rows: list[dict]) -> str:
-    lines = [(f"{'prompt':>10} {'TP':>3} {'chunk':>7} {'estimation GB':>14} {'planned':>8} {'peak GB':>8} "
-              f"{'planned':>8}")]
+    lines = [(f"{'prompt':>10} {'TP':>3} {'chunk':>7} {'estimation GB':>14} {'planned':>8} {'index GB':>9} "
+              f"{'peak GB':>8} {'predicted':>9} {'planned':>8}")]
     for r in rows:
         lines.append(f"{r['prompt']:>10,} {r['tp']:>3} {r['chunk']:>7} {_gb(r['estimationBytes']):>14} "
-                     f"{_gb(r['estimationPlannedBytes']):>8} {_gb(r['peakTransientBytes']):>8} "
+                     f"{_gb(r['estimationPlannedBytes']):>8} {_gb(r['indexBytes']):>9} "
+                     f"{_gb(r['peakTransientBytes']):>8} {_gb(r['predictedTransientBytes']):>9} "
                      f"{_gb(r['planTransientBytes']):>8}")
+    return "\n".join(lines)
+
+
+def grid_table(rows: list[dict]) -> str:
+    """Markdown rows: the RESULTS.md memory table."""
+    lines = [("| model | GPU | TP | chunk | prompt | mode | measured peak GB | planned GB | measured/planned | "
+              "KV GB | weights + KV + peak + overhead / budget GB | fits |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        need = r["weightsBytes"] + r["kvBytes"] + r["peakTransientBytes"] + r["overheadBytes"]
+        lines.append(f"| {r['model'].rsplit('/', 1)[-1]} | {r['gpu']} | {r['tp']} | {r['chunk']:,} | "
+                     f"{r['prompt']:,} | {r['mode']} | {_gb(r['peakTransientBytes'])} | "
+                     f"{_gb(r['planTransientBytes'])} | {r['ratio']} | {_gb(r['kvBytes'])} | "
+                     f"{_gb(need)} / {_gb(r['budgetBytes'])} | {'yes' if r['fits'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -288,6 +317,15 @@ def run(args) -> int:
             rows = sweep(args.model, args.gpu, dense=args.dense, tp=args.tp, chunk=args.prefill_chunk_tokens)
             print(json.dumps(rows, indent=2) if args.output == "json" else sweep_table(rows))
             return 0
+        if args.lengths:
+            lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+            if not lengths or any(m not in ("sparse", "dense") for m in modes) or not modes:
+                raise ValueError("--lengths needs integers and --modes sparse and/or dense")
+            rows = grid(args.model, args.gpu, lengths, modes, chunk=args.prefill_chunk_tokens, tp=args.tp,
+                        vertical=args.vertical, slash=args.slash, chunks=args.chunks, layers=args.layers)
+            print(json.dumps(rows, indent=2) if args.output == "json" else grid_table(rows))
+            return 0 if all(r["fits"] for r in rows) else 1
         result = measure(args.model, args.gpu, prompt_tokens=args.prompt_tokens, chunk=args.prefill_chunk_tokens,
                          tp=args.tp, dense=args.dense, vertical=args.vertical, slash=args.slash,
                          chunks=args.chunks, layers=args.layers)

@@ -11,16 +11,18 @@ S = max_num_seqs:
     overhead    = 1.5 GiB + 5 % of the weights    CUDA context, NCCL, allocator fragmentation
 
 Transients are modelled phase by phase, the way the engine's step runs: every phase lists the tensors that are
-alive at its high point, grouped by the component that allocates them (the same grouping `bench/trace.py` uses:
+alive at its high point, grouped by the component that allocates them (the grouping `bench/trace.py` uses:
 activations = the model's own tensors, attention = the attention backend and kernels, estimation = the sparse
-pattern estimation, index = the sparse kernel's work lists, metadata = the runner's per-step inputs). The step's transient peak is the largest phase, not
-the sum of every component's own maximum: estimation buffers are freed before the attention kernels run, and the
-MLP's intermediates exist only after attention has returned. `longserve bench memory` traces the engine's real
-code on the meta device and compares its measured peak with these formulas.
+pattern estimation and its region split, index = the sparse kernel's work lists, metadata = the runner's
+per-step inputs). The step's transient peak is the largest phase, not the sum of every component's own maximum:
+the estimation's buffers are freed before the attention kernels run, and the MLP's intermediates exist only
+after attention has returned. `longserve bench memory` traces the engine's real code on the meta device and
+compares its measured peak with these formulas.
 
 The engine sizes its KV cache with the same functions (`kv_cache_bytes`):
-`kv = utilisation · total − weights − transients(C, N, S) − overhead`, so `gpu_memory_utilization` is a fraction of
-the GPU's *total* memory (vLLM's meaning) and the transient reserve stays free for the step that needs it.
+`kv = utilisation · total − weights − transients(C, N, S) − overhead`, so `gpu_memory_utilization` is a
+fraction of the GPU's *total* memory (vLLM's meaning) and the transient reserve stays free for the step that
+needs it.
 """
 from __future__ import annotations
 
@@ -153,10 +155,11 @@ def _metadata(s: RankShapes, tokens: int, context: int, decodes: int = 0) -> flo
     return INT64 * (4 * tokens + blocks) + 4 * decodes * blocks
 
 
-def _rope_peak(elements: int) -> int:
-    """`apply_rope` on a [rows, heads, D] bf16/fp16 tensor: the fp32 copy (4 B), the two rotated halves and their
-    products (fp32, 2 B per element each once halved), the fp32 concatenation (4 B) and the cast result (b)."""
-    return 14 * elements
+def _rope_peak(rows: int, heads: int, head_dim: int) -> int:
+    """`apply_rope` (kernels/reference/rope.py) on a [rows, heads, D] bf16/fp16 tensor: at its high point the fp32
+    copy (4 B per element), the two rotated halves it concatenates (fp32, 2 B each) and the fp32 concatenation
+    (4 B), beside the fp64 angles and fp32 cos/sin [rows, D/2]."""
+    return 12 * rows * heads * head_dim + 12 * rows * head_dim
 
 
 def _regions(cl: int | None, P: int) -> int:
@@ -206,31 +209,42 @@ def estimation_bytes(s: RankShapes, end: int, rows: int | None = None) -> float:
     return scores + max(pass2, select) + rotated_rows
 
 
-def work_list_bytes(s: RankShapes, rows: int, end: int) -> float:
-    """The sparse kernel's index lists of one sub-block, all regions alive while it attends
-    (kernels/sparse_index.py): per region block_count/column_count [H, R] and block_offset [H, R, slash width],
-    column_index [H, R, vertical width] int32, R = ceil(rows / 64). Widths are the largest budgets capped by what
-    the region can hold (split_regions in kernels/estimation.py), at least the ~5 fallback indices."""
-    cl, H = s.dca_chunk_len, s.num_heads
-    R = -(-rows // SPARSE_BLOCK)
-    P = 0 if cl is None else (end - 1) // cl * cl
+def _list_widths(s: RankShapes, rows: int, end: int, worst_case: bool) -> list[tuple[int, int]]:
+    """(vertical, slash) widths of each region's padded index lists (split_regions in kernels/estimation.py): the
+    largest budgets capped by what the region can hold, at least the ~5 fallback indices. `worst_case` caps them
+    by the context only (any sub-block position)."""
+    cl = s.dca_chunk_len
     kv_v, kv_s = min(s.sparse_vertical, end), min(s.sparse_slash, end)
+    P = 0 if cl is None else (end - 1) // cl * cl
     regions = [(end - P, end - P)]                         # intra: keys [P, e), diagonals met on [P, e)
     if cl is not None and P >= cl:
         regions.append((cl, cl + rows))                    # succ: keys [P - cl, P)
     if cl is not None and P >= 2 * cl:
         regions.append((P - cl, P - cl + rows))            # inter: keys [0, P - cl)
-    total = 0
-    for keys, diagonals in regions:
-        nv, ns = max(min(kv_v, keys), 6), max(min(kv_s, diagonals), 6)
-        total += 4 * H * R * (2 + nv + ns)
-    return total
+    if worst_case:
+        regions = [(end, end)] * len(regions)
+    return [(max(min(kv_v, keys), 6), max(min(kv_s, diagonals), 6)) for keys, diagonals in regions]
+
+
+def work_list_bytes(s: RankShapes, rows: int, end: int, worst_case: bool = False) -> float:
+    """The sparse kernel's index lists of one sub-block, every region's alive while it attends
+    (kernels/sparse_index.py): block_count/column_count [H, R] and block_offset [H, R, slash width], column_index
+    [H, R, vertical width] int32, R = ceil(rows / 64)."""
+    R = -(-rows // SPARSE_BLOCK)
+    return sum(4 * s.num_heads * R * (2 + nv + ns) for nv, ns in _list_widths(s, rows, end, worst_case))
+
+
+def region_index_bytes(s: RankShapes, rows: int, end: int, worst_case: bool = False) -> float:
+    """The region split of the selection (`RegionIndices`, kept while the sub-block attends): local verticals
+    [H, vertical width] and slashes [H, slash width] int64 with their counts, per region."""
+    return sum(INT64 * s.num_heads * (2 + nv + ns) for nv, ns in _list_widths(s, rows, end, worst_case))
 
 
 def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int | None = None, *,
                        worst_case: bool = False) -> Transients:
     """Peak of one prefill step of `chunk` tokens whose keys end at `context`. `worst_case` bounds any step of
-    that size up to that context instead: one sub-block of min(chunk, cl) rows with every region present."""
+    that size up to that context instead: one sub-block of min(chunk, cl) rows with every region present and
+    index lists as wide as the budgets allow."""
     if chunk < 1 or context < chunk:
         raise ValueError(f"need 1 <= chunk <= context, got chunk={chunk}, context={context}")
     b, h, I, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
@@ -254,23 +268,35 @@ def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int 
         # silu(gate), up and their product [C, I/t]
         "mlp": {"activations": 3 * x + 3 * C * I * b, "metadata": meta},
     }
+
+    def offer(name: str, **parts) -> None:
+        phase = {"activations": into_attention, "metadata": meta, "attention": backend, **parts}
+        phase["attention"] = backend + parts.get("attention", 0)
+        if name not in phases or sum(phase.values()) > sum(phases[name].values()):
+            phases[name] = phase
+
+    # One sub-block after the other (kernels/dca.py): the rotated query variants, then (sparse) the estimation,
+    # its region split and the work lists, then the fp32 partial outputs o_parts [R, rows, H, D] and l_parts
+    # [R, rows, H] when there is more than one region, the kernels, and the merge's output and LSE. A variable
+    # keeps the previous sub-block's tensors until it is assigned again.
+    prev = {"variants": 0, "parts": 0, "index": 0, "indices": 0}
     for rows, end, regions in blocks:
         q = rows * H * D
-        # the sub-block's rotated query variants; with more than one region the fp32 partial outputs o_parts
-        # [R, rows, H, D] and l_parts [R, rows, H], then the merge's output and LSE
         variants = regions * q * b
         parts = regions * rows * H * (D + 1) * FP32 if regions > 1 else 0
         merged = rows * H * (D * b + FP32) if regions > 1 else 0
-        lists = work_list_bytes(s, rows, end) if sparse else 0
-        candidates = {"rotate": {"attention": backend + (regions - 1) * q * b + _rope_peak(q)},
-                      "attention": {"attention": backend + variants + parts + merged, "index": lists}}
+        lists = work_list_bytes(s, rows, end, worst_case) if sparse else 0
+        indices = region_index_bytes(s, rows, end, worst_case) if sparse else 0
+        rotating = (regions - 1) * q * b + _rope_peak(rows, H, D)
+        offer("rotate", attention=prev["variants"] + prev["parts"] + rotating, index=prev["index"],
+              estimation=prev["indices"])
         if sparse:
-            candidates["estimation"] = {"attention": backend + variants,
-                                        "estimation": estimation_bytes(s, end, rows)}
-        for name, parts_ in candidates.items():
-            phase = {"activations": into_attention, "metadata": meta, **parts_}
-            if name not in phases or sum(phase.values()) > sum(phases[name].values()):
-                phases[name] = phase
+            offer("estimation", attention=variants + prev["parts"],
+                  estimation=prev["indices"] + estimation_bytes(s, end, rows))
+        offer("allocate", attention=variants + prev["parts"] + (regions * q * FP32 if regions > 1 else 0),
+              index=lists, estimation=indices)
+        offer("attention", attention=variants + parts + merged, index=lists, estimation=indices)
+        prev = {"variants": variants, "parts": parts, "index": lists, "indices": indices}
     return _combine(phases)
 
 

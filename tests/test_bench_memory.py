@@ -72,14 +72,15 @@ def test_bench_really_traces_the_code(model_dir, monkeypatch, dense):
 
 
 def test_estimation_memory_grows_linearly_not_with_context_times_last_q(model_dir):
+    # prompts of 4, 8 and 16 DCA chunks (cl = 14336): the last step is one sub-block with all three regions
     rows = [_measure(model_dir, prompt_tokens=n, chunks="last", layers=1)["components"]["estimation"]
-            for n in (65536, 131072, 262144)]
+            for n in (57344, 114688, 229376)]
     est = [r["measuredOwnPeak"] for r in rows]
     assert est[2] - est[1] == pytest.approx(2 * (est[1] - est[0]), rel=0.05)    # the same bytes per key
     heads, last_q = CONFIG["num_attention_heads"], 64
     assert est[2] - est[1] < 131072 * heads * last_q * 4 / 16    # far below [H, last_q, context] fp32 per key
     for r in rows:
-        assert r["measuredOwnPeak"] == pytest.approx(r["predictedOwnPeak"], rel=0.02)
+        assert r["measuredOwnPeak"] == pytest.approx(r["predictedOwnPeak"], rel=0.05)
 
 
 def test_cli_prints_json_and_exit_code(model_dir, capsys):

@@ -69,7 +69,7 @@ def test_choose_chunk_is_the_planners_chunk():
                                utilization=0.9) == p.prefill_chunk_tokens
 
 
-# --- the engine's KV sizing ---------------------------------------------------------------------------------------------
+# --- the engine's KV sizing ------------------------------------------------------------------------------------
 
 def _runner(tmp_path, **overrides):
     from longserve.server.config import EngineConfig
@@ -117,7 +117,7 @@ def test_engine_kv_sizing_errors_name_the_terms(tmp_path):
         runner.kv_blocks_for_memory(total=8 * GiB, free=1 * GiB)
 
 
-# --- serve --model defaults ---------------------------------------------------------------------------------------------
+# --- serve --model defaults ------------------------------------------------------------------------------------
 
 def _serve_config(tmp_path, monkeypatch, total, *argv):
     from longserve.bench.memory import write_config
