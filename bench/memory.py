@@ -212,9 +212,11 @@ def measure(model_ref: str, gpu_name: str, *, prompt_tokens: int | None = None, 
                                    vertical=vertical, slash=slash, directory=tmp)
         traced = trace_request(runner, n, chunk, chunks=chunks)
     peak = traced["peak"]
-    predicted = max((mm.decode_transients(shapes, 1, st["context"]) if st["decode"]
-                     else mm.prefill_transients(shapes, st["tokens"], st["context"], n) for st in traced["steps"]),
-                    key=lambda t: t.peak)
+    per_step = [mm.decode_transients(shapes, 1, st["context"]) if st["decode"]
+                else mm.prefill_transients(shapes, st["tokens"], st["context"], n) for st in traced["steps"]]
+    predicted = max(per_step, key=lambda t: t.peak)
+    for st, model in zip(traced["steps"], per_step):
+        st["predictedBytes"] = int(model.peak)
     return {
         "model": entry.hf_id, "gpu": gpu.name, "tp": tp, "chunk": chunk, "prompt": n,
         "mode": "dense" if dense else "sparse", "layersTraced": layers or facts.num_layers, "chunksTraced": chunks,

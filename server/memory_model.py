@@ -37,6 +37,7 @@ DEFAULT_SPARSE_THRESHOLD = 32768    # prompts longer than this use sparse prefil
 DEFAULT_LAST_Q = 64                 # query rows the sparse estimation scores
 DEFAULT_SPARSE_BUDGETS = (1000, 6096)   # (vertical, slash): the base vertical-slash pattern of Qwen's configs
 SPARSE_BLOCK = 64                   # query rows per block of the sparse work lists (kernels/sparse_index.py)
+DECODE_BLOCK = 64                   # keys per tile of the split-KV decode (kernels/paged_attention.py)
 ESTIMATE_BLOCK_BYTES = 128 << 20    # one [H, last_q, block] fp32 logits block of the estimation (kernels/estimation.py)
 OVERHEAD_FIXED_BYTES = 3 * GiB // 2
 OVERHEAD_WEIGHT_FRACTION = 0.05
@@ -149,10 +150,12 @@ def _combine(phases: dict[str, dict]) -> Transients:
 
 
 def _metadata(s: RankShapes, tokens: int, context: int, decodes: int = 0) -> float:
-    """The runner's step inputs: token ids, positions, slot blocks and offsets (int64 per token), the block table
-    of a prefilling sequence (int64 per KV block) and the decode block tables (int32)."""
+    """The runner's step inputs: token ids, positions and cache slots (int64 per token) and, for a prefill, the
+    sequence's block table (int64 per KV block); for decodes, their block tables gathered on the device (int32)."""
     blocks = -(-context // s.block_size)
-    return INT64 * (4 * tokens + blocks) + 4 * decodes * blocks
+    if decodes:
+        return INT64 * 4 * tokens + 4 * decodes * blocks
+    return INT64 * (4 * tokens + blocks)
 
 
 def _rope_peak(rows: int, heads: int, head_dim: int) -> int:
@@ -302,14 +305,20 @@ def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int 
 
 def decode_transients(s: RankShapes, num_seqs: int, context: int) -> Transients:
     """Peak of a decode step of `num_seqs` sequences at `context` keys: the model's tensors of one token per
-    sequence, three DCA parts in fp32, and the fp32 logits [S, vocab] that sampling reads."""
-    b, h, I, H, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.head_dim
+    sequence; the three DCA parts [3, B, H, D] fp32, filled one after the other by a split-KV decode whose fp32
+    partials [splits, B, H, D] use about 512 / (B·G) splits of at least 256 keys (kernels/paged_attention.py);
+    and the logits [B, vocab] (the LM head's output and its fp32 copy)."""
+    b, h, I, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
     B = num_seqs
-    parts = 3 * B * H * (D + 1) * FP32 + B * H * D * b
-    phases = {"mlp": {"activations": 2 * B * h * b + 3 * B * I * b + B * s.vocab_size * FP32,
-                      "metadata": _metadata(s, B, context, decodes=B)},
-              "attention": {"activations": 2 * B * h * b + B * (H + 2 * s.num_kv_heads) * D * b,
-                            "attention": parts, "metadata": _metadata(s, B, context, decodes=B)}}
+    wanted = max(1, min(-(-512 // max(B * G, 1)), -(-context // 256)))
+    per_split = max(DECODE_BLOCK, -(-(-(-context // wanted)) // DECODE_BLOCK) * DECODE_BLOCK)
+    splits = -(-context // per_split)
+    parts = 3 * B * H * (D + 1) * FP32 + splits * B * H * (D + 1) * FP32 + B * H * D * b
+    meta = _metadata(s, B, context, decodes=B)
+    phases = {"mlp": {"activations": 3 * B * h * b + 3 * B * I * b, "metadata": meta},
+              "logits": {"activations": B * h * b + B * s.vocab_size * (b + FP32), "metadata": meta},
+              "attention": {"activations": 2 * B * h * b + B * (H + 2 * G) * D * b, "attention": parts,
+                            "metadata": meta}}
     return _combine(phases)
 
 

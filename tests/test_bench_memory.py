@@ -47,6 +47,8 @@ def test_bench_json_agrees_with_the_planners_memory_model(model_dir, dense):
         c = comps[name]
         assert c["measuredOwnPeak"] == pytest.approx(c["predictedOwnPeak"], rel=0.05, abs=2e5), name
     assert [s["step"] for s in r["steps"]][-1] == "decode" and len(r["steps"]) == 6    # 5 prefill chunks + decode
+    for step in r["steps"]:                                  # every step, decode included, as the model says
+        assert step["peakBytes"] == pytest.approx(step["predictedBytes"], rel=0.05), step
 
 
 @pytest.mark.parametrize("dense", [False, True])

@@ -12,8 +12,9 @@ FULL = 1_010_000
 
 
 def test_mirrored_kernel_constants_stay_equal():
-    from longserve.kernels import estimation, sparse_config
+    from longserve.kernels import estimation, paged_attention, sparse_config
     assert mm.ESTIMATE_BLOCK_BYTES == estimation.ESTIMATE_BLOCK_BYTES
+    assert mm.DECODE_BLOCK == paged_attention.BLOCK_N
     assert (mm.DEFAULT_SPARSE_THRESHOLD, mm.DEFAULT_LAST_Q) == (sparse_config.DEFAULT_THRESHOLD,
                                                                 sparse_config.DEFAULT_LAST_Q)
 
