@@ -300,15 +300,16 @@ def sweep_table(rows: list[dict]) -> str:
 
 def grid_table(rows: list[dict]) -> str:
     """Markdown rows: the RESULTS.md memory table."""
-    lines = [("| model | GPU | TP | chunk | prompt | mode | measured peak GB | planned GB | measured/planned | "
-              "KV GB | weights + KV + peak + overhead / budget GB | fits |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | GPU | TP | chunk | prompt | mode | measured peak GB | predicted GB | planned GB | "
+              "measured/planned | KV GB | weights + KV + peak + overhead / budget GB | fits |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         need = r["weightsBytes"] + r["kvBytes"] + r["peakTransientBytes"] + r["overheadBytes"]
         lines.append(f"| {r['model'].rsplit('/', 1)[-1]} | {r['gpu']} | {r['tp']} | {r['chunk']:,} | "
                      f"{r['prompt']:,} | {r['mode']} | {_gb(r['peakTransientBytes'])} | "
-                     f"{_gb(r['planTransientBytes'])} | {r['ratio']} | {_gb(r['kvBytes'])} | "
-                     f"{_gb(need)} / {_gb(r['budgetBytes'])} | {'yes' if r['fits'] else 'NO'} |")
+                     f"{_gb(r['predictedTransientBytes'])} | {_gb(r['planTransientBytes'])} | {r['ratio']:.3f} | "
+                     f"{_gb(r['kvBytes'])} | {_gb(need)} / {_gb(r['budgetBytes'])} | "
+                     f"{'yes' if r['fits'] else 'NO'} |")
     return "\n".join(lines)
 
 

@@ -149,6 +149,10 @@ def _combine(phases: dict[str, dict]) -> Transients:
     return Transients(phase=top, components=comps, own=own, phases=totals)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _metadata(s: RankShapes, tokens: int, context: int, decodes: int = 0) -> float:
     """The runner's step inputs: token ids, positions and cache slots (int64 per token) and, for a prefill, the
     sequence's block table (int64 per KV block); for decodes, their block tables gathered on the device (int32)."""
@@ -310,9 +314,9 @@ def decode_transients(s: RankShapes, num_seqs: int, context: int) -> Transients:
     and the logits [B, vocab] (the LM head's output and its fp32 copy)."""
     b, h, I, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
     B = num_seqs
-    wanted = max(1, min(-(-512 // max(B * G, 1)), -(-context // 256)))
-    per_split = max(DECODE_BLOCK, -(-(-(-context // wanted)) // DECODE_BLOCK) * DECODE_BLOCK)
-    splits = -(-context // per_split)
+    wanted = max(1, min(_cdiv(512, max(B * G, 1)), _cdiv(context, 256)))
+    per_split = max(DECODE_BLOCK, _cdiv(_cdiv(context, wanted), DECODE_BLOCK) * DECODE_BLOCK)
+    splits = _cdiv(context, per_split)
     parts = 3 * B * H * (D + 1) * FP32 + splits * B * H * (D + 1) * FP32 + B * H * D * b
     meta = _metadata(s, B, context, decodes=B)
     phases = {"mlp": {"activations": 3 * B * h * b + 3 * B * I * b, "metadata": meta},
