@@ -241,8 +241,11 @@ def _serve(config, args, api_key) -> int:
         load_seconds = time.monotonic() - started
         server.call(stack.set_engine(engine, load_seconds=load_seconds))
         loading = False
+        info = getattr(engine, "model_info", None)
         log.info("ready", extra={"event": "ready", "load_seconds": round(load_seconds, 3),
-                                 "http_port": stack.http_port, "grpc_port": stack.grpc_port})
+                                 "http_port": stack.http_port, "grpc_port": stack.grpc_port,
+                                 "prefill_chunk_tokens": config.prefill_chunk_tokens,
+                                 "kv_capacity_tokens": getattr(info, "kv_capacity_tokens", None)})
         stop.wait()
         log.info("draining", extra={"event": "draining", "grace_seconds": args.drain_grace_seconds,
                                     "in_flight": len(stack.state.streams)})

@@ -129,9 +129,12 @@ def _serve_config(tmp_path, monkeypatch, total, *argv):
     return serve_cli.build_config(build_parser().parse_args(["serve", "--model", str(tmp_path), *argv]))
 
 
-def test_serve_model_chooses_the_planners_chunk_on_a_gpu(tmp_path, monkeypatch):
+def test_serve_model_chooses_the_planners_chunk_on_a_gpu(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="longserve.serve")
     cfg = _serve_config(tmp_path, monkeypatch, 139 * GiB)
     assert cfg.max_model_len == FULL and cfg.prefill_chunk_tokens == 131072
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "prefill_chunk"]
+    assert logged and logged[-1].prefill_chunk_tokens == 131072 and "149.3 GB GPU" in logged[-1].getMessage()
     small = _serve_config(tmp_path, monkeypatch, 79 * GiB)           # 7B at 1M on one 80 GB GPU: nothing fits
     assert small.prefill_chunk_tokens == 8192
     shorter = _serve_config(tmp_path, monkeypatch, 22 * GiB, "--max-model-len", "32768")
