@@ -93,19 +93,30 @@ def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed)
     return grid
 
 
-def _engine_answers(args, prompts: list[list[int]]):
-    """(answers, PairStats summed over every step's returned prefill pair counts)."""
+def _engine_answers(args, prompts_by_length: dict[int, list[list[int]]]):
+    """{length: answers} and {length: PairStats}: one engine, one batch per length, each summing the prefill pair
+    counts its steps return."""
     from longserve.kernels import PairStats
     from longserve.server.engine import LLM, SamplingParams
 
     overrides = {"dca": args.dca == "on", "sparse_prefill": args.sparse == "on", "dtype": "float32"}
     if args.sparse_threshold is not None:
         overrides["sparse_threshold"] = args.sparse_threshold
-    longest = max(len(p) for p in prompts) + args.key_digits + 16
+    longest = max(len(p) for ps in prompts_by_length.values() for p in ps) + args.key_digits + 16
     llm = LLM(args.model, max_model_len=max(longest, 1024), **overrides)
-    stats = llm.engine.runner.pair_totals = PairStats()
     params = SamplingParams(temperature=0.0, max_tokens=args.key_digits + 12)
-    return [o.outputs[0].text for o in llm.generate(prompts, params)], stats
+    answers, stats = {}, {}
+    for length, prompts in prompts_by_length.items():
+        stats[length] = llm.engine.runner.pair_totals = PairStats()
+        answers[length] = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    return answers, stats
+
+
+def _pair_summary(stats) -> dict | None:
+    if stats is None or not stats.causal:
+        return None
+    return {"computed": stats.computed, "dense_causal": stats.causal,
+            "computed_fraction": stats.computed / stats.causal}
 
 
 def select_kernels(choice: str) -> None:
@@ -153,30 +164,33 @@ def evaluate(args) -> dict:
                          args.seed)
     keys = list(grid)
     t0 = time.time()
-    stats = None
+    from longserve.kernels import PairStats
+    stats = {n: PairStats() for n in args.lengths}
     answers = {}
     if args.backend == "engine":
-        flat = [ids for k in keys for _, ids in grid[k]]
-        texts, stats = _engine_answers(args, flat)
-        texts = iter(texts)
-        answers = {k: [next(texts) for _ in grid[k]] for k in keys}
+        texts, stats = _engine_answers(args, {n: [ids for k in keys if k[0] == n for _, ids in grid[k]]
+                                              for n in args.lengths})
+        texts = {n: iter(t) for n, t in texts.items()}
+        answers = {k: [next(texts[k[0]]) for _ in grid[k]] for k in keys}
         verdicts = {k: [first_number(a) == s.target for a, (s, _) in zip(answers[k], grid[k])] for k in keys}
     else:
         from longserve.bench.passkey_oracle import load
-        from longserve.kernels import PairStats
         model, _ = load(args.model)
-        stats = PairStats()
-        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k], stats) for k in keys}
-        stats = stats.resolved()
+        verdicts = {k: _oracle_correct(args, model, tokenizer, grid[k], stats[k[0]]) for k in keys}
+    stats = {n: st.resolved() for n, st in stats.items()}
     cells = [{"length": k[0], "depth": k[1], "samples": len(grid[k]), "correct": sum(verdicts[k]),
               "accuracy": sum(verdicts[k]) / len(grid[k]),
               "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1),
               "answers": answers.get(k)}
              for k in keys]
     pairs = None
-    if stats is not None and stats.causal and args.sparse == "on":
-        pairs = {"computed": stats.computed, "dense_causal": stats.causal,
-                 "computed_fraction": stats.computed / stats.causal}
+    if args.sparse == "on":
+        total = PairStats()
+        for st in stats.values():
+            total.add(st)
+        pairs = _pair_summary(total)
+        if pairs:
+            pairs["by_length"] = {str(n): _pair_summary(st) for n, st in stats.items()}
     return {"cells": cells, "seconds": round(time.time() - t0, 1), "sparse_pairs": pairs}
 
 
@@ -229,8 +243,9 @@ def run(args) -> int:
     print(format_table(cells, args.lengths, args.depths))
     pairs = result["sparse_pairs"]
     if pairs:
-        print(f"sparse prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs, "
-              "as the kernels counted them over all layers, heads and prompts")
+        by = ", ".join(f"{n}: {100 * p['computed_fraction']:.1f}%" for n, p in pairs["by_length"].items() if p)
+        print(f"sparse prefill computed {100 * pairs['computed_fraction']:.1f}% of the causal (query, key) pairs "
+              f"({by}), as the kernels counted them over all layers, heads and prompts")
     elif args.sparse == "on":
         print("sparse prefill pair counts: none recorded (no prompt above the threshold)")
     with open(out / "passkey.csv", "w") as f:
