@@ -134,7 +134,8 @@ def _validate(c: EngineConfig) -> list[str]:
                       f"({c.kv_block_size}), got {c.prefill_chunk_tokens}")
     if isinstance(c.gpu_memory_utilization, bool) or not isinstance(c.gpu_memory_utilization, (int, float)) \
             or not 0 < c.gpu_memory_utilization < 1:
-        errors.append(f"gpu_memory_utilization must be in (0, 1), got {c.gpu_memory_utilization!r}")
+        errors.append(f"gpu_memory_utilization (a fraction of the GPU's total memory) must be in (0, 1), "
+                      f"got {c.gpu_memory_utilization!r}")
     if c.dca_chunk_size is not None and c.dca_local_size is not None \
             and c.dca_local_size >= c.dca_chunk_size:
         errors.append("dca_local_size must be smaller than dca_chunk_size")
