@@ -386,10 +386,10 @@ class NativeSizing:
 def native_sizing(facts, *, tp: int, chunk: int, max_model_len: int, max_num_seqs: int, memory_per_gpu: float,
                   utilization: float, margin: float, dtype_bytes: int = 2, weights: float | None = None,
                   dca: bool = True, sparse: bool = True, sparse_threshold: int | None = None,
-                  sparse_last_q: int | None = None) -> NativeSizing:
+                  sparse_last_q: int | None = None, sparse_budgets: tuple[int, int] | None = None) -> NativeSizing:
     """Native engine sizing: weights + KV for N·S tokens + transients + overhead must fit u·M·(1 − m_eff)."""
     s = rank_shapes(facts, tp, dtype_bytes=dtype_bytes, dca=dca, sparse=sparse, sparse_threshold=sparse_threshold,
-                    sparse_last_q=sparse_last_q)
+                    sparse_last_q=sparse_last_q, sparse_budgets=sparse_budgets)
     w = weight_bytes(facts, tp, dtype_bytes) if weights is None else weights
     kv = kv_bytes(s, max_model_len * max_num_seqs)
     tr = step_transients(s, chunk, max_model_len, max_num_seqs)
@@ -400,9 +400,10 @@ def native_sizing(facts, *, tp: int, chunk: int, max_model_len: int, max_num_seq
 
 def choose_chunk(facts, *, tp: int, max_model_len: int, memory_per_gpu: float, utilization: float,
                  max_num_seqs: int = 1, margin: float = 0.10, dtype_bytes: int = 2, dca: bool = True,
-                 sparse: bool = True, sparse_threshold: int | None = None) -> int | None:
+                 sparse: bool = True, sparse_threshold: int | None = None,
+                 sparse_budgets: tuple[int, int] | None = None) -> int | None:
     """The planner's chunk for a native engine: the largest candidate that fits, or None."""
     return largest_fitting_chunk(max_model_len, lambda c: native_sizing(
         facts, tp=tp, chunk=c, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         memory_per_gpu=memory_per_gpu, utilization=utilization, margin=margin, dtype_bytes=dtype_bytes,
-        dca=dca, sparse=sparse, sparse_threshold=sparse_threshold).fits)
+        dca=dca, sparse=sparse, sparse_threshold=sparse_threshold, sparse_budgets=sparse_budgets).fits)

@@ -131,8 +131,9 @@ def gpu_total_memory() -> int | None:
 
 def default_prefill_chunk(facts, values: dict, model_dir: str) -> int:
     """The prefill chunk the planner would choose for this GPU: the largest candidate with which the weights,
-    one max_model_len sequence of KV, the step transients and the overhead fit `gpu_memory_utilization` of the
-    GPU's total memory (with the planner's 10 % safety margin). On a CPU host memory is not profiled: 8192."""
+    one max_model_len sequence of KV, the step transients (sparse ones sized by the checkpoint's own budgets when
+    it has a sparse config) and the overhead fit `gpu_memory_utilization` of the GPU's total memory (with the
+    planner's 10 % safety margin). On a CPU host memory is not profiled: 8192."""
     from longserve.server import memory_model as mm
     from longserve.server.config import DTYPE_BYTES
 
@@ -141,13 +142,20 @@ def default_prefill_chunk(facts, values: dict, model_dir: str) -> int:
         log.info("prefill chunk %d tokens (CPU default)", mm.CPU_DEFAULT_CHUNK,
                  extra={"event": "prefill_chunk", "prefill_chunk_tokens": mm.CPU_DEFAULT_CHUNK})
         return mm.CPU_DEFAULT_CHUNK
-    sparse = values.get("sparse_prefill", True) and os.path.exists(
-        values.get("sparse_config_path") or os.path.join(model_dir, "sparse_attention_config.json"))
+    sparse_path = values.get("sparse_config_path") or os.path.join(model_dir, "sparse_attention_config.json")
+    budgets = None
+    if values.get("sparse_prefill", True) and os.path.exists(sparse_path):
+        try:
+            with open(sparse_path, encoding="utf-8") as fh:
+                budgets = mm.sparse_budget_maxima(json.load(fh))
+        except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{sparse_path}: cannot read the sparse attention config ({exc})") from None
     n = values["max_model_len"]
     chunk = mm.choose_chunk(facts, tp=values["tensor_parallel_size"], max_model_len=n, memory_per_gpu=total,
                             utilization=values["gpu_memory_utilization"],
                             dtype_bytes=DTYPE_BYTES[values.get("dtype", "bfloat16")], dca=values.get("dca", True),
-                            sparse=sparse, sparse_threshold=values.get("sparse_threshold"))
+                            sparse=budgets is not None, sparse_threshold=values.get("sparse_threshold"),
+                            sparse_budgets=budgets)
     fallback = chunk is None
     if fallback:
         chunk = mm.chunk_candidates(n)[-1]

@@ -144,6 +144,20 @@ def test_serve_model_chooses_the_planners_chunk_on_a_gpu(tmp_path, monkeypatch, 
         == 4096
 
 
+def test_serve_model_sizes_sparse_buffers_from_the_checkpoints_budgets(tmp_path, monkeypatch):
+    def config(vertical, slash):
+        layers = [{str(h): ["vertical_and_slash", vertical, slash, 0.9] for h in range(28)}] * 28
+        (tmp_path / "sparse_attention_config.json").write_text(json.dumps(layers))
+        return _serve_config(tmp_path, monkeypatch, 139 * GiB)
+
+    assert config(1000, 6096).prefill_chunk_tokens == 131072
+    # budgets as large as the widest heads of Qwen's published 7B config: the index lists need ~32 GB at 131072
+    assert config(22032, 24528).prefill_chunk_tokens == 65536
+    (tmp_path / "sparse_attention_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="cannot read the sparse attention config"):
+        _serve_config(tmp_path, monkeypatch, 139 * GiB)
+
+
 def test_serve_model_on_a_cpu_keeps_the_documented_default(tmp_path, monkeypatch):
     assert _serve_config(tmp_path, monkeypatch, None).prefill_chunk_tokens == mm.CPU_DEFAULT_CHUNK == 8192
 
