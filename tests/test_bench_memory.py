@@ -73,6 +73,28 @@ def test_bench_really_traces_the_code(model_dir, monkeypatch, dense):
         == pytest.approx(extra_bytes, rel=0.01)
 
 
+def test_bench_traces_the_kernels_host_code(model_dir, monkeypatch):
+    """A temporary planted in the sparse estimation's selection (kernels/estimation.py) shows up in the
+    estimation component and in the peak."""
+    from longserve.kernels import estimation
+    base = _measure(model_dir, chunks="last")
+    extra_bytes = 4 * base["peakTransientBytes"]
+    original = estimation.select_top
+
+    def select_top_with_temporary(scores, *args, **kwargs):
+        scratch = torch.empty(extra_bytes, dtype=torch.uint8, device=scores.device)
+        out = original(scores, *args, **kwargs)
+        del scratch
+        return out
+
+    monkeypatch.setattr(estimation, "select_top", select_top_with_temporary)
+    grown = _measure(model_dir, chunks="last")
+    est_base, est_grown = (r["components"]["estimation"]["measuredOwnPeak"] for r in (base, grown))
+    assert extra_bytes <= est_grown - est_base + base["peakTransientBytes"] and est_grown >= extra_bytes
+    assert extra_bytes - base["peakTransientBytes"] <= grown["peakTransientBytes"] - base["peakTransientBytes"] \
+        <= extra_bytes
+
+
 def test_estimation_memory_grows_linearly_not_with_context_times_last_q(model_dir):
     # prompts of 4, 8 and 16 DCA chunks (cl = 14336): the last step is one sub-block with all three regions
     rows = [_measure(model_dir, prompt_tokens=n, chunks="last", layers=1)["components"]["estimation"]
