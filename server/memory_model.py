@@ -42,7 +42,7 @@ ESTIMATE_BLOCK_BYTES = 128 << 20    # one [H, last_q, block] fp32 logits block o
 OVERHEAD_FIXED_BYTES = 3 * GiB // 2
 OVERHEAD_WEIGHT_FRACTION = 0.05
 MARGIN_FULL_AT_BYTES = 32 * GiB     # the planner's safety margin reaches its full size at this request size
-FP32, FP64, INT64 = 4, 8, 8
+FP32, INT64 = 4, 8
 COMPONENTS = ("activations", "attention", "estimation", "index", "metadata")
 
 
