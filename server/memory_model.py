@@ -43,6 +43,15 @@ OVERHEAD_FIXED_BYTES = 3 * GiB // 2
 OVERHEAD_WEIGHT_FRACTION = 0.05
 MARGIN_FULL_AT_BYTES = 32 * GiB     # the planner's safety margin reaches its full size at this request size
 FP32, INT64 = 4, 8
+PROMPT_LOGPROB_BLOCK_BYTES = 256 << 20    # one [rows, vocab] fp32 logits block of the prompt log-probabilities
+
+
+def prompt_logprob_rows(vocab_size: int) -> int:
+    """Rows per LM-head block when scoring prompt tokens (server/engine/prompt_logprobs.py): about
+    PROMPT_LOGPROB_BLOCK_BYTES of fp32 logits, at most 4096 rows."""
+    return max(1, min(4096, PROMPT_LOGPROB_BLOCK_BYTES // (4 * vocab_size)))
+
+
 COMPONENTS = ("activations", "attention", "estimation", "index", "metadata")
 
 
@@ -304,6 +313,12 @@ def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int 
               index=lists, estimation=indices)
         offer("attention", attention=variants + parts + merged, index=lists, estimation=indices)
         prev = {"variants": variants, "parts": parts, "index": lists, "indices": indices}
+    if worst_case:
+        # prompt log-probabilities after the last layer: the final hidden state, one block of LM-head rows (its
+        # output, the fp32 copy, the log-sum-exp's temporary), the targets and the packed results (top-k <= 20)
+        rows = min(C, prompt_logprob_rows(s.vocab_size))
+        phases["prompt_logprobs"] = {"activations": x + rows * s.vocab_size * (b + 2 * FP32)
+                                     + C * (INT64 + 41 * INT64), "metadata": meta}
     return _combine(phases)
 
 

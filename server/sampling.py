@@ -27,6 +27,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None         # number of top logprobs per generated token (0 => only the chosen)
+    # log-probability of every prompt token (the first has none) and this many top alternatives, computed
+    # during prefill; with it, max_tokens=0 scores the prompt without generating
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -53,14 +56,19 @@ class SamplingParams:
             errors.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
             errors.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            errors.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        least = 0 if self.prompt_logprobs is not None else 1    # 0: score the prompt only
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < least):
+            errors.append(f"max_tokens must be >= {least}, got {self.max_tokens}"
+                          + (" (0 scores the prompt only and needs prompt_logprobs)" if least else ""))
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             errors.append(f"min_tokens must be >= 0, got {self.min_tokens}")
         elif self.max_tokens is not None and self.min_tokens > self.max_tokens:
             errors.append(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             errors.append(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            errors.append(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             errors.append("stop must be non-empty strings")
         if errors:

@@ -25,11 +25,13 @@ def context_length_error(limit: int, prompt_tokens: int, completion_tokens: int 
 
 
 def resolve_max_tokens(prompt_tokens: int, requested: int | None, *, max_model_len: int,
-                       max_output_tokens: int) -> int:
+                       max_output_tokens: int, scoring: bool = False) -> int:
     """The completion-token cap of a request, or `RequestRejected`.
 
     `requested` None means "as many as allowed": min(max_output_tokens, max_model_len - prompt). An
     explicit value is never truncated: too large is an error, so a client is not silently cut short.
+    `scoring` (the request asks for prompt log-probabilities) also allows 0: the prompt is scored, nothing is
+    generated.
     """
     limit, cap = max_model_len, max_output_tokens
     if prompt_tokens == 0:
@@ -38,6 +40,10 @@ def resolve_max_tokens(prompt_tokens: int, requested: int | None, *, max_model_l
         if prompt_tokens >= limit:
             raise context_length_error(limit, prompt_tokens, None)
         return min(cap, limit - prompt_tokens)
+    if scoring and requested == 0 and not isinstance(requested, bool):
+        if prompt_tokens > limit:
+            raise context_length_error(limit, prompt_tokens, 0)
+        return 0
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
         raise RequestRejected(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
     if requested > cap:

@@ -30,8 +30,10 @@ from longserve.server.engine.admission import check_token_ids
 from longserve.server.engine.admission import resolve_max_tokens as resolve_context
 from longserve.server.engine.block_manager import BlockManager
 from longserve.server.engine.model_runner import ModelRunner, StepResult
+from longserve.server.engine.prompt_logprobs import PromptLogprobJob, PromptScores, wanted_positions
 from longserve.server.engine.protocol import (CompletionDelta, EngineDeadError, FailureCause, FinishReason,
-                                              GenerationEvent, LoadStats, PrefillProgress, RequestFailed,
+                                              GenerationEvent, LoadStats, PrefillProgress, PromptLogprobs,
+                                              RequestFailed,
                                               RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
 from longserve.server.engine.scheduler import ScheduledBatch, Scheduler
 from longserve.server.engine.sequence import Sequence
@@ -58,6 +60,7 @@ class _Request:
     first_token: float | None = None
     chunk_seconds: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
+    prompt_logprobs_next: int = 1      # the next prompt token to score (prompt_logprobs); none scored for token 0
 
 
 @dataclass
@@ -114,7 +117,8 @@ class LLMEngine:
     def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         """The context-length rule of `admission`, plus: an explicit cap must fit the KV cache."""
         max_tokens = resolve_context(prompt_len, params.max_tokens, max_model_len=self.config.max_model_len,
-                                     max_output_tokens=self.config.max_output_tokens)
+                                     max_output_tokens=self.config.max_output_tokens,
+                                     scoring=params.prompt_logprobs is not None)
         if params.max_tokens is not None and self.blocks.blocks_for(prompt_len + max_tokens) > self.blocks.num_blocks:
             raise RequestRejected(f"the request needs {prompt_len + max_tokens} KV slots, the cache holds "
                                   f"{self.kv_capacity_tokens}", param="input_tokens")
@@ -201,7 +205,26 @@ class LLMEngine:
         count = self.sparse_threshold is not None and any(
             not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
             for c in batch.chunks)
+        wanted = self._prompt_logprob_jobs(batch)
+        if wanted:
+            return self.runner.execute(batch, blocked, count_pairs=count, prompt_logprobs=wanted)
         return self.runner.execute(batch, blocked, count_pairs=count)
+
+    def _prompt_logprob_jobs(self, batch: ScheduledBatch) -> dict[int, PromptLogprobJob]:
+        """Prompt tokens this batch's prefill chunks can score: choice 0 of requests asking for prompt
+        log-probabilities, from the request's next unscored token (a recompute after preemption scores none
+        twice)."""
+        jobs = {}
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.params.prompt_logprobs is None or seq.choice_index != 0:
+                continue
+            req = self.requests[seq.request_id]
+            lo, hi = wanted_positions(chunk.start, chunk.num_tokens, req.prompt_len, req.prompt_logprobs_next)
+            if lo < hi:
+                jobs[seq.seq_id] = PromptLogprobJob(seq.seq_id, lo, seq.prompt_token_ids[lo:hi],
+                                                    k=seq.params.prompt_logprobs)
+        return jobs
 
     def _update(self, executed: _Executed) -> list[GenerationEvent]:
         """Commit what ran, emit progress and tokens, and fail the requests whose piece raised."""
@@ -217,6 +240,11 @@ class LLMEngine:
                     req.chunk_seconds.append(now - executed.started)
                     req.chunk_tokens.append(chunk.num_tokens)
                     progressed[req.request_id] = (min(chunk.seq.num_computed_tokens, req.prompt_len), req.prompt_len)
+        for piece, result in executed.ran:
+            for chunk in piece.chunks:
+                scores = result.prompt_scores.get(chunk.seq.seq_id)
+                if scores is not None and chunk.seq.request_id not in executed.failed:
+                    events.append(self._prompt_logprobs_event(self.requests[chunk.seq.request_id], scores))
         for rid, (done, total) in progressed.items():
             sparse = density is not None and total > self.sparse_threshold
             events.append(PrefillProgress(rid, done, total, density if sparse else None))
@@ -226,7 +254,10 @@ class LLMEngine:
                 if chunk.seq.request_id in failed:
                     continue
                 try:
-                    events.extend(self._append_token(chunk.seq, sampled, now))
+                    if chunk.seq.max_tokens == 0:     # scoring only: the prompt is done, nothing is generated
+                        events.extend(self._end_choice(chunk.seq, FinishReason.LENGTH, None, now))
+                    else:
+                        events.extend(self._append_token(chunk.seq, sampled, now))
                 except Exception as exc:     # e.g. detokenizing its output: that request alone fails
                     failed[chunk.seq.request_id] = (exc, chunk.num_tokens)
         if any(not _out_of_memory(exc) for exc, _ in failed.values()):
@@ -267,15 +298,33 @@ class LLMEngine:
             CompletionDelta(seq.request_id, seq.choice_index, text, (result.token_id,), logprobs, reason,
                             stop_reason, req.prompt_len, len(seq.output_token_ids))]
         if reason is not None:
-            self.scheduler.finish(seq, reason, stop_reason)
-            self.runner.release(seq)
-            if all(c.seq.is_finished for c in req.choices):
-                del self.requests[req.request_id]
-                events.append(RequestFinished(req.request_id, req.prompt_len, self._num_output(req),
-                                              tuple(c.seq.finish_reason for c in req.choices),
-                                              self._timings(req, now),
-                                              sum(c.seq.num_preemptions for c in req.choices)))
+            events.extend(self._finish_choice(req, seq, reason, stop_reason, now))
         return events
+
+    def _end_choice(self, seq: Sequence, reason: FinishReason, stop_reason, now: float) -> list[GenerationEvent]:
+        """End a choice without a new token (a scoring-only request once its prompt is done)."""
+        req = self.requests[seq.request_id]
+        delta = CompletionDelta(seq.request_id, seq.choice_index, "", (), (), reason, stop_reason, req.prompt_len,
+                                len(seq.output_token_ids))
+        return [delta, *self._finish_choice(req, seq, reason, stop_reason, now)]
+
+    def _finish_choice(self, req: _Request, seq: Sequence, reason: FinishReason, stop_reason,
+                       now: float) -> list[GenerationEvent]:
+        self.scheduler.finish(seq, reason, stop_reason)
+        self.runner.release(seq)
+        if not all(c.seq.is_finished for c in req.choices):
+            return []
+        del self.requests[req.request_id]
+        return [RequestFinished(req.request_id, req.prompt_len, self._num_output(req),
+                                tuple(c.seq.finish_reason for c in req.choices), self._timings(req, now),
+                                sum(c.seq.num_preemptions for c in req.choices))]
+
+    def _prompt_logprobs_event(self, req: _Request, scores: PromptScores) -> PromptLogprobs:
+        tok = self.tokenizer.id_to_token
+        entries = tuple(TokenLogprob(t, tok(t), lp, tuple((i, tok(i), v) for i, v in top))
+                        for t, lp, top in zip(scores.token_ids, scores.logprobs, scores.top))
+        req.prompt_logprobs_next = scores.first + len(entries)
+        return PromptLogprobs(req.request_id, scores.first, entries)
 
     def _fail(self, req: _Request, exc: BaseException, step_tokens: int, now: float) -> list[GenerationEvent]:
         """End every unfinished choice with `error`, free the request's KV blocks, and say why."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from longserve.server.config import EngineConfig
+from longserve.server.engine.prompt_logprobs import PromptLogprobJob, PromptScores, score_rows, unpack
 from longserve.server.engine.scheduler import ScheduledBatch
 from longserve.server.engine.sequence import Sequence
 from longserve.server.engine.step_metadata import StepMetadataBuilder
@@ -62,6 +63,7 @@ class StepResult:
     asked for, the prefill (query, key) pairs computed against the dense causal count of the same regions."""
     sampled: list[Sampled]
     pair_stats: object | None = None      # longserve.kernels PairStats (ints) when counting was asked, else None
+    prompt_scores: dict[int, PromptScores] = field(default_factory=dict)   # seq_id -> this step's prompt logprobs
 
 
 class ModelRunner:
@@ -172,9 +174,12 @@ class ModelRunner:
         return self.step_metadata.build(batch)
 
     @torch.inference_mode()
-    def forward_logits(self, batch: ScheduledBatch, pair_stats=None) -> torch.Tensor:
+    def forward_logits(self, batch: ScheduledBatch, pair_stats=None,
+                       prompt_jobs: list[PromptLogprobJob] = ()) -> torch.Tensor:
         """Run the batch; logits [N, V] (fp32) for the chunks that sample, in batch order. ``pair_stats`` (a
-        ``kernels.PairStats``) gets the prefill (query, key) pair counts of every layer added."""
+        ``kernels.PairStats``) gets the prefill (query, key) pair counts of every layer added. Each of
+        ``prompt_jobs`` (rows of this batch's prefill chunks) gets its prompt log-probabilities in ``result``:
+        scored in row blocks, read back with one transfer for the whole step."""
         ids, meta = self._metadata(batch)
         backend = PagedDCABackend(self.cache, meta, self.dca, self.sparse_budgets, pair_stats)
         hidden = self.model(ids, backend)
@@ -183,16 +188,50 @@ class ModelRunner:
             row += chunk.num_tokens
             if chunk.samples:
                 last_rows.append(row - 1)
+        if prompt_jobs:
+            self._score_prompts(hidden, prompt_jobs)
         return self.model.logits(hidden[last_rows])
 
+    def _score_prompts(self, hidden: torch.Tensor, jobs: list[PromptLogprobJob]) -> None:
+        from longserve.server.memory_model import prompt_logprob_rows
+
+        block = prompt_logprob_rows(self.facts.vocab_size)
+        packed = []
+        for job in jobs:
+            targets = torch.tensor(job.targets, dtype=torch.int64).to(self.device, non_blocking=True)
+            packed.append(score_rows(hidden[job.row:job.row + len(job.targets)], self.model.logits, targets,
+                                     job.k, block))
+        width = max(p.shape[1] for p in packed)
+        host = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in packed]).cpu()
+        at = 0
+        for job, p in zip(jobs, packed):
+            job.result = unpack(job, host[at:at + p.shape[0], :p.shape[1]])
+            at += p.shape[0]
+
+    def prompt_jobs(self, batch: ScheduledBatch, wanted: dict[int, PromptLogprobJob]) -> list[PromptLogprobJob]:
+        """The jobs of ``wanted`` (by seq_id) whose chunk is in ``batch``, with their hidden rows placed."""
+        jobs, row = [], 0
+        for chunk in batch.chunks:
+            job = wanted.get(chunk.seq.seq_id)
+            if job is not None:
+                job.row = row + (job.first - 1 - chunk.start)
+                jobs.append(job)
+            row += chunk.num_tokens
+        return jobs
+
     def execute(self, batch: ScheduledBatch, blocked: dict[int, tuple[int, ...]], *,
-                count_pairs: bool = False) -> StepResult:
+                count_pairs: bool = False, prompt_logprobs: dict[int, PromptLogprobJob] | None = None) -> StepResult:
         """Run and sample one scheduled batch; ``count_pairs`` returns the step's prefill pair counts (ints,
-        read back once per step) in ``StepResult.pair_stats``."""
+        read back once per step) in ``StepResult.pair_stats``; ``prompt_logprobs`` (seq_id -> job) asks for
+        prompt log-probabilities of those sequences' chunks (``StepResult.prompt_scores``)."""
         from longserve.kernels import PairStats
 
         stats = PairStats() if count_pairs or self.pair_totals is not None else None
-        logits = self.forward_logits(batch, stats)
+        jobs = self.prompt_jobs(batch, prompt_logprobs) if prompt_logprobs else []
+        if jobs:
+            logits = self.forward_logits(batch, stats, prompt_jobs=jobs)
+        else:
+            logits = self.forward_logits(batch, stats)
         seqs = [c.seq for c in batch.chunks if c.samples]
         sampled = sample(logits, seqs, [self.generator_for(s) for s in seqs],
                          [blocked.get(s.seq_id, ()) for s in seqs], self.seen_tokens)
@@ -200,4 +239,5 @@ class ModelRunner:
             stats = stats.resolved()
             if self.pair_totals is not None:
                 self.pair_totals.add(stats)
-        return StepResult(sampled, stats if count_pairs else None)
+        return StepResult(sampled, stats if count_pairs else None,
+                          {job.seq_id: job.result for job in jobs if job.result is not None})

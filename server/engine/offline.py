@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from longserve.server.config import EngineConfig
 from longserve.server.engine.llm_engine import LLMEngine
-from longserve.server.engine.protocol import (CompletionDelta, FinishReason, RequestFailed, RequestFinished,
-                                              TokenLogprob)
+from longserve.server.engine.protocol import (CompletionDelta, FinishReason, PromptLogprobs, RequestFailed,
+                                              RequestFinished, TokenLogprob)
 from longserve.server.sampling import SamplingParams
 
 
@@ -29,6 +29,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: RequestFinished | None = None
     failure: RequestFailed | None = None     # set when the engine could not run the request (choices end "error")
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's layout)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def default_engine_config(model_path: str, **overrides) -> EngineConfig:
@@ -70,7 +72,8 @@ class LLM:
             rid = f"offline-{self._counter}"
             self._counter += 1
             self.engine.add_request(rid, ids, p)
-            outputs[rid] = RequestOutput(rid, ids, [CompletionOutput(i) for i in range(p.n)])
+            outputs[rid] = RequestOutput(rid, ids, [CompletionOutput(i) for i in range(p.n)],
+                                         prompt_logprobs=[None] if p.prompt_logprobs is not None else None)
             order.append(rid)
         while self.engine.has_work():
             for event in self.engine.step():
@@ -81,6 +84,8 @@ class LLM:
                     out.logprobs.extend(event.logprobs)
                     if event.finish_reason is not None:
                         out.finish_reason, out.stop_reason = event.finish_reason, event.stop_reason
+                elif isinstance(event, PromptLogprobs):
+                    outputs[event.request_id].prompt_logprobs.extend(event.logprobs)
                 elif isinstance(event, RequestFinished):
                     outputs[event.request_id].finished = event
                 elif isinstance(event, RequestFailed):

@@ -3,7 +3,8 @@
 Everything here is plain, torch-free data owned by the engine. The API layer (HTTP, gRPC, metrics)
 and the offline `LLM` consume these types; the engine never imports the API.
 
-A request's events, in order: zero or more `PrefillProgress` and `CompletionDelta`, then exactly one
+A request's events, in order: zero or more `PromptLogprobs` (when asked for), `PrefillProgress` and
+`CompletionDelta`, then exactly one
 terminal event: `RequestFinished` (it ran to the end, or was aborted) or `RequestFailed` (running
 one of its steps raised; every unfinished choice got a last `CompletionDelta` with
 `FinishReason.ERROR` just before).
@@ -82,6 +83,16 @@ class PrefillProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens `start .. start + len(logprobs) - 1`, emitted as prefill computes them
+    (when `SamplingParams.prompt_logprobs` is set). The first prompt token has none, so `start` >= 1; the events
+    of a request cover each prompt token once, in order, also across preemption."""
+    request_id: str
+    start: int
+    logprobs: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionDelta:
     """New output of one of the request's `n` choices since the previous delta."""
     request_id: str
@@ -135,7 +146,7 @@ class RequestFailed:
         return self.cause is FailureCause.OUT_OF_MEMORY
 
 
-GenerationEvent = PrefillProgress | CompletionDelta | RequestFinished | RequestFailed
+GenerationEvent = PromptLogprobs | PrefillProgress | CompletionDelta | RequestFinished | RequestFailed
 TERMINAL_EVENTS = (RequestFinished, RequestFailed)
 
 
@@ -170,4 +181,4 @@ class ModelInfo:
 
 __all__ = ["TERMINAL_EVENTS", "AbortRequest", "AddRequest", "CompletionDelta", "EngineCommand", "EngineDeadError",
            "FailureCause", "FinishReason", "GenerationEvent", "LoadStats", "ModelInfo", "PrefillProgress",
-           "RequestFailed", "RequestFinished", "RequestRejected", "RequestTimings", "TokenLogprob"]
+           "PromptLogprobs", "RequestFailed", "RequestFinished", "RequestRejected", "RequestTimings", "TokenLogprob"]
