@@ -34,6 +34,21 @@ def _quantity(description: str, default: str | None = None) -> dict:
 
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 FREE_LIST = {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
+FREE_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+SECRET_KEY_REF = {"name": _s("Secret name (same namespace).", maxLength=253),
+                  "key": _s("Key in the Secret.", maxLength=253)}
+LABEL_SELECTOR = {"type": "object", "description": "A label selector (metav1.LabelSelector).", "properties": {
+    "matchLabels": STRING_MAP,
+    "matchExpressions": {"type": "array", "items": {"type": "object", "required": ["key", "operator"], "properties": {
+        "key": {"type": "string"}, "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        "values": {"type": "array", "items": {"type": "string"}}}}}}}
+PEER = {"type": "object", "description": "Pods by namespace and/or pod labels (a NetworkPolicy peer without ipBlock).",
+        "properties": {"namespaceSelector": LABEL_SELECTOR, "podSelector": LABEL_SELECTOR}, "minProperties": 1}
+VOLUME_MOUNT = {"type": "object", "required": ["name", "mountPath"], "properties": {
+    "name": _s("One of spec.pod.volumes."), "mountPath": _s("Absolute path; not under a path the operator mounts."),
+    "readOnly": {"type": "boolean"}, "subPath": {"type": "string"}, "subPathExpr": {"type": "string"},
+    "mountPropagation": {"type": "string", "enum": ["None", "HostToContainer"]},
+    "recursiveReadOnly": {"type": "string", "enum": ["Disabled", "IfPossible", "Enabled"]}}}
 
 
 def spec_schema() -> dict:
@@ -43,8 +58,9 @@ def spec_schema() -> dict:
                   pattern=r"^(hf://[^/\s]+/[^/\s]+|pvc://[a-z0-9][-a-z0-9.]*(/\S*)?)$"),
         "revision": _s("Hub revision; pin a commit for reproducible caches.", default=d["revision"], maxLength=128),
         "servedModelName": _s("Name in the OpenAI API (default: metadata.name).", maxLength=128),
-        "authSecretRef": _obj("Secret holding a hub token, for gated models.", {
-            "name": _s("Secret name."), "key": _s("Key in the Secret.")}, required=["name", "key"]),
+        "authSecretRef": _obj("Secret holding a hub token, for gated models; given to the download Job "
+                              "(and to the engine when it downloads itself) as HF_TOKEN from the Secret.",
+                              SECRET_KEY_REF, required=["name", "key"]),
     }, required=["uri"])
     runtime = _obj("Serving runtime.", {
         "name": _s("native | vllm | sglang", enum=list(RUNTIMES), default=d["runtime"]),
@@ -85,12 +101,24 @@ def spec_schema() -> dict:
         "memory": _quantity("auto: shm + max(32Gi, weights)", "auto"),
         "shmSize": _quantity("auto: 1Gi at TP 1, 16Gi above", "auto"),
         "ephemeralStorage": _quantity("auto: 10Gi with cache; weights x 1.2 + 10Gi without", "auto"),
+        "requests": {"type": "object", "additionalProperties": QUANTITY,
+                     "description": "Container requests by resource name; win over the values above. The GPU "
+                                    "resource is the planner's and cannot be set."},
+        "limits": {"type": "object", "additionalProperties": QUANTITY,
+                   "description": "Container limits by resource name; win over the derived memory limit. "
+                                  "The GPU resource is the planner's and cannot be set."},
     }, default={})
     cache = _obj("Model cache PVC filled once by a Job.", {
         "enabled": {"type": "boolean", "default": d["cacheEnabled"], "description": "Cache hf:// weights in a PVC."},
         "storageClassName": _s("RWX/ROX class recommended for replicas > 1.", default=""),
         "size": _quantity("auto: weights x 1.2 + 1Gi", "auto"),
         "existingClaim": _s("Use this PVC instead of creating one.", default=""),
+        "download": _obj("The Job that runs `longserve download` into /models/ORG--NAME/REVISION.", {
+            "activeDeadlineSeconds": _i("Deadline of the whole Job (default: max(3600, 2 x weights / 50 MB/s "
+                                        "+ 900)).", minimum=60),
+            "backoffLimit": _i("Retries of a failed download pod (permanent errors fail at once).",
+                               minimum=0, maximum=20, default=d["downloadBackoffLimit"]),
+        }, default={}),
     }, default={})
     serving = _obj("Ports.", {
         "httpPort": _i("OpenAI API, /health, /metrics.", minimum=1, maximum=65535, default=d["httpPort"]),
@@ -105,11 +133,48 @@ def spec_schema() -> dict:
         "prometheusRule": _obj("Per-model alerts.", {
             "enabled": {"type": "boolean", "default": d["prometheusRuleEnabled"]}}, default={}),
     }, default={})
+    auth = _obj("Client authentication of the OpenAI API and gRPC (/health and /metrics stay open).", {
+        "apiKeySecretRef": _obj("Secret key holding the API key clients send as a bearer token; mounted "
+                                "read-only as a file (native: --api-key-file; vllm: VLLM_API_KEY).",
+                                SECRET_KEY_REF, required=["name", "key"]),
+    })
+    network_policy = _obj("A NetworkPolicy for the engine pods (off by default: it needs a CNI that enforces "
+                          "NetworkPolicy and knowledge of who the clients are).", {
+        "enabled": {"type": "boolean", "default": False, "description": "Render the NetworkPolicy."},
+        "allowedNamespaces": {"type": "array", "items": {"type": "string", "maxLength": 63}, "maxItems": 64,
+                              "description": "Namespaces whose pods may call the API ports."},
+        "clients": {"type": "array", "items": PEER, "maxItems": 64,
+                    "description": "Further peers admitted to the API ports. With neither list, pods of the "
+                                   "resource's namespace."},
+        "metricsScraper": {**PEER, "description": "Who may scrape /metrics (on the HTTP port only); default: "
+                                                  "pods labelled app.kubernetes.io/name=prometheus in namespace "
+                                                  "monitoring."},
+    }, default={})
+    pod = _obj("Engine pod template options. The operator's labels, volumes, mounts and security context "
+               "cannot be overridden; the download Job gets imagePullSecrets and serviceAccountName.", {
+        "labels": {**STRING_MAP, "description": "Extra pod labels (not app.kubernetes.io/name, instance, "
+                                                "managed-by, component or longserve.io/*)."},
+        "annotations": {**STRING_MAP, "description": "Extra pod annotations (not longserve.io/*)."},
+        "imagePullSecrets": {"type": "array", "maxItems": 16, "description": "Secrets for pulling the image.",
+                             "items": {"type": "object", "required": ["name"], "properties": {"name": _s("Secret.")}}},
+        "serviceAccountName": _s("Service account of the pods (its token is not mounted).", maxLength=253),
+        "priorityClassName": _s("PriorityClass of the engine pods.", maxLength=253),
+        "runtimeClassName": _s("RuntimeClass (e.g. nvidia) of the engine pods.", maxLength=253),
+        "affinity": {**FREE_OBJECT, "description": "core/v1 Affinity (nodeAffinity, podAffinity, "
+                                                   "podAntiAffinity), passed through; the schema is kept open "
+                                                   "because the upstream type is large."},
+        "topologySpreadConstraints": {**FREE_LIST, "maxItems": 16,
+                                      "description": "core/v1 TopologySpreadConstraint list, passed through."},
+        "volumes": {**FREE_LIST, "maxItems": 32, "description": "Extra core/v1 Volumes (names other than the "
+                                                                "operator's; no hostPath)."},
+        "volumeMounts": {"type": "array", "items": VOLUME_MOUNT, "maxItems": 32,
+                         "description": "Mounts of spec.pod.volumes into the engine container."},
+    }, default={})
     return _obj("Desired state of a long-context model endpoint.", {
         "model": model, "runtime": runtime, "context": context, "sizing": sizing, "accelerator": accelerator,
         "resources": resources, "cache": cache,
         "replicas": _i("Engine replicas.", minimum=0, default=d["replicas"]),
-        "serving": serving, "monitoring": monitoring,
+        "serving": serving, "monitoring": monitoring, "auth": auth, "networkPolicy": network_policy, "pod": pod,
     }, required=["model", "accelerator"], **{"x-kubernetes-validations": CEL_RULES})
 
 
@@ -129,6 +194,8 @@ CEL_RULES = [
      "message": "the planner needs GPU memory"},
     {"rule": "!self.cache.enabled || self.model.uri == oldSelf.model.uri",
      "message": "a cached model's URI is immutable; create a new resource"},
+    {"rule": "!has(self.auth) || !has(self.auth.apiKeySecretRef) || self.runtime.name != 'sglang'",
+     "message": "auth.apiKeySecretRef is not supported for runtime sglang"},
 ]
 
 

@@ -31,6 +31,7 @@ PLANS = Counter("longserve_operator_plans", "Sizing outcomes", ["outcome"])
 DOWNLOAD_SECONDS = Histogram("longserve_operator_model_download_seconds", "Model download Job duration",
                              buckets=(60, 300, 600, 1200, 1800, 3600, 7200, 14400))
 DEFAULT_TIMER_SECONDS = 30.0
+HELD_WHILE_DOWNLOADING = ("Deployment", "ConfigMap")
 
 
 def _now() -> str:
@@ -103,9 +104,11 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
             _downloaded(job, body, patch)
             d = desired(body, image=memo.image, model_cached=True, monitoring=memo.monitoring)
             objects = d.objects
-        elif cache_state != "DownloadComplete":   # the workload waits for the cache (and is left alone)
-            objects = [o for o in objects if o["kind"] != "Deployment"]
-            live = [o for o in live if o["kind"] != "Deployment"]
+        elif cache_state != "DownloadComplete":
+            # the workload waits for this revision's files: its Deployment and engine config (which
+            # names the weights path) stay as they are, so running pods keep the previous revision
+            objects = [o for o in objects if o["kind"] not in HELD_WHILE_DOWNLOADING]
+            live = [o for o in live if o["kind"] not in HELD_WHILE_DOWNLOADING]
     actions = diff(objects, live)
     api.apply(actions)
     if actions and not from_timer:

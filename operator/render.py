@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
-from longserve.operator import runtimes
+from longserve.operator import runtimes, security
 from longserve.operator.catalog import GiB, GpuSpec, ModelEntry, lookup_gpu, lookup_model
 from longserve.operator.memory import valid_tensor_parallel_sizes
 from longserve.operator.planner import Plan, SizingRequest, engine_config_for, plan
+from longserve.operator.podtemplate import apply_to_template, merged_resources
+from longserve.operator.options import SecretKey
 from longserve.operator.types import (
     API_VERSION, KIND, AUTO, LongContextModel, SpecError, gib_quantity, parse, parse_quantity)
 from longserve.server.config import EngineConfig
@@ -25,8 +28,12 @@ MANAGED_BY = "longserve-operator"
 HASH_LABEL = "longserve.io/spec-hash"
 CONFIG_HASH_ANNOTATION = "longserve.io/config-hash"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+MODEL_REVISION_ANNOTATION = "longserve.io/model-revision"
 MODEL_DIR = "/models"
-DOWNLOAD_IMAGE = "python:3.12-slim"
+DOWNLOAD_BYTES_PER_SECOND = 50e6     # pessimistic hub throughput for the download deadline
+DOWNLOAD_FLOOR_SECONDS = 3600
+# `longserve download` exit codes that a retry cannot fix: usage, unauthorized/gated, not found, no space.
+DOWNLOAD_PERMANENT_EXIT_CODES = [2, 3, 4, 5]
 RUNBOOKS = "https://longserve.io/runbooks"
 
 
@@ -106,17 +113,41 @@ def _stamp(obj: dict) -> dict:
     return obj
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def revision_slug(revision: str) -> str:
+    """A path component for a hub revision: the revision itself when it is a safe name, else a
+    sanitised form with a hash of the revision (so `refs/pr/1` and `refs-pr-1` stay apart)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", revision).strip("-.") or "rev"
+    return revision if slug == revision else f"{slug[:100]}-{_short_hash(revision)}"
+
+
 def model_path(lcm: LongContextModel) -> str:
+    """Where the engine reads the weights. Cached hub weights are revision-scoped
+    (`/models/ORG--NAME/REVISION`): a new revision downloads beside the files running pods use."""
     if lcm.model.scheme == "pvc":
         return f"{MODEL_DIR}/{lcm.model.pvc_path}".rstrip("/")
     if lcm.cache_enabled:
-        return f"{MODEL_DIR}/{lcm.model.hf_id}"
+        return f"{MODEL_DIR}/{lcm.model.hf_id.replace('/', '--')}/{revision_slug(lcm.model.revision)}"
     return lcm.model.hf_id
 
 
 def download_job_name(lcm: LongContextModel) -> str:
-    rev = re.sub(r"[^a-z0-9]+", "-", lcm.model.revision.lower()).strip("-")[:12].strip("-") or "rev"
-    return f"{lcm.name}-download-{rev}"
+    """One Job name per revision (at most 12 characters of it; a hash where the name had to change)."""
+    rev = lcm.model.revision
+    slug = re.sub(r"[^a-z0-9]+", "-", rev.lower()).strip("-")
+    if slug != rev or len(slug) > 12:
+        slug = f"{slug[:5].strip('-')}-{_short_hash(rev)}".strip("-")
+    return f"{lcm.name}-download-{slug}"
+
+
+def download_deadline_seconds(lcm: LongContextModel, weight_bytes: int) -> int:
+    """spec.cache.download.activeDeadlineSeconds, else max(1 h, 2·W / 50 MB/s + 15 min)."""
+    if lcm.download.active_deadline_seconds is not None:
+        return lcm.download.active_deadline_seconds
+    return max(DOWNLOAD_FLOOR_SECONDS, math.ceil(2 * weight_bytes / DOWNLOAD_BYTES_PER_SECOND) + 900)
 
 
 def cache_claim(lcm: LongContextModel) -> str | None:
@@ -148,21 +179,26 @@ def _resources(lcm: LongContextModel, model: ModelEntry, p: Plan) -> dict:
         storage = lcm.ephemeral_storage
     else:
         storage = gib_quantity(model.weight_bytes * 1.2 + 10 * GiB) if uncached else "10Gi"
-    requests = {"cpu": cpu, "memory": memory, "ephemeral-storage": storage}
-    limits = {"memory": memory}
+    resources = merged_resources({"requests": {"cpu": cpu, "memory": memory, "ephemeral-storage": storage},
+                                  "limits": {"memory": memory}}, lcm.resource_requests, lcm.resource_limits)
     if not lcm.cpu_mode:
-        requests[lcm.resource_name] = str(tp)
-        limits[lcm.resource_name] = str(tp)
-    return {"requests": requests, "limits": limits}
+        resources["requests"][lcm.resource_name] = str(tp)
+        resources.setdefault("limits", {})[lcm.resource_name] = str(tp)
+    return resources
 
 
-def _env(lcm: LongContextModel, cfg: EngineConfig) -> list[dict]:
-    items = runtimes.env(cfg)
-    if lcm.model.scheme == "hf" and not lcm.cache_enabled:
-        items.append({"name": "HF_HOME", "value": f"{MODEL_DIR}/hf-home"})
-    if lcm.model.auth_secret_name:
-        items.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": lcm.model.auth_secret_name, "key": lcm.model.auth_secret_key}}})
+def _hub_token(lcm: LongContextModel) -> SecretKey | None:
+    if not lcm.model.auth_secret_name:
+        return None
+    return SecretKey(lcm.model.auth_secret_name, lcm.model.auth_secret_key)
+
+
+def _env(lcm: LongContextModel, cfg: EngineConfig, scratch_env: list[dict]) -> list[dict]:
+    items = runtimes.env(cfg) + scratch_env
+    if lcm.model.scheme == "hf" and not lcm.cache_enabled:      # the engine downloads the weights itself
+        items += security.secret_env("HF_TOKEN", _hub_token(lcm))
+    if lcm.api_key is not None and lcm.runtime == "vllm":      # vLLM reads its key from the environment
+        items += security.secret_env("VLLM_API_KEY", lcm.api_key)
     return items + [dict(e) for e in lcm.env]
 
 
@@ -175,18 +211,28 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
                 image: str) -> dict:
     tp = p.tensor_parallel_size
     claim = cache_claim(lcm)
+    uncached_hub = lcm.model.scheme == "hf" and not lcm.cache_enabled
+    scratch_volumes, scratch_mounts, scratch_env = security.scratch(
+        {"HF_HOME": f"{MODEL_DIR}/hf-home"} if uncached_hub else None)
     mounts = [{"name": "engine-config", "mountPath": runtimes.CONFIG_DIR, "readOnly": True},
               {"name": "dshm", "mountPath": "/dev/shm"},
-              {"name": "models", "mountPath": MODEL_DIR, "readOnly": claim is not None}]
+              {"name": "models", "mountPath": MODEL_DIR, "readOnly": claim is not None}, *scratch_mounts]
     volumes = [{"name": "engine-config", "configMap": {"name": config_map["metadata"]["name"]}},
                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": gib_quantity(shm_bytes(lcm, tp))}},
                {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-               if claim else {"name": "models", "emptyDir": {}}]
+               if claim else {"name": "models", "emptyDir": {}}, *scratch_volumes]
+    command = runtimes.command(cfg, lcm.extra_args)
+    if lcm.api_key is not None and lcm.runtime == "native":
+        key_volume, key_mount, key_args = security.api_key_volume(lcm.api_key)
+        volumes.append(key_volume)
+        mounts.append(key_mount)
+        command = runtimes.command(cfg) + key_args + [str(a) for a in lcm.extra_args]
     container = {
         "name": "engine", "image": image, "imagePullPolicy": "IfNotPresent",
-        "command": runtimes.command(cfg, lcm.extra_args), "env": _env(lcm, cfg), "ports": runtimes.ports(cfg),
+        "command": command, "env": _env(lcm, cfg, scratch_env), "ports": runtimes.ports(cfg),
         "resources": _resources(lcm, model, p), "volumeMounts": mounts,
-        "terminationMessagePolicy": "FallbackToLogsOnError", **runtimes.probes(model.weight_bytes)}
+        "terminationMessagePolicy": "FallbackToLogsOnError", **runtimes.probes(model.weight_bytes),
+        "securityContext": security.container_security_context()}
     node_selector = dict(lcm.node_selector)
     tolerations = [dict(t) for t in lcm.tolerations]
     if not lcm.cpu_mode:
@@ -195,21 +241,37 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
             node_selector.setdefault(GPU_PRODUCT_LABEL, gpu.product_label if gpu else lcm.gpu_product)
         tolerations.append({"key": lcm.resource_name, "operator": "Exists", "effect": "NoSchedule"})
     pod_spec = {"containers": [container], "volumes": volumes, "enableServiceLinks": False,
+                "automountServiceAccountToken": False, "securityContext": security.pod_security_context(),
                 "terminationGracePeriodSeconds": 60}
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
     if tolerations:
         pod_spec["tolerations"] = tolerations
     meta = _meta(lcm, lcm.name, "engine")
+    annotations = {CONFIG_HASH_ANNOTATION: config_map["metadata"]["labels"][HASH_LABEL]}
+    if lcm.model.scheme == "hf":
+        annotations[MODEL_REVISION_ANNOTATION] = lcm.model.revision
+    template = {"metadata": {"labels": engine_pod_labels(lcm), "annotations": annotations}, "spec": pod_spec}
+    apply_to_template(template, lcm.pod, engine=True)
     return _stamp({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
         "spec": {"replicas": lcm.replicas, "revisionHistoryLimit": 3,
                  "selector": {"matchLabels": selector(lcm)},
                  "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-                 "template": {"metadata": {"labels": {**_labels(lcm), "app.kubernetes.io/component": "engine"},
-                                           "annotations": {CONFIG_HASH_ANNOTATION:
-                                                           config_map["metadata"]["labels"][HASH_LABEL]}},
-                              "spec": pod_spec}}})
+                 "template": template}})
+
+
+def engine_pod_labels(lcm: LongContextModel) -> dict:
+    return {**_labels(lcm), "app.kubernetes.io/component": "engine"}
+
+
+def _network_policy(lcm: LongContextModel) -> dict:
+    api_ports = [lcm.http_port] + ([lcm.grpc_port] if lcm.runtime == "native" else [])
+    opts = lcm.network_policy
+    pod_labels = {**selector(lcm), "app.kubernetes.io/component": "engine"}
+    # /metrics is served on the HTTP port: the scraper's rule admits that port only (not gRPC)
+    return _stamp(security.network_policy(_meta(lcm, lcm.name, "engine"), pod_labels, opts.clients, opts.scraper,
+                                          api_ports, lcm.http_port))
 
 
 def _service(lcm: LongContextModel) -> dict:
@@ -227,7 +289,8 @@ def _pdb(lcm: LongContextModel) -> dict:
 
 
 def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
-    size = lcm.cache_size if lcm.cache_size != AUTO else gib_quantity(model.weight_bytes * 1.2 + GiB)
+    # room for two revisions side by side: a revision change downloads beside the files in use
+    size = lcm.cache_size if lcm.cache_size != AUTO else gib_quantity(model.weight_bytes * 2.2 + GiB)
     # ReadWriteOnce: the claim is created once and access modes are immutable; replicas spread over
     # nodes need an RWX/ROX volume given as cache.existingClaim.
     spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
@@ -237,29 +300,34 @@ def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
                    "metadata": _meta(lcm, f"{lcm.name}-weights", "cache"), "spec": spec})
 
 
-DOWNLOAD_SCRIPT = """set -eu
-marker="$TARGET/.longserve-complete-$REVISION"
-if [ -f "$marker" ]; then echo "already cached: $REPO@$REVISION"; exit 0; fi
-pip install --no-cache-dir --quiet 'huggingface_hub>=0.30'
-python3 -c 'import os; from huggingface_hub import snapshot_download; snapshot_download(os.environ["REPO"], revision=os.environ["REVISION"], local_dir=os.environ["TARGET"])'
-touch "$marker"
-"""
+def _download_job(lcm: LongContextModel, model: ModelEntry, image: str) -> dict:
+    """`longserve download` in the engine image into the revision's directory on the cache PVC.
 
-
-def _download_job(lcm: LongContextModel) -> dict:
-    env = [{"name": "REPO", "value": lcm.model.hf_id}, {"name": "REVISION", "value": lcm.model.revision},
-           {"name": "TARGET", "value": model_path(lcm)}, {"name": "HF_HOME", "value": f"{MODEL_DIR}/.hf-home"}]
-    if lcm.model.auth_secret_name:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": lcm.model.auth_secret_name, "key": lcm.model.auth_secret_key}}})
-    container = {"name": "download", "image": DOWNLOAD_IMAGE, "command": ["/bin/sh", "-c", DOWNLOAD_SCRIPT],
-                 "env": env, "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}],
-                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}}
+    The hub token comes from the Secret through the environment. Exit codes that a retry cannot fix
+    fail the Job at once (podFailurePolicy); others are retried up to backoffLimit within the deadline.
+    """
+    volumes, mounts, env = security.scratch()
+    command = ["longserve", "download", "--model", lcm.model.uri, "--revision", lcm.model.revision,
+               "--dest", model_path(lcm)]
+    container = {"name": "download", "image": image, "imagePullPolicy": "IfNotPresent", "command": command,
+                 "env": [{"name": "PYTHONSAFEPATH", "value": "1"}, *env,
+                         *security.secret_env("HF_TOKEN", _hub_token(lcm))],
+                 "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}, *mounts],
+                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                 "securityContext": security.container_security_context()}
+    template = {"metadata": {"labels": {**_labels(lcm), "app.kubernetes.io/component": "download"}},
+                "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                         "securityContext": security.pod_security_context(), "containers": [container],
+                         "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": cache_claim(lcm)}},
+                                     *volumes]}}
+    apply_to_template(template, lcm.pod, engine=False)
+    failure_policy = {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "download", "operator": "In", "values": DOWNLOAD_PERMANENT_EXIT_CODES}}]}
     return _stamp({"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(lcm, download_job_name(lcm), "download"),
-                   "spec": {"backoffLimit": 6, "template": {"metadata": {"labels": {
-                       **_labels(lcm), "app.kubernetes.io/component": "download"}},
-                       "spec": {"restartPolicy": "OnFailure", "containers": [container], "volumes": [
-                           {"name": "models", "persistentVolumeClaim": {"claimName": cache_claim(lcm)}}]}}}})
+                   "spec": {"backoffLimit": lcm.download.backoff_limit,
+                            "activeDeadlineSeconds": download_deadline_seconds(lcm, model.weight_bytes),
+                            "podFailurePolicy": failure_policy, "template": template}})
 
 
 def _service_monitor(lcm: LongContextModel) -> dict:
@@ -321,9 +389,11 @@ def render(lcm: LongContextModel, model: ModelEntry, p: Plan, *, image: str = DE
     if lcm.downloads and not lcm.existing_claim:
         objects.append(_pvc(lcm, model))
     if lcm.downloads and not model_cached:
-        objects.append(_download_job(lcm))
-    image = lcm.image or image
-    objects += [_deployment(lcm, model, p, cfg, config_map, image), _service(lcm), _pdb(lcm)]
+        objects.append(_download_job(lcm, model, image))     # the operator's image: it has `longserve download`
+    engine_image = lcm.image or image
+    objects += [_deployment(lcm, model, p, cfg, config_map, engine_image), _service(lcm), _pdb(lcm)]
+    if lcm.network_policy.enabled:
+        objects.append(_network_policy(lcm))
     if monitoring and lcm.service_monitor:
         objects.append(_service_monitor(lcm))
     if monitoring and lcm.prometheus_rule:

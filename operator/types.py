@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from longserve.operator import options
+from longserve.operator.errors import SpecError
+from longserve.operator.options import DownloadOptions, NetworkPolicyOptions, PodOptions, SecretKey
+
 GROUP = "longserve.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -44,21 +48,13 @@ DEFAULTS = {
     "serviceMonitorEnabled": True,
     "serviceMonitorInterval": "15s",
     "prometheusRuleEnabled": True,
+    "downloadBackoffLimit": options.DEFAULT_BACKOFF_LIMIT,
 }
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 _FACTORS = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-
-
-class SpecError(ValueError):
-    """An invalid resource; `reason` becomes the SpecValid condition's reason."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 def parse_quantity(value, what: str) -> int:
@@ -152,6 +148,12 @@ class LongContextModel:
     service_monitor_interval: str = "15s"
     service_monitor_labels: dict = field(default_factory=dict)
     prometheus_rule: bool = True
+    api_key: SecretKey | None = None
+    network_policy: NetworkPolicyOptions = field(default_factory=NetworkPolicyOptions)
+    pod: PodOptions = field(default_factory=PodOptions)
+    download: DownloadOptions = field(default_factory=DownloadOptions)
+    resource_requests: dict = field(default_factory=dict)     # spec.resources.requests (win over auto)
+    resource_limits: dict = field(default_factory=dict)
 
     @property
     def cpu_mode(self) -> bool:
@@ -283,6 +285,12 @@ def parse(body: dict) -> LongContextModel:
     grpc_port = _int(serving.get("grpcPort", DEFAULTS["grpcPort"]), "spec.serving.grpcPort", 1, 65535)
     if http_port == grpc_port:
         raise SpecError("InvalidSpec", "spec.serving.httpPort and grpcPort must differ")
+    resource_name = str(accel.get("resourceName", DEFAULTS["resourceName"]) or "")
+    api_key = options.secret_key(_obj(spec, "auth", "spec"), "apiKeySecretRef", "spec.auth")
+    if api_key is not None and runtime_name == "sglang":
+        raise SpecError("InvalidSpec", "spec.auth.apiKeySecretRef is not supported for runtime sglang "
+                                       "(it takes the key only as a command-line argument)")
+    requests, limits = options.resource_overrides(resources, resource_name)
     return LongContextModel(
         name=name, namespace=str(meta.get("namespace") or "default"), uid=str(meta.get("uid") or ""),
         generation=int(meta.get("generation") or 0), model=model,
@@ -302,7 +310,7 @@ def parse(body: dict) -> LongContextModel:
         memory_per_gpu_bytes=(parse_quantity(memory_per_gpu, "spec.accelerator.memoryPerGpu")
                               if memory_per_gpu is not None else None),
         gpus_per_node=_int(accel.get("gpusPerNode", DEFAULTS["gpusPerNode"]), "spec.accelerator.gpusPerNode", 1, 8),
-        resource_name=str(accel.get("resourceName", DEFAULTS["resourceName"]) or ""),
+        resource_name=resource_name,
         node_selector={str(k): str(v) for k, v in node_selector.items()},
         tolerations=tuple(tolerations),
         cpu=_cpu(resources.get("cpu")),
@@ -319,6 +327,9 @@ def parse(body: dict) -> LongContextModel:
         service_monitor_interval=str(service_monitor.get("interval") or DEFAULTS["serviceMonitorInterval"]),
         service_monitor_labels={str(k): str(v) for k, v in (service_monitor.get("labels") or {}).items()},
         prometheus_rule=bool(rule.get("enabled", DEFAULTS["prometheusRuleEnabled"])),
+        api_key=api_key,
+        network_policy=options.network_policy(spec), pod=options.pod_options(spec),
+        download=options.download_options(cache), resource_requests=requests, resource_limits=limits,
     )
 
 

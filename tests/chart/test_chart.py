@@ -55,6 +55,29 @@ def test_values_schema_rejects_bad_values(helm, setting):
     assert out.returncode != 0 and "schema" in (out.stderr + out.stdout).lower()
 
 
+def _pod_security():
+    spec = importlib.util.spec_from_file_location("longserve_tests_pod_security", ROOT / "tests" / "pod_security.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_chart_pod_is_restricted(helm):
+    """The operator, the CRD upgrade hook and the helm test pod pass the restricted profile."""
+    checker = _pod_security()
+    out = _template(helm, "--set", "tests.model=qwen")
+    assert out.returncode == 0, out.stderr
+    pods = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] in ("Deployment", "Job", "Pod")]
+    assert {(d["kind"], d["metadata"]["name"]) for d in pods} == {
+        ("Deployment", "t-longserve"), ("Job", "t-longserve-crd-upgrade"), ("Pod", "t-longserve-test")}
+    for obj in pods:
+        assert checker.violations(obj) == [], obj["metadata"]["name"]
+    operator = next(d for d in pods if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert operator["securityContext"]["runAsUser"] == 10001          # the image's user
+    assert operator["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "automountServiceAccountToken" not in operator               # the operator needs its token
+
+
 def test_chart_crd_is_the_manifests_crd():
     chart_crd = CHART / "crds" / "longcontextmodels.longserve.io.yaml"
     manifests_crd = ROOT / "manifests" / "crd" / "longcontextmodels.longserve.io.yaml"

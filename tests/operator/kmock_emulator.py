@@ -25,6 +25,7 @@ CORE_RESOURCES = {
     "v1/configmaps": "ConfigMap", "v1/services": "Service", "v1/persistentvolumeclaims": "PersistentVolumeClaim",
     "v1/events": "Event", "v1/pods": "Pod", "apps/v1/deployments": "Deployment", "batch/v1/jobs": "Job",
     "policy/v1/poddisruptionbudgets": "PodDisruptionBudget",
+    "networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
 }
 VERBS = ["create", "delete", "get", "list", "patch", "watch"]
 

@@ -37,7 +37,7 @@ def test_crd_identity_subresources_and_columns():
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Ready", "Runtime", "TP", "Chunk", "MaxLen", "Replicas", "Phase", "Age", "Endpoint"]
     rules = [r["rule"] for r in SCHEMA["properties"]["spec"]["x-kubernetes-validations"]]
-    assert any("oldSelf" in r for r in rules) and len(rules) == 7
+    assert any("oldSelf" in r for r in rules) and len(rules) == 8
 
 
 def test_schema_defaults_are_the_parser_defaults():
@@ -55,7 +55,8 @@ def test_schema_defaults_are_the_parser_defaults():
              ("sizing", "safetyMarginPercent"): "safetyMarginPercent",
              ("accelerator", "gpusPerNode"): "gpusPerNode", ("accelerator", "resourceName"): "resourceName",
              ("cache", "enabled"): "cacheEnabled", ("replicas",): "replicas", ("serving", "httpPort"): "httpPort",
-             ("serving", "grpcPort"): "grpcPort"}
+             ("serving", "grpcPort"): "grpcPort",
+             ("cache", "download", "backoffLimit"): "downloadBackoffLimit"}
     for path, key in pairs.items():
         assert default(*path) == DEFAULTS[key], path
 

@@ -138,7 +138,7 @@ def test_dry_run_reports_the_plan_only(cluster):
 def test_model_cache_gates_the_workload(cluster):
     cluster.create(resource("cached", cache={"enabled": True}))
     job = cluster.wait(lambda: cluster.children(JOBS).get("cached-download-main"), "the download Job")
-    assert cluster.children(PVCS)["cached-weights"]["spec"]["resources"]["requests"]["storage"] == "19Gi"
+    assert cluster.children(PVCS)["cached-weights"]["spec"]["resources"]["requests"]["storage"] == "33Gi"
     assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "cached-weights"
     cluster.wait(lambda: status_of(cluster, "cached").get("phase") == "Caching", "phase Caching")
     assert conditions(cluster.get("cached"))["ModelCached"] == ("False", "Downloading")

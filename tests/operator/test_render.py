@@ -17,7 +17,7 @@ from longserve.server.config import EngineConfig
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
 KUBE_VERSIONS = ["1.30.0", "1.34.0"]
-BUILT_IN = {"v1", "apps/v1", "batch/v1", "policy/v1"}
+BUILT_IN = {"v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1"}
 
 
 def example(path: Path, uid: str = "6f1e8a52-0000-4000-8000-000000000001") -> dict:
@@ -69,7 +69,7 @@ def test_h200_deployment_matches_the_plan():
     d = desired(example(ROOT / "manifests/examples/qwen25-7b-1m-h200.yaml"))
     objs = by_kind(d.objects)
     assert list(objs) == ["ConfigMap", "PersistentVolumeClaim", "Job", "Deployment", "Service",
-                          "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule"]
+                          "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PrometheusRule"]
     pod = objs["Deployment"]["spec"]["template"]["spec"]
     engine = pod["containers"][0]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -79,7 +79,7 @@ def test_h200_deployment_matches_the_plan():
     assert shm == {"medium": "Memory", "sizeLimit": "1Gi"}
     cfg = EngineConfig.from_json(objs["ConfigMap"]["data"]["engine_config.json"])
     assert (cfg.tensor_parallel_size, cfg.prefill_chunk_tokens, cfg.max_model_len) == (1, 131072, 1010000)
-    assert cfg.model_path == "/models/Qwen/Qwen2.5-7B-Instruct-1M"
+    assert cfg.model_path == "/models/Qwen--Qwen2.5-7B-Instruct-1M/main"
     annotations = objs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["longserve.io/config-hash"] == objs["ConfigMap"]["metadata"]["labels"][HASH_LABEL]
     startup = engine["startupProbe"]
@@ -105,7 +105,7 @@ def test_vllm_runs_the_upstream_command_with_the_planned_fraction():
     objs = by_kind(rendered(ROOT / "manifests/examples/qwen25-7b-1m-vllm.yaml"))
     engine = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     cmd = engine["command"]
-    assert cmd[:3] == ["vllm", "serve", "/models/Qwen/Qwen2.5-7B-Instruct-1M"]
+    assert cmd[:3] == ["vllm", "serve", "/models/Qwen--Qwen2.5-7B-Instruct-1M/main"]
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.67"
     assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "131072"
     assert engine["image"] == "vllm/vllm-openai:v0.10.1.1"
