@@ -44,14 +44,6 @@ OVERHEAD_WEIGHT_FRACTION = 0.05
 MARGIN_FULL_AT_BYTES = 32 * GiB     # the planner's safety margin reaches its full size at this request size
 FP32, INT64 = 4, 8
 PROMPT_LOGPROB_BLOCK_BYTES = 256 << 20    # one [rows, vocab] fp32 logits block of the prompt log-probabilities
-
-
-def prompt_logprob_rows(vocab_size: int) -> int:
-    """Rows per LM-head block when scoring prompt tokens (server/engine/prompt_logprobs.py): about
-    PROMPT_LOGPROB_BLOCK_BYTES of fp32 logits, at most 4096 rows."""
-    return max(1, min(4096, PROMPT_LOGPROB_BLOCK_BYTES // (4 * vocab_size)))
-
-
 COMPONENTS = ("activations", "attention", "estimation", "index", "metadata")
 
 
@@ -196,6 +188,12 @@ def sub_blocks(context: int, chunk: int, cl: int | None) -> list[tuple[int, int,
     return out
 
 
+def prompt_logprob_rows(vocab_size: int) -> int:
+    """Rows per LM-head block when scoring prompt tokens (server/engine/prompt_logprobs.py): about
+    PROMPT_LOGPROB_BLOCK_BYTES of fp32 logits, at most 4096 rows."""
+    return max(1, min(4096, PROMPT_LOGPROB_BLOCK_BYTES // (4 * vocab_size)))
+
+
 def _region_lengths(cl: int | None, end: int) -> list[int]:
     """Key counts of the regions a sub-block ending at `end` attends: intra [P, e), succ [P - cl, P), inter
     [0, P - cl)."""
@@ -318,7 +316,7 @@ def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int 
         # output, the fp32 copy, the log-sum-exp's temporary), the targets and the packed results (top-k <= 20)
         rows = min(C, prompt_logprob_rows(s.vocab_size))
         phases["prompt_logprobs"] = {"activations": x + rows * s.vocab_size * (b + 2 * FP32)
-                                     + C * (INT64 + 41 * INT64), "metadata": meta}
+                                     + C * (INT64 + 42 * INT64), "metadata": meta}
     return _combine(phases)
 
 
