@@ -269,18 +269,20 @@ class GenerationCore:
         except RequestRejected as exc:
             raise BadRequest(exc.message, param=exc.param) from None
 
-    def effective_max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
-        """The engine's context-length rule, answered as a 400: default min(C, L - P), never truncating."""
+    def effective_max_tokens(self, prompt_tokens: int, requested: int | None, scoring: bool = False) -> int:
+        """The engine's context-length rule, answered as a 400: default min(C, L - P), never truncating;
+        `scoring` (prompt log-probabilities asked for) allows 0."""
         try:
             return resolve_max_tokens(prompt_tokens, requested, max_model_len=self.max_model_len,
-                                      max_output_tokens=self.max_output_tokens)
+                                      max_output_tokens=self.max_output_tokens, scoring=scoring)
         except RequestRejected as exc:
             raise BadRequest(exc.message, param=exc.param) from None
 
     def sampling_params(self, prompt_tokens: int, fields: dict) -> SamplingParams:
         """SamplingParams from explicitly set request fields, generation_config defaults and limits."""
         fields = dict(fields)
-        max_tokens = self.effective_max_tokens(prompt_tokens, fields.pop("max_tokens", None))
+        max_tokens = self.effective_max_tokens(prompt_tokens, fields.pop("max_tokens", None),
+                                               scoring=fields.get("prompt_logprobs") is not None)
         merged = {**self.defaults, **{k: v for k, v in fields.items() if v is not None}}
         try:
             return SamplingParams(max_tokens=max_tokens, **merged)

@@ -321,8 +321,8 @@ class LLMEngine:
 
     def _prompt_logprobs_event(self, req: _Request, scores: PromptScores) -> PromptLogprobs:
         tok = self.tokenizer.id_to_token
-        entries = tuple(TokenLogprob(t, tok(t), lp, tuple((i, tok(i), v) for i, v in top))
-                        for t, lp, top in zip(scores.token_ids, scores.logprobs, scores.top))
+        entries = tuple(TokenLogprob(t, tok(t), lp, tuple((i, tok(i), v) for i, v in top), rank)
+                        for t, lp, top, rank in zip(scores.token_ids, scores.logprobs, scores.top, scores.ranks))
         req.prompt_logprobs_next = scores.first + len(entries)
         return PromptLogprobs(req.request_id, scores.first, entries)
 

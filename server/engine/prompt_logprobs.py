@@ -19,6 +19,7 @@ class PromptScores:
     first: int
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
+    ranks: tuple[int, ...]                              # 1 + how many tokens are strictly more likely
     top: tuple[tuple[tuple[int, float], ...], ...]     # per token: (token id, logprob), best first
 
 
@@ -42,19 +43,21 @@ def wanted_positions(start: int, num_tokens: int, prompt_len: int, next_needed: 
 
 
 def score_rows(hidden: torch.Tensor, lm_head, targets: torch.Tensor, k: int, block_rows: int) -> torch.Tensor:
-    """[m, 1 + 2k] float64 on the device: per row the target's log-probability, then the top-k log-probabilities,
-    then their token ids. `hidden` [m, H]; `lm_head(rows) -> [rows, V]` fp32 logits; `targets` [m] int64."""
+    """[m, 2 + 2k] float64 on the device: per row the target's log-probability and rank, then the top-k
+    log-probabilities, then their token ids. `hidden` [m, H]; `lm_head(rows) -> [rows, V]` fp32 logits; `targets` [m] int64."""
     m = hidden.shape[0]
-    out = torch.empty(m, 1 + 2 * k, dtype=torch.float64, device=hidden.device)
+    out = torch.empty(m, 2 + 2 * k, dtype=torch.float64, device=hidden.device)
     for b in range(0, m, block_rows):
         e = min(b + block_rows, m)
         logits = lm_head(hidden[b:e])
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        out[b:e, 0] = (logits.gather(1, targets[b:e, None]) - lse)[:, 0]
+        target = logits.gather(1, targets[b:e, None])
+        out[b:e, 0] = (target - lse)[:, 0]
+        out[b:e, 1] = (logits > target).sum(dim=-1) + 1
         if k:
             values, ids = torch.topk(logits, k, dim=-1)
-            out[b:e, 1:1 + k] = values - lse
-            out[b:e, 1 + k:] = ids
+            out[b:e, 2:2 + k] = values - lse
+            out[b:e, 2 + k:] = ids
         del logits, lse
     return out
 
@@ -63,5 +66,6 @@ def unpack(job: PromptLogprobJob, host: torch.Tensor) -> PromptScores:
     """A job's scores from its rows of the host copy made by `score_rows`."""
     k = job.k
     rows = host.tolist()
-    top = tuple(tuple((int(row[1 + k + j]), row[1 + j]) for j in range(k)) for row in rows) if k else ((),) * len(rows)
-    return PromptScores(job.first, tuple(job.targets), tuple(row[0] for row in rows), top)
+    top = tuple(tuple((int(row[2 + k + j]), row[2 + j]) for j in range(k)) for row in rows) if k else ((),) * len(rows)
+    return PromptScores(job.first, tuple(job.targets), tuple(row[0] for row in rows),
+                        tuple(int(row[1]) for row in rows), top)

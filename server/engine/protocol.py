@@ -71,6 +71,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()   # (token_id, token text, logprob), best first
+    rank: int | None = None     # prompt tokens: 1 + the number of more likely tokens (None for sampled tokens)
 
 
 @dataclass(frozen=True, slots=True)

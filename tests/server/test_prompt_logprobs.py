@@ -51,6 +51,8 @@ def test_prompt_logprobs_match_transformers(tiny_model_dir, hf_model, chunk):
         ref_top = logp.topk(3, dim=-1)
         assert torch.equal(top_ids, ref_top.indices)
         assert (top_lp - ref_top.values).abs().max() < 1e-4
+        ranks = [e.rank for e in out.prompt_logprobs[1:]]
+        assert ranks == ((logp > ref_lp[:, None]).sum(dim=-1) + 1).tolist()
         assert [o.token_ids for o in out.outputs] == [[]] and out.outputs[0].finish_reason == "length"
 
 

@@ -51,6 +51,7 @@ class _SamplingRequest(_Open):
     request_id: str | None = None
     response_format: dict[str, Any] | None = None
     use_beam_search: bool = False
+    prompt_logprobs: int | None = None      # vLLM's extra: log-probabilities of the prompt's tokens (top-k)
 
     def _check_supported(self) -> None:
         if self.use_beam_search:
@@ -61,6 +62,8 @@ class _SamplingRequest(_Open):
             raise BadRequest("logit_bias is not supported", param="logit_bias")
         if self.n < 1:
             raise BadRequest(f"n must be >= 1, got {self.n}", param="n")
+        if self.prompt_logprobs is not None and self.stream:
+            raise BadRequest("prompt_logprobs is not available when stream is true", param="prompt_logprobs")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -75,6 +78,7 @@ class _SamplingRequest(_Open):
             "skip_special_tokens": self.skip_special_tokens, "logprobs": logprobs,
             "stop": [self.stop] if isinstance(self.stop, str) else (self.stop or None),
             "stop_token_ids": self.stop_token_ids or None,
+            "prompt_logprobs": self.prompt_logprobs,
         }
         if self.top_k == 0:
             fields["top_k"] = -1
@@ -154,9 +158,14 @@ class CompletionRequest(_SamplingRequest):
         self._check_supported()
         if self.suffix is not None:
             raise BadRequest("suffix is not supported", param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise BadRequest("echo together with logprobs is not supported", param="echo")
-        return self._common_fields(self.max_tokens, self.logprobs)
+        fields = self._common_fields(self.max_tokens, self.logprobs)
+        if self.echo and fields["prompt_logprobs"] is None:
+            # echo with logprobs scores the prompt too; echo with max_tokens 0 only returns (scores) the prompt
+            if self.logprobs is not None:
+                fields["prompt_logprobs"] = self.logprobs
+            elif self.max_tokens == 0:
+                fields["prompt_logprobs"] = 0
+        return fields
 
     def prompts(self) -> list[str | list[int]]:
         """Normalize the four prompt forms into a list of texts or token-id lists."""

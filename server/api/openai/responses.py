@@ -64,12 +64,58 @@ def chat_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dic
 
 
 def completion_logprobs(entries, start_offset: int) -> dict:
+    """OpenAI's completions `logprobs` object. Echoed prompt entries come first: the first prompt token has no
+    log-probability (null, with null top_logprobs); the others list their top-k and the token itself."""
     offsets, pos = [], start_offset
     for e in entries:
         offsets.append(pos)
         pos += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(_top(e)) for e in entries], "text_offset": offsets}
+            "top_logprobs": [_completion_top(e) for e in entries], "text_offset": offsets}
+
+
+def _completion_top(e: TokenLogprob) -> dict | None:
+    if e.logprob is None:
+        return None
+    top: dict = {}
+    for text, lp in _top(e):             # tokens whose texts coincide keep the best value (best first)
+        top.setdefault(text, lp)
+    if e.rank is not None:               # a prompt token: vLLM lists the token itself beside the top-k
+        top.setdefault(e.token, e.logprob)
+    return top
+
+
+def prompt_head(token_id: int, token: str) -> TokenLogprob:
+    """The first prompt token's entry: it has no log-probability (nothing precedes it)."""
+    return TokenLogprob(token_id, token, None)
+
+
+def vllm_prompt_logprobs(entries) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    holding the token itself and the top-k."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e.logprob is None:
+            out.append(None)
+            continue
+        item = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": text}
+                for r, (t, text, lp) in enumerate(e.top)}
+        item.setdefault(str(e.token_id), {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token})
+        out.append(item)
+    return out
+
+
+def chat_message(c: Choice, parse_tools: bool) -> tuple[dict, str | None]:
+    """The assistant message of a choice and its finish reason ("tool_calls" when it called tools and
+    stopped by itself; a call cut short stays text)."""
+    text = "".join(c.text)
+    if not parse_tools:
+        return {"role": "assistant", "content": text}, c.finish_reason
+    content, calls = T.parse(text)
+    if not calls:
+        return {"role": "assistant", "content": content}, c.finish_reason
+    return ({"role": "assistant", "content": content, "tool_calls": calls},
+            "tool_calls" if c.finish_reason == "stop" else c.finish_reason)
 
 
 def chat_body(rid: str, created: int, model: str, choices: list[Choice], use: dict,
@@ -83,13 +129,21 @@ def chat_body(rid: str, created: int, model: str, choices: list[Choice], use: di
 
 
 def completion_body(rid: str, created: int, model: str, choices: list[Choice], use: dict,
-                    want_logprobs: bool, echo: list[str] | None) -> dict:
+                    want_logprobs: bool, echo: list[str] | None, prompt_entries: dict | None = None,
+                    vllm_prompt: bool = False) -> dict:
+    """`prompt_entries` (choice index -> the prompt's entries, first one without a log-probability): echoed
+    before the completion's logprobs, and as vLLM's `prompt_logprobs` when `vllm_prompt`."""
     out = []
     for c in choices:
         prefix = echo[c.index] if echo else ""
-        out.append({"index": c.index, "text": prefix + "".join(c.text),
-                    "logprobs": completion_logprobs(c.logprobs, len(prefix)) if want_logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        head = prompt_entries.get(c.index, []) if prompt_entries else []
+        item = {"index": c.index, "text": prefix + "".join(c.text),
+                "logprobs": completion_logprobs((head if echo else []) + c.logprobs, 0 if echo else len(prefix))
+                if want_logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if vllm_prompt:
+            item["prompt_logprobs"] = vllm_prompt_logprobs(head)
+        out.append(item)
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": out, "usage": use}
 
@@ -130,3 +184,11 @@ class ChunkWriter:
 
     def usage(self, use: dict) -> str:
         return self._chunk([], use)
+
+    def prompt_entries(self, index: int, entries, positions: dict[int, int]) -> str:
+        """A completions chunk without text carrying echoed prompt tokens' logprobs, streamed as prefill scores
+        them; `positions` (choice index -> text offset) advances past them."""
+        start = positions[index]
+        positions[index] = start + sum(len(e.token) for e in entries)
+        return self._chunk([{"index": index, "text": "", "logprobs": completion_logprobs(entries, start),
+                             "finish_reason": None, "stop_reason": None}])

@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from longserve.server.api.engine_client import CompletionDelta, FinishReason, PrefillProgress, RequestFinished
+from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
+                                                RequestFinished)
 from longserve.server.api.errors import APIError, BadRequest
 from longserve.server.api.generation import END, TIMEOUT, EngineRequest, EventStream, GenerationCore
 from longserve.server.api.openai import responses as R
@@ -33,6 +34,16 @@ class _Totals:
                 index = req.choice_offset + i
                 self.choices[index] = R.Choice(index)
         self.cached = 0
+        self.prompt: dict[int, list] = {}       # choice index -> prompt log-probability entries (when asked for)
+        self.prompt_pos: dict[int, int] = {}    # choice index -> text offset of its next streamed prompt entry
+
+    def on_prompt(self, req: EngineRequest, event: PromptLogprobs) -> list[int]:
+        """Record a request's prompt entries for each of its choices; returns those choice indices."""
+        indices = [req.choice_offset + i for i in range(req.params.n)]
+        for index in indices:
+            self.prompt.setdefault(index, []).extend(event.logprobs)
+        return indices
+
 
     def ordered(self) -> list[R.Choice]:
         return [self.choices[i] for i in sorted(self.choices)]
@@ -150,6 +161,7 @@ class OpenAIServing:
             await stream.close()
             raise
         totals = _Totals(requests)
+        await self._prompt_heads(totals)
         created = int(time.time())
         model = self.core.served_model_name
         want_logprobs = req.logprobs is not None and req.logprobs is not False
@@ -166,13 +178,30 @@ class OpenAIServing:
             await stream.close()
         totals.close_unfinished()
         if chat:
-            return R.chat_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs)
-        return R.completion_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs, echo)
+            body = R.chat_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs)
+            if req.prompt_logprobs is not None:      # vLLM's extra: the prompt's entries, beside the choices
+                body["prompt_logprobs"] = R.vllm_prompt_logprobs(totals.prompt.get(0, []))
+            return body
+        return R.completion_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs, echo,
+                                 totals.prompt, vllm_prompt=req.prompt_logprobs is not None)
+
+    async def _prompt_heads(self, totals: _Totals) -> None:
+        """Requests scoring their prompt start each choice's entries with the first prompt token (no
+        log-probability: nothing precedes it)."""
+        for req in totals.requests:
+            if req.params.prompt_logprobs is None:
+                continue
+            head = R.prompt_head(req.prompt_ids[0], (await self.core.token_strs(req.prompt_ids[:1]))[0])
+            for i in range(req.params.n):
+                totals.prompt[req.choice_offset + i] = [head]
+
 
     @staticmethod
     def _apply(item, totals: _Totals) -> None:
         event = item.event
-        if isinstance(event, CompletionDelta):
+        if isinstance(event, PromptLogprobs):
+            totals.on_prompt(item.request, event)
+        elif isinstance(event, CompletionDelta):
             totals.choices[item.request.choice_offset + event.index].add(event)
         elif isinstance(event, RequestFinished):
             totals.on_finished(event)
@@ -186,7 +215,8 @@ class OpenAIServing:
                     yield writer.role(choice.index)
             elif echo:
                 for choice in totals.ordered():
-                    yield writer.content(choice, echo[choice.index], (), None, None)
+                    yield writer.content(choice, echo[choice.index], totals.prompt.get(choice.index, ()), None, None)
+                    totals.prompt_pos[choice.index] = sum(len(e.token) for e in totals.prompt.get(choice.index, ()))
             item = first
             while item is not END:
                 if item is TIMEOUT:
@@ -213,6 +243,10 @@ class OpenAIServing:
         event = item.event
         if isinstance(event, PrefillProgress):
             return [R.sse_comment(f"prefill {event.processed_tokens}/{event.total_tokens}")]
+        if isinstance(event, PromptLogprobs):       # echo with logprobs: the prompt's entries as they are scored
+            indices = totals.on_prompt(item.request, event)
+            return [writer.prompt_entries(i, event.logprobs, totals.prompt_pos)
+                    for i in indices if writer.want_logprobs and i in totals.prompt_pos]
         self._apply(item, totals)
         if not isinstance(event, CompletionDelta):
             return []
