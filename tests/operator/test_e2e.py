@@ -12,6 +12,7 @@ pytestmark = pytest.mark.timeout(60)
 
 DEPLOYMENTS, CONFIGMAPS, SERVICES = "apps/v1/deployments", "v1/configmaps", "v1/services"
 PDBS, JOBS, PVCS = "policy/v1/poddisruptionbudgets", "batch/v1/jobs", "v1/persistentvolumeclaims"
+NETWORK_POLICIES = "networking.k8s.io/v1/networkpolicies"
 
 
 def resource(name="qwen", **spec) -> dict:
@@ -219,3 +220,53 @@ def test_longserve_operator_command_runs_against_the_emulator(emulator, tmp_path
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0, output[-3000:]
+
+
+def test_revision_change_downloads_beside_the_old_files_then_rolls_the_pods(cluster):
+    """A new revision gets its own Job and directory; the running pods' Deployment and engine config
+    stay on the old revision until that Job completes, then both move to the new directory."""
+    from longserve.operator.render import MODEL_REVISION_ANNOTATION
+
+    def dest(job):
+        command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        return command[command.index("--dest") + 1]
+
+    def template_annotations():
+        return cluster.children(DEPLOYMENTS)["rev"]["spec"]["template"]["metadata"]["annotations"]
+
+    cluster.create(resource("rev", cache={"enabled": True}, networkPolicy={"enabled": True}))
+    first = cluster.wait(lambda: cluster.children(JOBS).get("rev-download-main"), "the first download Job")
+    policy = cluster.wait(lambda: cluster.children(NETWORK_POLICIES).get("rev"), "the NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "rev"
+    old_path = dest(first)
+    assert old_path == "/models/Qwen--Qwen2.5-7B-Instruct-1M/main"
+    cluster.patch_status("batch/v1", "jobs", "rev-download-main", {"succeeded": 1})
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("rev"), "the Deployment on revision main")
+    cluster.wait(lambda: "rev-download-main" not in cluster.children(JOBS), "the finished Job removed")
+    before = copy.deepcopy(cluster.children(DEPLOYMENTS)["rev"])
+    assert engine_config(cluster, "rev")["model_path"] == old_path
+    assert template_annotations()[MODEL_REVISION_ANNOTATION] == "main"
+
+    cluster.patch_spec("rev", {"model": {"revision": "v2"}})
+    second = cluster.wait(lambda: cluster.children(JOBS).get("rev-download-v2"), "the download Job for v2")
+    assert dest(second) == "/models/Qwen--Qwen2.5-7B-Instruct-1M/v2"
+    assert not dest(second).startswith(old_path + "/") and dest(second) != old_path
+    cluster.wait(lambda: conditions(cluster.get("rev")).get("ModelCached") == ("False", "Downloading"),
+                 "ModelCached=False while v2 downloads")
+    time.sleep(3 * 0.3)                                    # a few timer ticks: the pods stay on main
+    held = cluster.children(DEPLOYMENTS)["rev"]
+    assert held["spec"]["template"] == before["spec"]["template"]
+    assert held["metadata"]["labels"][HASH_LABEL] == before["metadata"]["labels"][HASH_LABEL]
+    assert engine_config(cluster, "rev")["model_path"] == old_path
+
+    cluster.patch_status("batch/v1", "jobs", "rev-download-v2", {"succeeded": 1})
+    rolled = cluster.wait(lambda: template_annotations()[MODEL_REVISION_ANNOTATION] == "v2"
+                          and cluster.children(DEPLOYMENTS)["rev"], "the Deployment rolled to v2")
+    assert engine_config(cluster, "rev")["model_path"] == "/models/Qwen--Qwen2.5-7B-Instruct-1M/v2"
+    assert rolled["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] != \
+        before["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    assert rolled["metadata"]["uid"] == before["metadata"]["uid"]          # patched: a rolling update
+    st = cluster.wait(lambda: (status_of(cluster, "rev").get("cache") or {}).get("revision") == "v2"
+                      and status_of(cluster, "rev"), "status.cache on v2")
+    assert st["cache"]["complete"]
+    cluster.wait(lambda: "rev-download-v2" not in cluster.children(JOBS), "the v2 Job removed")
