@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--keepalive-seconds", type=float, default=10.0,
                      help="SSE keep-alive / gRPC progress interval while nothing else is sent (default 10)")
     ops.add_argument("--legacy-vllm-metrics", action="store_true",
-                     help="also export vllm:gpu_cache_usage_perc and vllm:time_per_output_token_seconds")
+                     help="accepted for compatibility; no effect: vllm:gpu_cache_usage_perc and "
+                          "vllm:time_per_output_token_seconds are always exported as aliases")
     ops.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 

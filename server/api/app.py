@@ -137,6 +137,9 @@ class ServingStack:
         """The engine is loaded and warmed up: bind metrics and defaults, then go ready."""
         info = engine.model_info
         self.metrics.bind_engine(engine.load_stats, info.kv_capacity_tokens)
+        observe_steps = getattr(engine, "observe_steps", None)     # engines that report their steps (the real one)
+        if observe_steps is not None:
+            observe_steps(self.metrics.observe_iteration)
         self.metrics.attention_threshold = info.sparse_threshold if info.sparse_enabled else None
         if load_seconds is not None:
             self.metrics.load_seconds.set(load_seconds)

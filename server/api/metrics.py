@@ -2,9 +2,12 @@
 
 One plain registry per server. Counters are declared without `_total` (the client appends it).
 Queue gauges are read from `EngineClient.load_stats()` at scrape time, so they are never stale.
-Request series are fed by `RequestRecorder` (one per engine request, see generation.py). A request
-the engine failed (`RequestFailed`) counts in `longserve_request_failures_total{reason}` and as the
-outcome "error", never as a vLLM success.
+Request series are fed by `RequestRecorder` (one per engine request, see generation.py). Every engine
+request that was admitted ends in `vllm:request_success_total{finished_reason}` once per choice, with
+the choice's own reason: stop, length, abort (client gone, drain) or error (its step failed; also
+`longserve_request_failures_total{reason}`), and its computed prompt and generated tokens count in
+the token counters whatever the outcome, so `vllm:*` and `longserve_*` agree. Refusals before
+admission (`rejected_*` outcomes) never reach vLLM's series, as in vLLM.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ PROMPT_BYTES_BUCKETS = tuple(2 ** k for k in range(10, 27, 2))             # 1Ki
 N_BUCKETS = (1, 2, 5, 10, 20)
 ITERATION_TOKENS_BUCKETS = (1,) + tuple(2 ** k for k in range(3, 19))      # 1 8 16 … 262144
 OUTCOMES = (*(r.value for r in FinishReason), "rejected_too_long", "rejected_overload", "rejected_invalid")
-SUCCESS_REASONS = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT)   # vllm:request_success labels
+SUCCESS_REASONS = tuple(FinishReason)      # vllm:request_success labels: stop, length, abort, error
 
 
 def buckets_125(limit: int, *, cover: bool) -> tuple[int, ...]:
@@ -54,13 +57,15 @@ def buckets_125(limit: int, *, cover: bool) -> tuple[int, ...]:
 class Metrics:
     """All series of one server; `model_name` is bound here so callers never pass labels."""
 
-    def __init__(self, config: EngineConfig, *, legacy_vllm_aliases: bool = False):
+    def __init__(self, config: EngineConfig, *, legacy_vllm_aliases: bool = True):
         disable_created_metrics()     # process-wide: `_created` series only double the scrape (as vLLM does)
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = config.served_model_name
         self.attention_threshold: int | None = None
         self._load: Callable[[], LoadStats | None] = lambda: None
-        self._legacy = legacy_vllm_aliases
+        # the older vLLM names (gpu_cache_usage_perc, time_per_output_token_seconds) are always exported: the
+        # keyword is accepted for compatibility and no longer hides them
+        del legacy_vllm_aliases
         r, m, v = self.registry, ("model_name",), ("model_name", "engine")
         name = config.served_model_name
         len_long = buckets_125(config.max_model_len, cover=True)
@@ -142,8 +147,8 @@ class Metrics:
         self.v_kv_computed = vhist("vllm:request_prefill_kv_computed_tokens", "Prompt tokens computed.", len_vllm)
         self.v_n = vhist("vllm:request_params_n", "n per request.", N_BUCKETS)
         self.v_iteration = vhist("vllm:iteration_tokens_total", "Tokens per engine step.", ITERATION_TOKENS_BUCKETS)
-        self.v_tpot_legacy = (vhist("vllm:time_per_output_token_seconds", "Legacy alias of ITL.", ITL_BUCKETS)
-                              if legacy_vllm_aliases else None)
+        self.v_tpot_legacy = vhist("vllm:time_per_output_token_seconds",
+                                   "Alias of vllm:inter_token_latency_seconds (vLLM's older name).", ITL_BUCKETS)
         self.v_cache_info = Gauge("vllm:cache_config_info", "KV cache configuration (value 1).",
                                   ("model_name", "engine", "block_size", "num_gpu_blocks",
                                    "gpu_memory_utilization", "cache_dtype"), registry=r)
@@ -174,19 +179,35 @@ class Metrics:
     def observe_outcome(self, outcome: str) -> None:
         self.outcomes.labels(self.model_name, str(outcome)).inc()
 
-    def observe_failure(self, failure: RequestFailed) -> None:
-        """A request the engine failed: its work so far still counts as computed tokens."""
+    def observe_failure(self, failure: RequestFailed, reasons: list) -> None:
+        """A request the engine failed: its work so far still counts as computed tokens; each choice ends with
+        its own reason (error, unless it had finished before the failure)."""
         self.failures.labels(self.model_name, FailureCause(failure.cause).value).inc()
         if failure.timings.first_token_seconds is not None:
             self.observe_first_token(failure.timings.first_token_seconds)
-        self.prefill_tokens.inc(sum(failure.timings.prefill_chunk_tokens))
-        self.generation_tokens.inc(failure.num_output_tokens)
+        self.observe_ended(sum(failure.timings.prefill_chunk_tokens), failure.num_output_tokens, reasons,
+                           FinishReason.ERROR)
+
+    def observe_ended(self, prompt_computed: int, output_tokens: int, reasons: list, default: FinishReason) -> None:
+        """Token counters and vLLM's success counter of a request that ended without `RequestFinished`
+        (aborted, failed): `reasons` per choice, None for a choice still running (it ends as `default`)."""
+        self.prefill_tokens.inc(prompt_computed)
+        self.v_prompt_tokens.inc(prompt_computed)
+        self.v_cache_queries.inc(prompt_computed)
+        self.v_prompt_by_source.labels(self.model_name, "0", "local_compute").inc(prompt_computed)
+        self.generation_tokens.inc(output_tokens)
+        self.v_generation_tokens.inc(output_tokens)
+        for reason in reasons:
+            self.v_success.labels(self.model_name, "0", FinishReason(reason or default).value).inc()
+
+    def observe_iteration(self, tokens: int) -> None:
+        """One engine step: the tokens it computed (prefill chunks and decodes together)."""
+        self.v_iteration.observe(tokens)
 
     def observe_itl(self, seconds: float) -> None:
         self.itl.observe(seconds)
         self.v_itl.observe(seconds)
-        if self.v_tpot_legacy is not None:
-            self.v_tpot_legacy.observe(seconds)
+        self.v_tpot_legacy.observe(seconds)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -216,10 +237,8 @@ class Metrics:
             done += tokens
             self.chunk_seconds.labels(self.model_name, self._attention_kind(done)).observe(seconds)
             self.chunk_tokens.observe(tokens)
-            self.v_iteration.observe(tokens)
         for reason in fin.finish_reasons:
-            if reason in SUCCESS_REASONS:
-                self.v_success.labels(self.model_name, "0", FinishReason(reason).value).inc()
+            self.v_success.labels(self.model_name, "0", FinishReason(reason).value).inc()
         self.v_queue.observe(t.queued_seconds)
         if t.first_token_seconds is not None:
             prefill = max(t.first_token_seconds - t.queued_seconds, 0.0)
@@ -253,6 +272,7 @@ class RequestRecorder:
         self.first_token: float | None = None
         self.last_token = [None] * n
         self.tokens = [0] * n
+        self.reasons: list[FinishReason | None] = [None] * n     # per choice, once it has ended
         self.prefilled = 0
         self.done = False
 
@@ -262,7 +282,12 @@ class RequestRecorder:
             self.prefilled = event.processed_tokens
             if event.sparse_density is not None:
                 self.metrics.density.observe(event.sparse_density)
+        elif isinstance(event, CompletionDelta) and event.finish_reason is not None and not event.token_ids:
+            if 0 <= event.index < len(self.reasons):
+                self.reasons[event.index] = event.finish_reason
         elif isinstance(event, CompletionDelta) and event.token_ids:
+            if 0 <= event.index < len(self.reasons) and event.finish_reason is not None:
+                self.reasons[event.index] = event.finish_reason
             if self.first_token is None:
                 self.first_token = now
             i = event.index
@@ -288,7 +313,7 @@ class RequestRecorder:
         elif isinstance(event, RequestFailed):
             if self.done:
                 return
-            self.metrics.observe_failure(event)
+            self.metrics.observe_failure(event, self.reasons)
             log.warning("request %s failed: %s", self.request_id, event.message, extra={
                 "event": "request_failed", "request_id": self.request_id, "reason": FailureCause(event.cause).value,
                 "prompt_tokens": event.num_prompt_tokens, "output_tokens": event.num_output_tokens,
@@ -313,8 +338,8 @@ class RequestRecorder:
             return
         if self.first_token is not None:
             self.metrics.observe_first_token(self.first_token - self.arrival)
-        self.metrics.prefill_tokens.inc(self.prefilled)
-        self.metrics.generation_tokens.inc(sum(self.tokens))
+        default = FinishReason.ERROR if str(outcome) == FinishReason.ERROR else FinishReason.ABORT
+        self.metrics.observe_ended(self.prefilled, sum(self.tokens), self.reasons, default)
         self.outcome(outcome)
 
 
@@ -340,9 +365,8 @@ class _LoadCollector:
                 ("longserve_kv_cache_usage_ratio", "Used / total KV blocks.", m, usage),
                 ("vllm:num_requests_running", "Running requests.", v, running),
                 ("vllm:num_requests_waiting", "Waiting requests.", v, waiting),
-                ("vllm:kv_cache_usage_perc", "KV cache usage, fraction 0-1.", v, usage)]
-        if self._metrics._legacy:
-            rows.append(("vllm:gpu_cache_usage_perc", "Legacy alias of vllm:kv_cache_usage_perc.", v, usage))
+                ("vllm:kv_cache_usage_perc", "KV cache usage, fraction 0-1.", v, usage),
+                ("vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc (vLLM's older name).", v, usage)]
         for metric, doc, values, value in rows:
             family = GaugeMetricFamily(metric, doc, labels=["model_name"] if len(values) == 1
                                        else ["model_name", "engine"])

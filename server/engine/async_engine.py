@@ -150,6 +150,10 @@ class AsyncEngine:
         self._commands.append(AbortRequest(request_id))
         self._wake.set()
 
+    def observe_steps(self, callback) -> None:
+        """`callback(tokens)` after every engine step, on the engine thread (it must be thread-safe)."""
+        self.engine.on_step = callback
+
     def is_healthy(self) -> bool:
         return self._error is None and self._thread.is_alive()
 

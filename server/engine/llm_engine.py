@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.requests: dict[str, _Request] = {}
+        self.on_step: Callable[[int], None] | None = None    # told each executed step's token count (metrics)
 
     def _enable_sparse(self) -> int | None:
         from longserve.kernels import load_sparse_attention_config
@@ -163,7 +165,10 @@ class LLMEngine:
         batch = self._schedule()
         if batch.is_empty:
             return []
-        return self._update(self._execute(batch))
+        events = self._update(self._execute(batch))
+        if self.on_step is not None:
+            self.on_step(batch.num_tokens)
+        return events
 
     def _schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()

@@ -130,6 +130,10 @@ def build_http_app(state: ServerState, serving: OpenAIServing, metrics: Metrics,
     async def models():
         return serving.models()
 
+    @app.get("/v1/models/{model_id:path}")      # ids may hold slashes (org/name)
+    async def model(model_id: str):
+        return serving.model(model_id)
+
     async def generate(request: Request, kind: str):
         arrival = time.monotonic()
         try:

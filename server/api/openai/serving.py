@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
                                                 RequestFinished)
-from longserve.server.api.errors import APIError, BadRequest
+from longserve.server.api.errors import APIError, BadRequest, model_not_found
 from longserve.server.api.generation import END, TIMEOUT, EngineRequest, EventStream, GenerationCore
 from longserve.server.api.openai import responses as R
 from longserve.server.api.openai.protocol import (ChatCompletionRequest, CompletionRequest,
@@ -91,6 +91,12 @@ class OpenAIServing:
                 "owned_by": "longserve", "root": info.model_path, "parent": None,
                 "max_model_len": info.max_model_len}
         return {"object": "list", "data": [card]}
+
+    def model(self, model_id: str) -> dict:
+        """One model's card (`GET /v1/models/{id}`); 404 with the error envelope for an unknown id."""
+        if model_id != self.core.served_model_name:
+            raise model_not_found(model_id)
+        return self.models()["data"][0]
 
     async def tokenize(self, req: TokenizeRequest) -> dict:
         self.core.check_model(req.model)

@@ -156,7 +156,8 @@ def test_out_of_memory_fails_one_request_with_503_and_the_others_finish(real, un
     assert delta("longserve_request_failures_total", reason="out_of_memory") == 1
     assert delta("longserve_request_failures_total", reason="exception") == 0
     assert delta("longserve_request_outcomes_total", outcome="error") == 1
-    assert delta("vllm:request_success_total") == 3                  # the three others, not the failed one
+    assert delta("vllm:request_success_total", finished_reason="length") == 3     # the three others
+    assert delta("vllm:request_success_total", finished_reason="error") == 1      # and the failed one
 
 
 def test_open_stream_ends_with_finish_reason_error_and_an_error_object(real, undisturbed):

@@ -100,10 +100,10 @@ def test_queue_gauges_follow_the_engine(server, engine):
     assert _value(f, "longserve_kv_cache_usage_ratio", "longserve_kv_cache_usage_ratio") == 0.25
 
 
-def test_legacy_vllm_aliases_only_behind_the_flag(server, server_factory, config, fake_engine_cls):
-    assert "vllm:gpu_cache_usage_perc" not in _scrape(server)
-    srv = server_factory(config, fake_engine_cls(config), legacy_vllm_metrics=True)
-    httpx.post(srv.stack.http_url + "/v1/completions", json={"prompt": "a", "max_tokens": 3})
-    f = _scrape(srv)
-    assert _value(f, "vllm:gpu_cache_usage_perc", "vllm:gpu_cache_usage_perc") == 0
-    assert _value(f, "vllm:time_per_output_token_seconds", "vllm:time_per_output_token_seconds_count") == 2
+def test_older_vllm_names_are_always_exported_as_aliases(server):
+    httpx.post(server.stack.http_url + "/v1/completions", json={"prompt": "a", "max_tokens": 3})
+    f = _scrape(server)
+    assert _value(f, "vllm:gpu_cache_usage_perc", "vllm:gpu_cache_usage_perc") == \
+        _value(f, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc")
+    assert _value(f, "vllm:time_per_output_token_seconds", "vllm:time_per_output_token_seconds_count") == 2 == \
+        _value(f, "vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count")
