@@ -199,7 +199,9 @@ def _env(lcm: LongContextModel, cfg: EngineConfig, scratch_env: list[dict]) -> l
         items += security.secret_env("HF_TOKEN", _hub_token(lcm))
     if lcm.api_key is not None and lcm.runtime == "vllm":      # vLLM reads its key from the environment
         items += security.secret_env("VLLM_API_KEY", lcm.api_key)
-    return items + [dict(e) for e in lcm.env]
+    user = [dict(e) for e in lcm.env]
+    named = {e.get("name") for e in user}                     # the user's value replaces ours (no duplicates)
+    return [e for e in items if e["name"] not in named] + user
 
 
 def _config_map(lcm: LongContextModel, cfg: EngineConfig) -> dict:

@@ -201,3 +201,11 @@ def test_weights_are_revision_scoped():
     assert tb["metadata"]["annotations"][MODEL_REVISION_ANNOTATION] == "v2"
     assert ta["metadata"]["annotations"]["longserve.io/config-hash"] != \
         tb["metadata"]["annotations"]["longserve.io/config-hash"]
+
+
+def test_user_environment_replaces_ours_without_duplicates():
+    engine = by_kind(body(runtime={"env": [{"name": "HOME", "value": "/home/x"}, {"name": "EXTRA", "value": "1"}]}))[
+        "Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    names = [e["name"] for e in engine["env"]]
+    assert len(names) == len(set(names))
+    assert {"name": "HOME", "value": "/home/x"} in engine["env"] and "TRITON_CACHE_DIR" in names
