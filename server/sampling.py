@@ -31,6 +31,11 @@ class SamplingParams:
     # during prefill; with it, max_tokens=0 scores the prompt without generating
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # grammar-constrained output (server/engine/structured.py): JSON text of a JSON schema the output must
+    # match, or of the tools the output must call in Qwen2.5's tool-call format:
+    # {"tools": [{"name", "parameters"}], "parallel": bool (several calls allowed)}
+    guided_json: str | None = None
+    guided_tool_calls: str | None = None
 
     def __post_init__(self) -> None:
         # accept lists for convenience, store tuples (frozen + hashable)
@@ -71,6 +76,12 @@ class SamplingParams:
             errors.append(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             errors.append("stop must be non-empty strings")
+        if self.guided_json is not None and self.guided_tool_calls is not None:
+            errors.append("guided_json and guided_tool_calls cannot both be set")
+        if (self.guided_json is not None or self.guided_tool_calls is not None) and (self.ignore_eos
+                                                                                    or self.min_tokens):
+            errors.append("a constrained output (response_format, enforced tool calls) ends where its grammar "
+                          "does: ignore_eos and min_tokens cannot be combined with it")
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -7,6 +7,8 @@ import os
 from typing import Sequence
 
 from longserve.server.hf_config import CheckpointError
+from longserve.server.qwen_chat import render as render_qwen
+from longserve.server.qwen_chat import template_renders_tools
 
 REPLACEMENT = "\ufffd"
 
@@ -55,6 +57,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (for the grammar library's vocabulary table)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -65,6 +71,14 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text of `messages`; `tools` (OpenAI function definitions) and tool calls / results in
+        the history go to the checkpoint's template, or to Qwen2.5's format when that template lacks tools."""
+        if not kwargs.get("tools"):
+            kwargs.pop("tools", None)
+        uses_tools = "tools" in kwargs or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        if uses_tools and not template_renders_tools(self.chat_template):
+            return render_qwen(messages, kwargs.get("tools"), add_generation_prompt,
+                               bool(kwargs.get("continue_final_message")))
         if not self.chat_template:
             raise ValueError("this model has no chat template (tokenizer_config.json / chat_template.jinja); "
                              "use the completions API")

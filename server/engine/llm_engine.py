@@ -37,6 +37,7 @@ from longserve.server.engine.protocol import (CompletionDelta, EngineDeadError, 
                                               RequestFailed,
                                               RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
 from longserve.server.engine.scheduler import ScheduledBatch, Scheduler
+from longserve.server.engine.structured import Constraint, GrammarCompiler, GrammarError
 from longserve.server.engine.sequence import Sequence
 from longserve.server.hf_config import load_checkpoint
 from longserve.server.sampling import SamplingParams
@@ -49,6 +50,7 @@ log = logging.getLogger("longserve.engine")
 class _Choice:
     seq: Sequence
     detok: IncrementalDetokenizer
+    constraint: Constraint | None = None     # the grammar of a structured output / enforced tool call
 
 
 @dataclass
@@ -93,6 +95,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.grammars = GrammarCompiler(self.tokenizer, facts.vocab_size, self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.on_step: Callable[[int], None] | None = None    # told each executed step's token count (metrics)
 
@@ -137,7 +140,11 @@ class LLMEngine:
             seq = Sequence(request_id, index, list(ids), params, max_tokens, arrival_time=arrival)
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
-            choices.append(_Choice(seq, detok))
+            try:
+                constraint = self.grammars.constraint(params)
+            except GrammarError as exc:
+                raise RequestRejected(f"invalid structured-output constraint: {exc}", param="response_format") from None
+            choices.append(_Choice(seq, detok, constraint))
         for choice in choices:
             self.scheduler.add(choice.seq)
         self.requests[request_id] = _Request(request_id, len(ids), choices, arrival)
@@ -211,9 +218,21 @@ class LLMEngine:
             not c.is_decode and self.requests[c.seq.request_id].prompt_len > self.sparse_threshold
             for c in batch.chunks)
         wanted = self._prompt_logprob_jobs(batch)
+        constraints = self._constraints(batch)
         if wanted:
-            return self.runner.execute(batch, blocked, count_pairs=count, prompt_logprobs=wanted)
-        return self.runner.execute(batch, blocked, count_pairs=count)
+            return self.runner.execute(batch, blocked, count_pairs=count, prompt_logprobs=wanted,
+                                       constraints=constraints)
+        return self.runner.execute(batch, blocked, count_pairs=count, constraints=constraints)
+
+    def _constraints(self, batch: ScheduledBatch) -> dict[int, Constraint]:
+        """seq_id -> grammar state, for the sampling chunks of constrained requests."""
+        out = {}
+        for chunk in batch.chunks:
+            if chunk.samples:
+                choice = self.requests[chunk.seq.request_id].choices[chunk.seq.choice_index]
+                if choice.constraint is not None:
+                    out[chunk.seq.seq_id] = choice.constraint
+        return out
 
     def _prompt_logprob_jobs(self, batch: ScheduledBatch) -> dict[int, PromptLogprobJob]:
         """Prompt tokens this batch's prefill chunks can score: choice 0 of requests asking for prompt
@@ -285,6 +304,8 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, result, now: float) -> list[GenerationEvent]:
         req = self.requests[seq.request_id]
         choice = req.choices[seq.choice_index]
+        if choice.constraint is not None:
+            choice.constraint.advance(result.token_id)
         seq.output_token_ids.append(result.token_id)
         if req.first_token is None:
             req.first_token = now

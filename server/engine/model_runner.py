@@ -220,10 +220,12 @@ class ModelRunner:
         return jobs
 
     def execute(self, batch: ScheduledBatch, blocked: dict[int, tuple[int, ...]], *,
-                count_pairs: bool = False, prompt_logprobs: dict[int, PromptLogprobJob] | None = None) -> StepResult:
+                count_pairs: bool = False, prompt_logprobs: dict[int, PromptLogprobJob] | None = None,
+                constraints: dict | None = None) -> StepResult:
         """Run and sample one scheduled batch; ``count_pairs`` returns the step's prefill pair counts (ints,
         read back once per step) in ``StepResult.pair_stats``; ``prompt_logprobs`` (seq_id -> job) asks for
-        prompt log-probabilities of those sequences' chunks (``StepResult.prompt_scores``)."""
+        prompt log-probabilities of those sequences' chunks (``StepResult.prompt_scores``); ``constraints``
+        (seq_id -> ``structured.Constraint``) limits those sequences to their grammars' tokens."""
         from longserve.kernels import PairStats
 
         stats = PairStats() if count_pairs or self.pair_totals is not None else None
@@ -234,7 +236,8 @@ class ModelRunner:
             logits = self.forward_logits(batch, stats)
         seqs = [c.seq for c in batch.chunks if c.samples]
         sampled = sample(logits, seqs, [self.generator_for(s) for s in seqs],
-                         [blocked.get(s.seq_id, ()) for s in seqs], self.seen_tokens)
+                         [blocked.get(s.seq_id, ()) for s in seqs], self.seen_tokens,
+                         [constraints.get(s.seq_id) for s in seqs] if constraints else None)
         if stats is not None:
             stats = stats.resolved()
             if self.pair_totals is not None:

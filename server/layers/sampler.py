@@ -77,21 +77,44 @@ def _truncate(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return logits
 
 
+def constrain(logits: torch.Tensor, constraints) -> torch.Tensor:
+    """Logits with the tokens each row's grammar forbids set to -inf (rows whose constraint is None untouched).
+
+    The step's bitmasks (one bit per token, int32 words) are computed on the host into one tensor, copied
+    to the device in one transfer (from pinned memory on CUDA, so the copy does not wait for the device)
+    and unpacked there: no readback, whatever the number of constrained sequences."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return logits
+    n, vocab = logits.shape
+    host = torch.full((n, (vocab + 31) // 32), -1, dtype=torch.int32, pin_memory=logits.is_cuda)  # -1: all allowed
+    for i in rows:
+        constraints[i].fill(host[i])
+    words = host.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(n, -1)[:, :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], generators: list[torch.Generator],
-           blocked_ids: list[tuple[int, ...]], seen: SeenTokens | None = None) -> list[Sampled]:
+           blocked_ids: list[tuple[int, ...]], seen: SeenTokens | None = None,
+           constraints: list | None = None) -> list[Sampled]:
     """logits [N, V] (fp32) for N sequences; `blocked_ids[i]` are masked (EOS/stop ids before min_tokens);
-    `seen` keeps the repetition-penalty masks across steps (a fresh one rebuilds them from the whole history).
+    `seen` keeps the repetition-penalty masks across steps (a fresh one rebuilds them from the whole history);
+    `constraints[i]` (a `structured.Constraint` or None) limits row i to the tokens its grammar allows.
 
     Tokens, their log-probabilities and the requested top log-probabilities stay on the device until one
-    readback for the whole step (a float64 tensor: exact for token ids and for fp32 values)."""
+    readback for the whole step (a float64 tensor: exact for token ids and for fp32 values). Reported
+    log-probabilities are the model's, before penalties and grammar masks."""
     if not seqs:
         return []
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     seen = SeenTokens() if seen is None else seen
+    masked = constrain(logits, constraints) if constraints else logits
     tokens = []
     for i, seq in enumerate(seqs):
         p = seq.params
-        row = _penalise(logits[i].clone(), seq, seen)
+        row = _penalise(masked[i].clone(), seq, seen)
         if blocked_ids[i]:
             row[list(blocked_ids[i])] = float("-inf")
         if p.is_greedy:

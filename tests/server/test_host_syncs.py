@@ -177,6 +177,36 @@ def test_decode_step_on_real_tensors_reads_back_once_in_the_sampler(cpu_engine, 
     assert readbacks == ["server/layers/sampler.py"]
 
 
+def test_constrained_decode_step_still_reads_back_once(cpu_engine, monkeypatch):
+    """Grammar masks (structured output) add a host->device copy of the step's bitmasks, never a readback."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    readbacks = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        caller = os.path.abspath(sys._getframe(1).f_code.co_filename)
+        if caller.startswith(root) and os.sep + "tests" + os.sep not in caller:
+            readbacks.append(os.path.relpath(caller, root))
+        return tolist(self)
+
+    lengths = (9, 120, 700)
+    batch = _decode_batch(cpu_engine, lengths)
+    params = SamplingParams(guided_json='{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    constraints = {c.seq.seq_id: cpu_engine.grammars.constraint(params) for c in batch.chunks[:2]}
+    try:
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+        with trace() as t:
+            result = cpu_engine.runner.execute(batch, {}, constraints=constraints)
+    finally:
+        _release(cpu_engine, batch)
+    assert t.report.num_syncs == 0, t.report.sync_sites
+    assert readbacks == ["server/layers/sampler.py"]
+    brace = cpu_engine.tokenizer.encode("{")
+    assert [s.token_id for s in result.sampled[:2]] == brace * 2     # the grammar's only first token
+
+
 def test_paged_attention_wrapper_bounds_its_grid_without_a_readback():
     """Without `max_num_keys` the split grid is sized from the block tables' capacity, not read back."""
     from longserve.kernels.paged_attention import paged_attention_decode

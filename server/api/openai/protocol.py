@@ -5,11 +5,14 @@ can log them; v1-unsupported options are rejected with 400 here, before any toke
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from longserve.server.api.errors import BadRequest
+from longserve.server.api.openai import tools as T
+from longserve.server.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, json_schema_grammar
 
 
 class _Open(BaseModel):
@@ -56,8 +59,6 @@ class _SamplingRequest(_Open):
     def _check_supported(self) -> None:
         if self.use_beam_search:
             raise BadRequest("use_beam_search is not supported", param="use_beam_search")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise BadRequest("only response_format type 'text' is supported", param="response_format")
         if self.logit_bias:
             raise BadRequest("logit_bias is not supported", param="logit_bias")
         if self.n < 1:
@@ -78,11 +79,36 @@ class _SamplingRequest(_Open):
             "skip_special_tokens": self.skip_special_tokens, "logprobs": logprobs,
             "stop": [self.stop] if isinstance(self.stop, str) else (self.stop or None),
             "stop_token_ids": self.stop_token_ids or None,
+            "guided_json": self._guided_json(),
             "prompt_logprobs": self.prompt_logprobs,
         }
         if self.top_k == 0:
             fields["top_k"] = -1
         return fields
+
+    def _guided_json(self) -> str | None:
+        """`response_format` json_object / json_schema as the JSON schema text the output must match (400 if
+        the schema cannot be compiled); None for plain text."""
+        rf = self.response_format
+        kind = rf.get("type", "text") if rf is not None else "text"
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema = JSON_OBJECT_SCHEMA
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise BadRequest("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
+                                 "{...}}} with the schema a JSON object", param="response_format")
+        else:
+            raise BadRequest(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                             param="response_format")
+        try:
+            json_schema_grammar(schema)
+        except GrammarError as exc:
+            raise BadRequest(f"invalid JSON schema in response_format: {exc}", param="response_format") from None
+        return json.dumps(schema, ensure_ascii=False)
 
     @property
     def include_usage(self) -> bool:
@@ -97,6 +123,27 @@ class ChatMessage(_Open):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None     # an assistant's earlier calls
+    tool_call_id: str | None = None                    # a tool result's call
+
+    def template_dict(self, where: str) -> dict:
+        """The message as chat templates take it: text content, tool-call arguments as objects."""
+        item = {"role": self.role, "content": self.text()}
+        if self.name:
+            item["name"] = self.name
+        if self.tool_call_id is not None:
+            item["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise BadRequest(f"{where}.tool_calls[{j}] needs function.name", param="messages")
+                args = T.history_arguments(fn.get("arguments"), f"{where}.tool_calls[{j}]")
+                calls.append({"id": call.get("id"), "type": "function",
+                              "function": {"name": fn["name"], "arguments": args}})
+            item["tool_calls"] = calls
+        return item
 
     def text(self) -> str:
         """Message content as text; only text parts are supported in v1."""
@@ -123,26 +170,27 @@ class ChatCompletionRequest(_SamplingRequest):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
+    def tool_settings(self) -> T.ToolSettings | None:
+        return T.resolve(self.tools, self.tool_choice, self.parallel_tool_calls)
+
     def sampling_fields(self) -> dict:
         self._check_supported()
-        if self.tools:
-            raise BadRequest("tools are not supported", param="tools")
-        if self.tool_choice not in (None, "none"):
-            raise BadRequest("tool_choice is not supported", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._common_fields(max_tokens, logprobs)
+        fields = self._common_fields(max_tokens, logprobs)
+        tools = self.tool_settings()
+        forced = tools.guided_tool_calls() if tools is not None else None
+        if forced is not None:
+            if fields["guided_json"] is not None:
+                raise BadRequest("tool_choice 'required' or a named function cannot be combined with a JSON "
+                                 "response_format", param="tool_choice")
+            fields["guided_tool_calls"] = forced
+        return fields
 
     def message_dicts(self) -> list[dict]:
-        out = []
-        for m in self.messages:
-            item = {"role": m.role, "content": m.text()}
-            if m.name:
-                item["name"] = m.name
-            out.append(item)
-        return out
+        return [m.template_dict(f"messages[{i}]") for i, m in enumerate(self.messages)]
 
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
@@ -187,6 +235,7 @@ class TokenizeRequest(_Open):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     return_token_strs: bool = False
+    tools: list[Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 

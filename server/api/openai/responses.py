@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 
 from longserve.server.api.engine_client import CompletionDelta, TokenLogprob
+from longserve.server.api.openai import tools as T
 
 
 def sse(data) -> str:
@@ -119,12 +120,14 @@ def chat_message(c: Choice, parse_tools: bool) -> tuple[dict, str | None]:
 
 
 def chat_body(rid: str, created: int, model: str, choices: list[Choice], use: dict,
-              want_logprobs: bool) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": c.index,
-                         "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
+              want_logprobs: bool, parse_tools: bool = False) -> dict:
+    out = []
+    for c in choices:
+        message, finish_reason = chat_message(c, parse_tools)
+        out.append({"index": c.index, "message": message,
+                    "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
+                    "finish_reason": finish_reason, "stop_reason": c.stop_reason})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": out,
             "usage": use}
 
 
@@ -180,6 +183,14 @@ class ChunkWriter:
         choice.text_len += len(text)
         item["finish_reason"] = finish_reason
         item["stop_reason"] = stop_reason
+        return self._chunk([item], use)
+
+    def delta(self, choice: Choice, delta: dict, entries, finish_reason: str | None, stop_reason,
+              use: dict | None = None) -> str:
+        """A chat chunk with an explicit delta (content or tool-call parts)."""
+        item = {"index": choice.index, "delta": delta,
+                "logprobs": chat_logprobs(entries) if self.want_logprobs and entries else None,
+                "finish_reason": finish_reason, "stop_reason": stop_reason}
         return self._chunk([item], use)
 
     def usage(self, use: dict) -> str:

@@ -17,6 +17,7 @@ from longserve.server.api.engine_client import (CompletionDelta, FinishReason, P
 from longserve.server.api.errors import APIError, BadRequest, model_not_found
 from longserve.server.api.generation import END, TIMEOUT, EngineRequest, EventStream, GenerationCore
 from longserve.server.api.openai import responses as R
+from longserve.server.api.openai import tools as T
 from longserve.server.api.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                   DetokenizeRequest, TokenizeRequest)
 
@@ -26,8 +27,10 @@ log = logging.getLogger("longserve.server.api")
 class _Totals:
     """Per API request: choices and usage, filled from stream items."""
 
-    def __init__(self, requests: list[EngineRequest]):
+    def __init__(self, requests: list[EngineRequest], tools: T.ToolSettings | None = None):
         self.requests = requests
+        self.tools = tools if tools is not None and tools.parse_output else None   # parse tool calls
+        self.tool_streams: dict[int, T.ToolCallStream] = {}
         self.choices: dict[int, R.Choice] = {}
         for req in requests:
             for i in range(req.params.n):
@@ -43,7 +46,6 @@ class _Totals:
         for index in indices:
             self.prompt.setdefault(index, []).extend(event.logprobs)
         return indices
-
 
     def ordered(self) -> list[R.Choice]:
         return [self.choices[i] for i in sorted(self.choices)]
@@ -103,10 +105,12 @@ class OpenAIServing:
         if (req.prompt is None) == (req.messages is None):
             raise BadRequest("give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            text = await self.core.render_chat([m.model_dump(exclude_none=True) | {"content": m.text()}
-                                                for m in req.messages],
-                                               req.add_generation_prompt, req.continue_final_message,
-                                               req.chat_template_kwargs)
+            kwargs = dict(req.chat_template_kwargs or {})
+            tools = T.resolve(req.tools, None, None)
+            if tools is not None:
+                kwargs["tools"] = tools.template_tools
+            text = await self.core.render_chat([m.template_dict(f"messages[{i}]") for i, m in enumerate(req.messages)],
+                                               req.add_generation_prompt, req.continue_final_message, kwargs)
             ids = await self.core.encode(text)
         else:
             ids = await self.core.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -124,13 +128,17 @@ class OpenAIServing:
         self.core.check_model(req.model)
         fields = req.sampling_fields()
         self._log_ignored(req)
+        tools = req.tool_settings()
+        kwargs = dict(req.chat_template_kwargs or {})
+        if tools is not None and tools.template_tools:
+            kwargs["tools"] = tools.template_tools
         text = await self.core.render_chat(req.message_dicts(), req.add_generation_prompt,
-                                           req.continue_final_message, req.chat_template_kwargs)
+                                           req.continue_final_message, kwargs)
         self.core.metrics.observe_prompt_bytes(len(text.encode("utf-8")), "http")
         ids = await self.core.encode(text)
         rid = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         requests = [self.core.prepare(rid, ids, fields, truncate=req.truncate_prompt_tokens, arrival=arrival)]
-        return await self._run(True, req, rid, requests, echo=None)
+        return await self._run(True, req, rid, requests, echo=None, tools=tools)
 
     async def completions(self, req: CompletionRequest, arrival: float):
         self.core.check_model(req.model)
@@ -158,7 +166,7 @@ class OpenAIServing:
             log.info("ignoring unknown request field(s): %s", ", ".join(ignored),
                      extra={"event": "ignored_fields", "fields": ignored})
 
-    async def _run(self, chat: bool, req, rid: str, requests: list[EngineRequest], echo):
+    async def _run(self, chat: bool, req, rid: str, requests: list[EngineRequest], echo, tools=None):
         """Admit, wait for the first engine event (or the admission window), then answer."""
         stream = self.core.open(requests)
         try:
@@ -166,7 +174,7 @@ class OpenAIServing:
         except BaseException:
             await stream.close()
             raise
-        totals = _Totals(requests)
+        totals = _Totals(requests, tools)
         await self._prompt_heads(totals)
         created = int(time.time())
         model = self.core.served_model_name
@@ -184,7 +192,8 @@ class OpenAIServing:
             await stream.close()
         totals.close_unfinished()
         if chat:
-            body = R.chat_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs)
+            body = R.chat_body(rid, created, model, totals.ordered(), totals.usage(), want_logprobs,
+                               parse_tools=totals.tools is not None)
             if req.prompt_logprobs is not None:      # vLLM's extra: the prompt's entries, beside the choices
                 body["prompt_logprobs"] = R.vllm_prompt_logprobs(totals.prompt.get(0, []))
             return body
@@ -200,7 +209,6 @@ class OpenAIServing:
             head = R.prompt_head(req.prompt_ids[0], (await self.core.token_strs(req.prompt_ids[:1]))[0])
             for i in range(req.params.n):
                 totals.prompt[req.choice_offset + i] = [head]
-
 
     @staticmethod
     def _apply(item, totals: _Totals) -> None:
@@ -260,4 +268,26 @@ class OpenAIServing:
             return []
         choice = totals.choices[item.request.choice_offset + event.index]
         use = totals.usage() if continuous_usage else None
+        if totals.tools is not None:
+            return self._render_tools(choice, event, totals, writer, use)
         return [writer.content(choice, event.text, event.logprobs, event.finish_reason, event.stop_reason, use)]
+
+    @staticmethod
+    def _render_tools(choice: R.Choice, event: CompletionDelta, totals: _Totals, writer: R.ChunkWriter,
+                      use: dict | None) -> list[str]:
+        """A chat delta through the choice's tool-call parser: content and tool-call deltas, then the finish
+        chunk ("tool_calls" when the choice called tools and stopped by itself)."""
+        stream = totals.tool_streams.setdefault(choice.index, T.ToolCallStream())
+        deltas = stream.feed(event.text) if event.text else []
+        if event.finish_reason:
+            deltas += stream.close()
+        out, entries = [], event.logprobs
+        for delta in deltas:
+            out.append(writer.delta(choice, delta, entries, None, None, use))
+            entries = ()
+        if event.finish_reason:
+            reason = "tool_calls" if stream.called and event.finish_reason == FinishReason.STOP else event.finish_reason
+            out.append(writer.delta(choice, {}, entries, reason, event.stop_reason, use))
+        elif entries:
+            out.append(writer.delta(choice, {"content": ""}, entries, None, None, use))
+        return out

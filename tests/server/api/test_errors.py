@@ -34,8 +34,10 @@ def _still_serving(server):
     (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "n"),
     (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', "tools"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
-     "response_format"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", '
+     b'"json_schema": {"name": "x", "schema": {"type": "foo"}}}}', "response_format"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}', "response_format"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', "tool_choice"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages"),
     (b'{"messages": [{"role": "user", "content": "x"}], "use_beam_search": true}', "use_beam_search"),
 ])
