@@ -1,8 +1,10 @@
 """Pure diff of desired vs live children -> the actions that make live match desired.
 
-A child is patched when its `longserve.io/spec-hash` label differs (the desired content changed)
+A child is applied when its `longserve.io/spec-hash` label differs (the desired content changed)
 or when a field the operator renders was edited by hand (drift): the desired object must be
 contained in the live one (the API server adds defaults and status, so live is a superset).
+"patch" actions are server-side applies (k8s_apply/apply.py): a field the new render leaves out
+changes the hash, and the apply removes it from the child — containment alone never has to see it.
 Children that are owned by the resource but no longer desired are deleted. Two kinds have
 immutable parts: a PVC is only ever created (its claim is bound once; growing it is a manual
 step), and a Job whose content changed is deleted so the next pass creates it afresh (a Job's pod

@@ -110,7 +110,8 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
             objects = [o for o in objects if o["kind"] not in HELD_WHILE_DOWNLOADING]
             live = [o for o in live if o["kind"] not in HELD_WHILE_DOWNLOADING]
     actions = diff(objects, live)
-    api.apply(actions)
+    for conflict in api.apply(actions):
+        kopf.warn(body, reason="FieldConflict", message=f"took back fields another manager changed: {conflict}"[:1000])
     if actions and not from_timer:
         kopf.info(body, reason="Applied", message="; ".join(map(str, actions))[:1000])
     elif actions:

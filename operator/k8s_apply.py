@@ -1,9 +1,11 @@
-"""The only module that talks to the Kubernetes API: get, list, create, patch, delete by kind.
+"""The only module that talks to the Kubernetes API: get, list, apply, delete by kind.
 
 Built on the official client's `ApiClient` (auth, TLS, retries) with plain JSON bodies, so every
 kind the operator renders — built-in or a Prometheus Operator CRD — goes through one small path,
-and no generated model classes re-shape objects. AlreadyExists on create and NotFound on delete
-count as success (operator.md §7); label selectors are also applied client-side.
+and no generated model classes re-shape objects. Children are written with server-side apply
+(`apply.py`: field manager `longserve-operator`, pruning of fields the operator stopped setting,
+forced on conflicts and reported). NotFound on delete counts as success (operator.md §7); label
+selectors are also applied client-side.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from urllib.parse import quote
 
 import kubernetes
 
+from longserve.operator import apply as ssa
 from longserve.operator.diff import Action
 from longserve.operator.render import MANAGED_BY
 
@@ -126,37 +129,38 @@ class Api:
                 found.append({"apiVersion": api_version, "kind": kind, **item})
         return found
 
-    def create(self, obj: dict) -> dict:
+    def apply_object(self, obj: dict) -> tuple[dict, ssa.Conflict | None]:
+        """Server-side apply (creates when absent); on a conflict, apply again with force and say so."""
         meta = obj["metadata"]
-        status, data = self.request("POST", path(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)
-        if status == 409:          # created meanwhile (a concurrent reconcile): converge by patching
-            return self.patch(obj)
-        if status not in (200, 201, 202):
-            raise ApiError(status, f"create {obj['kind']}/{meta['name']}: {(data or {}).get('message', '')}")
-        return data
-
-    def patch(self, obj: dict) -> dict:
-        meta = obj["metadata"]
-        status, data = self.request("PATCH", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
-                                    obj, content_type="application/merge-patch+json")
-        if status == 404:
-            return self.create(obj)
+        where = path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        body = ssa.apply_body(obj)
+        status, data = self.request("PATCH", where, body, content_type=ssa.APPLY_CONTENT_TYPE,
+                                    query=ssa.apply_query(force=False))
+        conflict = None
+        if status == 409:
+            conflict = ssa.Conflict(obj["kind"], meta["name"], (data or {}).get("message", "conflict"))
+            log.warning("taking fields back: %s", conflict)
+            status, data = self.request("PATCH", where, body, content_type=ssa.APPLY_CONTENT_TYPE,
+                                        query=ssa.apply_query(force=True))
         if status not in (200, 201):
-            raise ApiError(status, f"patch {obj['kind']}/{meta['name']}: {(data or {}).get('message', '')}")
-        return data
+            raise ApiError(status, f"apply {obj['kind']}/{meta['name']}: {(data or {}).get('message', '')}")
+        return data, conflict
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._checked("DELETE", path(api_version, kind, namespace, name), {"propagationPolicy": "Background"},
                       ok=(200, 202, 404))
 
-    def apply(self, actions: list[Action]) -> None:
+    def apply(self, actions: list[Action]) -> list[ssa.Conflict]:
+        """Carry out the diff's actions; the conflicts that applies had to force, for an event."""
+        conflicts = []
         for action in actions:
             log.info("%s", action)
-            if action.verb == "create":
-                self.create(action.body)
-            elif action.verb == "patch":
-                self.patch(action.body)
+            if action.verb in ("create", "patch"):
+                conflict = self.apply_object(action.body)[1]
+                if conflict is not None:
+                    conflicts.append(conflict)
             elif action.verb == "delete":
                 self.delete(action.api_version, action.kind, action.namespace, action.name)
             else:
                 raise ValueError(f"unknown action {action.verb!r}")
+        return conflicts

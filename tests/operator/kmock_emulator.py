@@ -6,6 +6,14 @@ generation are filled in; every create and patch gets a new, increasing resource
 generation grows when the spec changes); a failed JSON-patch `test` answers 422; lists return a
 real resourceVersion and watches skip replayed objects at or below the requested one. The
 emulator runs in its own thread and event loop and serves plain HTTP on 127.0.0.1.
+
+Server-side apply (`application/apply-patch+yaml`) as the API server does it, in the parts the
+operator relies on: `metadata.managedFields` per field manager and operation (FieldsV1), every
+create and patch recorded as an Update by its manager (`fieldManager`, else the User-Agent's
+product), a 409 for fields another manager set to a different value unless `force=true` (which
+takes them over), and pruning of fields the applier owned before and no longer sends, unless
+another manager owns them too. Lists are atomic here (the API server merges some lists by key,
+e.g. containers by name; the operator always applies whole lists, so the difference never shows).
 """
 from __future__ import annotations
 
@@ -26,8 +34,13 @@ CORE_RESOURCES = {
     "v1/events": "Event", "v1/pods": "Pod", "apps/v1/deployments": "Deployment", "batch/v1/jobs": "Job",
     "policy/v1/poddisruptionbudgets": "PodDisruptionBudget",
     "networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
+    "monitoring.coreos.com/v1/servicemonitors": "ServiceMonitor",
+    "monitoring.coreos.com/v1/prometheusrules": "PrometheusRule",
 }
 VERBS = ["create", "delete", "get", "list", "patch", "watch"]
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+SERVER_META = {"managedFields", "resourceVersion", "generation", "uid", "creationTimestamp", "namespace", "name",
+               "deletionTimestamp"}
 
 
 def _now() -> str:
@@ -64,19 +77,46 @@ class Emulator(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request):
+        owned = False                        # managedFields already computed by server-side apply
+        if request.resource is not None and request.action == enums.action.UPDATE and request.name and \
+                request.headers.get("Content-Type", "").startswith(APPLY_CONTENT_TYPE):
+            created, owned = self._server_side_apply(request), True
+            if created is not None:                                   # apply of an absent object creates it
+                await self._create_by_apply(request, created)
+        if request.resource is not None and not owned and request.action in (enums.action.CREATE, enums.action.UPDATE):
+            self._record_update(request)
         if request.resource is not None and request.action == enums.action.CREATE and isinstance(request.data, dict):
-            meta = request.data.setdefault("metadata", {})
-            if request.namespace:                                    # fix 1
-                meta["namespace"] = request.namespace
-            meta.setdefault("uid", str(uuid.uuid4()))                # fix 2
-            meta.setdefault("creationTimestamp", _now())
-            meta["generation"] = 1
-            meta["resourceVersion"] = self._next_version()           # fix 3
-        elif request.resource is not None and request.action == enums.action.UPDATE and request.name:
+            self._fill_new(request)
+        elif request.resource is not None and request.action == enums.action.UPDATE and request.name and \
+                request.data != {}:
             current = self._stored(request)
             if current is not None:
                 self._version_patch(request, current)
         return await super()._handle(request)
+
+    def _fill_new(self, request) -> None:
+        meta = request.data.setdefault("metadata", {})
+        if request.namespace:                                        # fix 1
+            meta["namespace"] = request.namespace
+        meta.setdefault("uid", str(uuid.uuid4()))                    # fix 2
+        meta.setdefault("creationTimestamp", _now())
+        meta["generation"] = 1
+        meta["resourceVersion"] = self._next_version()               # fix 3
+
+    async def _create_by_apply(self, request, obj: dict) -> None:
+        """Store the applied object as a create would; the PATCH itself then changes nothing."""
+        meta = obj.setdefault("metadata", {})
+        meta.update(namespace=request.namespace, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
+                    resourceVersion=self._next_version())
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key in self._objects and self._objects[key].deleted:
+                self._objects[key].create(obj)
+            elif key in self._objects:
+                raise kmock.KubernetesError(status=409, reason="AlreadyExists", message="created meanwhile")
+            else:
+                self._objects[key] = obj
+            await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].raw})
 
     def _version_patch(self, request, current: dict) -> None:
         """Bump resourceVersion (and generation on spec changes); 422 for a failed `test` op."""
@@ -101,6 +141,77 @@ class Emulator(kmock.KubernetesEmulator):
             meta["resourceVersion"] = version
             meta["generation"] = generation
 
+    # --- server-side apply and field ownership ---
+    def _server_side_apply(self, request) -> dict | None:
+        """Rewrite an apply into a merge patch of the stored object; the object to create when there
+        is none (the patch is then empty); 409 on conflicts."""
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="fieldManager is required for apply")
+        if not isinstance(request.data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="an apply body must be an object")
+        force = request.params.get("force") == "true"
+        current = self._stored(request)
+        before = current or {}
+        owners = _owners(before)
+        applied = field_set(request.data)
+        conflicts = []
+        for (other, operation), paths in owners.items():
+            if (other, operation) == (manager, "Apply"):
+                continue
+            clash = sorted(p for p in paths & applied if not isinstance(_at(request.data, p), dict)
+                           and _at(before, p, _MISSING) != _at(request.data, p))
+            conflicts += [(other, p) for p in clash]
+            if force:
+                owners[(other, operation)] = paths - applied
+        if conflicts and not force:
+            listed = "; ".join(f'conflict with "{m}": .{".".join(p)}' for m, p in conflicts)
+            raise kmock.KubernetesError(status=409, reason="Conflict",
+                                        message=f"Apply failed with {len(conflicts)} conflict(s): {listed}")
+        previous = owners.get((manager, "Apply"), set())
+        others = set().union(*(v for k, v in owners.items() if k != (manager, "Apply")))
+        result = _merged(copy.deepcopy(before), request.data)
+        for p in sorted(previous - applied, key=len, reverse=True):       # prune, deepest first
+            if not any(o[:len(p)] == p for o in others):
+                _remove(result, p)
+        owners[(manager, "Apply")] = applied
+        result.setdefault("metadata", {})["managedFields"] = _managed_fields(owners, result.get("apiVersion", ""))
+        patch = {} if current is None else _merge_patch(current, result)
+        request.data.clear()                 # the request is frozen; its body is rewritten in place
+        request.data.update(patch)
+        return result if current is None else None
+
+    def _record_update(self, request) -> None:
+        """Give the fields a create or non-apply patch changes to its manager (taken from others)."""
+        if request.action == enums.action.UPDATE and not request.name:
+            return
+        before = (self._stored(request) or {}) if request.action == enums.action.UPDATE else {}
+        try:
+            if isinstance(request.data, list):
+                after = jsonpatch.apply_patch(before, request.data)
+            elif isinstance(request.data, dict):
+                after = _merged(copy.deepcopy(before), request.data) if before else request.data
+            else:
+                return
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException):
+            return                                                   # answered 422 later
+        manager = request.params.get("fieldManager") or \
+            (request.headers.get("User-Agent") or "unknown").split("/", 1)[0] or "unknown"
+        old, new = field_set(before), field_set(after)
+        changed = {p for p in new if p not in old or _at(before, p) != _at(after, p)}
+        if not changed and old == new:
+            return
+        owners = {k: (v & new) - changed for k, v in _owners(before).items()}
+        owners[(manager, "Update")] = owners.get((manager, "Update"), set()) | changed
+        fields = _managed_fields(owners, after.get("apiVersion", ""))
+        if isinstance(request.data, list):
+            request.data.append({"op": "add", "path": "/metadata/managedFields", "value": fields})
+        else:
+            meta = request.data.get("metadata")
+            if not isinstance(meta, dict):
+                meta = request.data["metadata"] = {}
+            meta["managedFields"] = fields
+
     async def _serve_list(self, request):                             # fix 5 (list)
         payload = await super()._serve_list(request)
         payload["metadata"] = {"resourceVersion": str(self.latest_version)}
@@ -124,7 +235,7 @@ class Emulator(kmock.KubernetesEmulator):
 
 def _merged(base, patch):
     if not isinstance(base, dict) or not isinstance(patch, dict):
-        return patch
+        return copy.deepcopy(patch)
     out = dict(base)
     for key, value in patch.items():
         if value is None:
@@ -132,6 +243,92 @@ def _merged(base, patch):
         else:
             out[key] = _merged(base.get(key), value)
     return out
+
+
+def _merge_patch(old: dict, new: dict) -> dict:
+    """A JSON merge patch turning `old` into `new` (None deletes)."""
+    out = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        if key not in old:
+            out[key] = value
+        elif old[key] != value:
+            out[key] = _merge_patch(old[key], value) if isinstance(old[key], dict) and isinstance(value, dict) \
+                else value
+    return out
+
+
+_MISSING = object()
+
+
+def field_set(obj: dict) -> set[tuple]:
+    """Every map key's path (maps are walked, lists and scalars are leaves); identity, status and
+    server-written metadata are not fields anyone manages."""
+    out = set()
+
+    def walk(node: dict, prefix: tuple) -> None:
+        for key, value in node.items():
+            path = prefix + (key,)
+            if path in (("apiVersion",), ("kind",), ("status",)) or (prefix == ("metadata",) and key in SERVER_META):
+                continue
+            out.add(path)
+            if isinstance(value, dict):
+                walk(value, path)
+    walk(obj or {}, ())
+    return out
+
+
+def _at(obj, path: tuple, default=None):
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return default
+        obj = obj[key]
+    return obj
+
+
+def _remove(obj: dict, path: tuple) -> None:
+    parent = _at(obj, path[:-1])
+    if isinstance(parent, dict):
+        parent.pop(path[-1], None)
+
+
+def _owners(obj: dict) -> dict[tuple[str, str], set]:
+    out = {}
+    for entry in ((obj.get("metadata") or {}).get("managedFields") or []):
+        key = (entry.get("manager", ""), entry.get("operation", "Update"))
+        out[key] = out.get(key, set()) | _from_fields_v1(entry.get("fieldsV1") or {})
+    return out
+
+
+def _from_fields_v1(node: dict, prefix: tuple = ()) -> set:
+    out = set()
+    for key, child in node.items():
+        if key == ".":
+            out.add(prefix)
+            continue
+        path = prefix + (key[2:],)
+        out |= _from_fields_v1(child, path) if child else {path}
+    return out
+
+
+def _to_fields_v1(paths: set) -> dict:
+    root: dict = {}
+    for path in sorted(paths):
+        node = root
+        for key in path:
+            node = node.setdefault(f"f:{key}", {})
+    for path in paths:                       # an owned map that also has owned children: "." marks it
+        node = root
+        for key in path:
+            node = node[f"f:{key}"]
+        if node and "." not in node:
+            node["."] = {}
+    return root
+
+
+def _managed_fields(owners: dict, api_version: str) -> list[dict]:
+    return [{"manager": manager, "operation": operation, "apiVersion": api_version, "time": _now(),
+             "fieldsType": "FieldsV1", "fieldsV1": _to_fields_v1(paths)}
+            for (manager, operation), paths in sorted(owners.items()) if paths]
 
 
 class EmulatorThread:
