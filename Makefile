@@ -18,7 +18,7 @@ DEMO_ARGS := --model models/demo-passkey --served-model-name demo-passkey --host
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,eval]"
 	touch $(STAMP)
 
 venv: $(STAMP)
