@@ -51,6 +51,19 @@ VOLUME_MOUNT = {"type": "object", "required": ["name", "mountPath"], "properties
     "recursiveReadOnly": {"type": "string", "enum": ["Disabled", "IfPossible", "Enabled"]}}}
 
 
+def rollout_schema() -> dict:
+    surge = {**QUANTITY, "description": "Pods above replicas during a rollout (integer or percentage)."}
+    return _obj("How pods are replaced (rollout.py).", {
+        "maxSurge": {**surge, "default": 0},
+        "maxUnavailable": {**QUANTITY, "default": 1, "description": "Pods below replicas during a rollout."},
+        "drainSeconds": _i("How long a terminating engine lets running requests finish (default: the plan's "
+                           "longest request, prefill of maxModelLen plus the output cap).", minimum=0, maximum=86400),
+        "terminationGracePeriodSeconds": _i("Default: drainSeconds + 30.", minimum=1, maximum=86400),
+        "protectSingleReplica": {"type": "boolean", "default": True,
+                                 "description": "At one replica the PDB is minAvailable 1 (evictions wait)."},
+    }, default={})
+
+
 def spec_schema() -> dict:
     d = DEFAULTS
     model = _obj("Which weights to serve.", {
@@ -174,6 +187,7 @@ def spec_schema() -> dict:
         "model": model, "runtime": runtime, "context": context, "sizing": sizing, "accelerator": accelerator,
         "resources": resources, "cache": cache,
         "replicas": _i("Engine replicas.", minimum=0, default=d["replicas"]),
+        "rollout": rollout_schema(),
         "serving": serving, "monitoring": monitoring, "auth": auth, "networkPolicy": network_policy, "pod": pod,
     }, required=["model", "accelerator"], **{"x-kubernetes-validations": CEL_RULES})
 

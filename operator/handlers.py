@@ -21,7 +21,7 @@ import logging
 import kopf
 from prometheus_client import Counter, Histogram
 
-from longserve.operator import k8s_apply, status as status_mod
+from longserve.operator import k8s_apply, rollout, status as status_mod
 from longserve.operator.diff import diff
 from longserve.operator.render import DEFAULT_IMAGE, desired, download_job_name
 from longserve.operator.types import GROUP, PLURAL, VERSION, SpecError
@@ -31,6 +31,7 @@ PLANS = Counter("longserve_operator_plans", "Sizing outcomes", ["outcome"])
 DOWNLOAD_SECONDS = Histogram("longserve_operator_model_download_seconds", "Model download Job duration",
                              buckets=(60, 300, 600, 1200, 1800, 3600, 7200, 14400))
 DEFAULT_TIMER_SECONDS = 30.0
+WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
 HELD_WHILE_DOWNLOADING = ("Deployment", "ConfigMap")
 
 
@@ -109,7 +110,9 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
             # names the weights path) stay as they are, so running pods keep the previous revision
             objects = [o for o in objects if o["kind"] not in HELD_WHILE_DOWNLOADING]
             live = [o for o in live if o["kind"] not in HELD_WHILE_DOWNLOADING]
-    actions = diff(objects, live)
+    # an old engine ConfigMap stays while pods of the previous template may still mount it
+    actions = rollout.hold_old_configs(diff(objects, live), live,
+                                       rollout.workloads_rolled_out(objects, live, WORKLOAD_KINDS))
     for conflict in api.apply(actions):
         kopf.warn(body, reason="FieldConflict", message=f"took back fields another manager changed: {conflict}"[:1000])
     if actions and not from_timer:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from longserve.operator import runtimes, security
+from longserve.operator import rollout
 from longserve.operator.catalog import GiB, GpuSpec, ModelEntry, lookup_gpu, lookup_model
 from longserve.operator.memory import valid_tensor_parallel_sizes
 from longserve.operator.planner import Plan, SizingRequest, engine_config_for, plan
@@ -96,7 +97,13 @@ def _labels(lcm: LongContextModel) -> dict:
 
 
 def selector(lcm: LongContextModel) -> dict:
+    """The Deployment's selector (immutable once created, so it stays as it was first rendered)."""
     return {"app.kubernetes.io/name": "longserve", "app.kubernetes.io/instance": lcm.name}
+
+
+def engine_selector(lcm: LongContextModel) -> dict:
+    """Engine pods only: the Service and PDB must not match the download Job's pods."""
+    return {**selector(lcm), "app.kubernetes.io/component": "engine"}
 
 
 def _meta(lcm: LongContextModel, name: str, component: str) -> dict:
@@ -205,8 +212,19 @@ def _env(lcm: LongContextModel, cfg: EngineConfig, scratch_env: list[dict]) -> l
 
 
 def _config_map(lcm: LongContextModel, cfg: EngineConfig) -> dict:
-    return _stamp({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(lcm, f"{lcm.name}-engine", "config"),
-                   "data": {runtimes.CONFIG_FILE: cfg.to_json()}})
+    """Named by the hash of its content and immutable (rollout.py): a new config is a new object."""
+    data = {runtimes.CONFIG_FILE: cfg.to_json()}
+    return _stamp({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": _meta(lcm, rollout.config_map_name(lcm.name, content_hash(data)), "config"),
+                   "immutable": True, "data": data})
+
+
+def drain_seconds(lcm: LongContextModel, model: ModelEntry, p: Plan) -> int:
+    """How long a terminating engine lets running requests finish: the longest request the plan
+    admits (rollout.py), or spec.rollout.drainSeconds."""
+    worst = rollout.worst_request_seconds(p.max_model_len, lcm.max_output_tokens, model.weight_bytes,
+                                          model.dtype_bytes, p.tensor_parallel_size or 1)
+    return rollout.drain_seconds(lcm.rollout, worst)
 
 
 def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineConfig, config_map: dict,
@@ -229,6 +247,8 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
         volumes.append(key_volume)
         mounts.append(key_mount)
         command = runtimes.command(cfg) + key_args + [str(a) for a in lcm.extra_args]
+    drain = drain_seconds(lcm, model, p)
+    command = rollout.with_drain(command, lcm.runtime, drain, len(lcm.extra_args))
     container = {
         "name": "engine", "image": image, "imagePullPolicy": "IfNotPresent",
         "command": command, "env": _env(lcm, cfg, scratch_env), "ports": runtimes.ports(cfg),
@@ -244,7 +264,7 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
         tolerations.append({"key": lcm.resource_name, "operator": "Exists", "effect": "NoSchedule"})
     pod_spec = {"containers": [container], "volumes": volumes, "enableServiceLinks": False,
                 "automountServiceAccountToken": False, "securityContext": security.pod_security_context(),
-                "terminationGracePeriodSeconds": 60}
+                "terminationGracePeriodSeconds": rollout.grace_seconds(lcm.rollout, drain)}
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
     if tolerations:
@@ -259,7 +279,7 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
         "spec": {"replicas": lcm.replicas, "revisionHistoryLimit": 3,
                  "selector": {"matchLabels": selector(lcm)},
-                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                 "strategy": rollout.strategy(lcm.rollout),
                  "template": template}})
 
 
@@ -282,12 +302,12 @@ def _service(lcm: LongContextModel) -> dict:
         ports.append({"name": "grpc", "port": lcm.grpc_port, "targetPort": "grpc", "protocol": "TCP",
                       "appProtocol": "kubernetes.io/h2c"})
     return _stamp({"apiVersion": "v1", "kind": "Service", "metadata": _meta(lcm, lcm.name, "engine"),
-                   "spec": {"type": "ClusterIP", "selector": selector(lcm), "ports": ports}})
+                   "spec": {"type": "ClusterIP", "selector": engine_selector(lcm), "ports": ports}})
 
 
 def _pdb(lcm: LongContextModel) -> dict:
     return _stamp({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(lcm, lcm.name, "engine"),
-                   "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(lcm)}}})
+                   "spec": rollout.pdb_spec(lcm.rollout, lcm.replicas, engine_selector(lcm))})
 
 
 def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
@@ -336,7 +356,7 @@ def _service_monitor(lcm: LongContextModel) -> dict:
     meta = _meta(lcm, lcm.name, "engine")
     meta["labels"] = {**lcm.service_monitor_labels, **meta["labels"]}   # ours win: they identify the child
     return _stamp({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
-                   "spec": {"selector": {"matchLabels": selector(lcm)},
+                   "spec": {"selector": {"matchLabels": engine_selector(lcm)},
                             "namespaceSelector": {"matchNames": [lcm.namespace]},
                             "endpoints": [{"port": "http", "path": "/metrics",
                                            "interval": lcm.service_monitor_interval}]}})

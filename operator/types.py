@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from longserve.operator import options
 from longserve.operator.errors import SpecError
 from longserve.operator.options import DownloadOptions, NetworkPolicyOptions, PodOptions, SecretKey
+from longserve.operator.rollout import RolloutOptions, rollout_options
 
 GROUP = "longserve.io"
 VERSION = "v1alpha1"
@@ -154,6 +155,7 @@ class LongContextModel:
     download: DownloadOptions = field(default_factory=DownloadOptions)
     resource_requests: dict = field(default_factory=dict)     # spec.resources.requests (win over auto)
     resource_limits: dict = field(default_factory=dict)
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
 
     @property
     def cpu_mode(self) -> bool:
@@ -330,6 +332,7 @@ def parse(body: dict) -> LongContextModel:
         api_key=api_key,
         network_policy=options.network_policy(spec), pod=options.pod_options(spec),
         download=options.download_options(cache), resource_requests=requests, resource_limits=limits,
+        rollout=rollout_options(spec),
     )
 
 

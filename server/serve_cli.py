@@ -4,6 +4,11 @@ Ports open at once in the loading phase (/health 503, gRPC NOT_SERVING); the eng
 worker thread, is warmed up with a one-token generation, then the server goes ready. SIGTERM
 drains: health flips, new requests get 503/UNAVAILABLE, running ones finish within
 `--drain-grace-seconds` (or are aborted), and the process exits 0. Logs are JSON lines on stderr.
+
+Tensor parallelism (`--tensor-parallel-size N`): the replica's ranks may span pods (`--nnodes`, `--node-rank`,
+`--master-addr`, `--master-port`, or LeaderWorkerSet / torchrun environment variables, `parallel.topology`).
+The leader pod (node rank 0) serves as above, with its process as rank 0 and its other GPUs as worker
+processes; a follower pod runs workers only and opens no port. A lost rank makes either exit non-zero.
 Only the standard library is imported at module level (server/cli.py rule).
 """
 from __future__ import annotations
@@ -63,7 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--prefill-chunk-tokens", type=int,
                      help="tokens per prefill step (default: on a GPU the largest of 131072..8192 that fits, as "
                           "the planner sizes it; on a CPU 8192)")
-    eng.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica (default 1)")
+    eng.add_argument("--tensor-parallel-size", type=int, help="GPUs per replica, all pods (default 1)")
+    tp = parser.add_argument_group("tensor parallelism across pods (default: LWS_* / torchrun-style env vars)")
+    tp.add_argument("--nnodes", type=int, help="pods in the replica (env LWS_GROUP_SIZE or NNODES; default 1)")
+    tp.add_argument("--node-rank", type=int,
+                    help="this pod's index; 0 serves the APIs (env LWS_WORKER_INDEX or NODE_RANK; default 0)")
+    tp.add_argument("--master-addr", help="the leader pod's address (env LWS_LEADER_ADDRESS or MASTER_ADDR)")
+    tp.add_argument("--master-port", type=int,
+                    help="rendezvous port on the leader (env MASTER_PORT; default 29500, a free one in one pod)")
+    tp.add_argument("--dist-timeout-seconds", type=float,
+                    help="rendezvous and collective timeout (env LONGSERVE_DIST_TIMEOUT; default 600)")
     eng.add_argument("--gpu-memory-utilization", type=float,
                      help="fraction of the GPU's total memory the engine may use (default 0.9)")
     eng.add_argument("--kv-capacity-tokens", type=int, help="explicit KV capacity (default: from memory)")
@@ -72,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--no-dca", dest="dca", action="store_false", default=None, help="disable dual chunk attention")
     eng.add_argument("--no-sparse-prefill", dest="sparse_prefill", action="store_false", default=None,
                      help="disable vertical-slash sparse prefill")
+    eng.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                     help="compute every prompt in full instead of reusing the KV blocks of a cached prefix")
     eng.add_argument("--sparse-threshold", type=int, help="prompt length from which prefill is sparse")
     eng.add_argument("--seed", type=int, help="engine seed")
     ops = parser.add_argument_group("operations")
@@ -87,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _ENGINE_FLAGS = ("max_model_len", "max_output_tokens", "max_num_seqs", "prefill_chunk_tokens",
                  "tensor_parallel_size", "gpu_memory_utilization", "kv_capacity_tokens", "kv_block_size", "dtype",
-                 "dca", "sparse_prefill", "sparse_threshold", "seed")
+                 "dca", "sparse_prefill", "sparse_threshold", "seed", "enable_prefix_caching")
 
 
 def build_config(args):
@@ -188,16 +204,37 @@ def run(args) -> int:
     except ValueError as exc:
         print(f"longserve serve: {exc}", file=sys.stderr)
         return 2
-    return _serve(config, args, api_key)
+    try:
+        topology = resolve_topology(config, args) if config.tensor_parallel_size > 1 else None
+    except ValueError as exc:
+        print(f"longserve serve: {exc}", file=sys.stderr)
+        return 2
+    if topology is not None and not topology.is_leader:
+        from longserve.server.parallel.workers import run_follower
+        log.info("follower pod %d of %d: running ranks %d..%d, serving nothing", topology.node_rank, topology.nnodes,
+                 topology.global_rank(0), topology.global_rank(topology.gpus_per_node - 1),
+                 extra={"event": "tp_follower", "node_rank": topology.node_rank})
+        return run_follower(config, topology)
+    return _serve(config, args, api_key, topology)
+
+
+def resolve_topology(config, args):
+    """Where this process sits in the replica (flags first, then the environment); ValueError if inconsistent."""
+    from longserve.server.parallel.topology import resolve
+    return resolve(config.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
+                   master_addr=args.master_addr, master_port=args.master_port, timeout_s=args.dist_timeout_seconds)
 
 
 class _StopDuringLoad(Exception):
     """Raised by the SIGTERM handler to interrupt a model load: nothing is running, so exit at once."""
 
 
-def _load_engine(config):
+def _load_engine(config, topology=None):
     from longserve.server.engine.async_engine import AsyncEngine
-    return AsyncEngine(config)
+    if config.tensor_parallel_size == 1:
+        return AsyncEngine(config)
+    from longserve.server.parallel.workers import exit_process
+    return AsyncEngine(config, topology=topology, on_tp_failure=exit_process)
 
 
 async def _warm_up(engine) -> None:
@@ -211,7 +248,7 @@ async def _warm_up(engine) -> None:
         raise RuntimeError("warm-up generation ended without a result")
 
 
-def _serve(config, args, api_key) -> int:
+def _serve(config, args, api_key, topology=None) -> int:
     """HTTP/gRPC run on a background event loop; the engine is built on the main thread.
 
     Building the engine on the main thread matters on CPU: a build (and warm-up) in a worker thread
@@ -238,7 +275,7 @@ def _serve(config, args, api_key) -> int:
                                          "config": config.to_dict()})
         started = time.monotonic()
         try:
-            engine = _load_engine(config)
+            engine = _load_engine(config, topology)
             server.call(_warm_up(engine), timeout=600)
         except _StopDuringLoad:
             log.info("stopped while loading", extra={"event": "stopped"})

@@ -27,8 +27,11 @@ _END = object()
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, *, device: str | None = None, warmup: bool = True):
+    def __init__(self, config: EngineConfig, *, device: str | None = None, warmup: bool = True, topology=None,
+                 on_tp_failure=None):
+        """`topology` and `on_tp_failure` reach `LLMEngine` (tensor_parallel_size > 1)."""
         self.config = config
+        self._tp = {"topology": topology, "on_tp_failure": on_tp_failure}
         self._commands: deque[EngineCommand] = deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -64,7 +67,7 @@ class AsyncEngine:
     # --- engine thread ---------------------------------------------------------------------------------------
     def _run(self, device, warmup: bool) -> None:
         try:
-            engine = LLMEngine(self.config, device=device)
+            engine = LLMEngine(self.config, device=device, **self._tp)
             self.engine = engine
             if warmup:
                 self._warmup()
@@ -173,3 +176,5 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        if self.engine is not None:
+            self.engine.close()        # tensor-parallel workers get their stop message

@@ -16,6 +16,8 @@ Errors outside any request (the scheduler, the loop) still propagate: the async 
 itself dead. So does a failure that leaves the device unusable (CUDA errors such as an illegal memory
 access are sticky): after a failed step that was not an out-of-memory error, a tiny probe runs on
 the device, and if it fails too the step raises `EngineDeadError` instead of failing requests.
+At tensor_parallel_size > 1 there is no isolation: a failed step (a lost rank, a collective timeout, or an
+error on rank 0 while the others wait in a collective) raises `EngineDeadError`.
 """
 from __future__ import annotations
 
@@ -76,9 +78,10 @@ class _Executed:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, *, device: str | None = None):
-        if config.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size {config.tensor_parallel_size}: this engine build runs TP 1")
+    def __init__(self, config: EngineConfig, *, device: str | None = None, topology=None, on_tp_failure=None):
+        """At tensor_parallel_size > 1 this process is rank 0 of the replica: it starts the pod's other ranks
+        (`parallel.workers`) and joins the group at `topology` (a `parallel.topology.Topology`; default: from the
+        environment). `on_tp_failure(reason)` is told when a rank is lost (the server exits)."""
         self.config = config
         self.checkpoint = load_checkpoint(config.model_path, config.sparse_config_path)
         facts = self.checkpoint.facts
@@ -86,9 +89,14 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                              f"{facts.max_position_embeddings}")
         self.tokenizer = Tokenizer(config.model_path)
-        self.runner = ModelRunner(config, self.checkpoint, device=device)
-        self.sparse_threshold = self._enable_sparse()
-        self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size)
+        self.tp_link = None
+        if config.tensor_parallel_size == 1:
+            self.runner = ModelRunner(config, self.checkpoint, device=device)
+        else:
+            self.runner = self._start_tensor_parallel(device, topology, on_tp_failure)
+        self.sparse_threshold = self.runner.enable_sparse()
+        self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size,
+                                   enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.prefill_chunk_tokens)
         eos = set(self.checkpoint.eos_token_ids)
@@ -100,15 +108,33 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.on_step: Callable[[int], None] | None = None    # told each executed step's token count (metrics)
 
-    def _enable_sparse(self) -> int | None:
-        from longserve.kernels import load_sparse_attention_config
-        c, facts = self.config, self.checkpoint.facts
-        if not (c.sparse_prefill and self.runner.dca.chunk_size is not None and self.checkpoint.sparse_config):
-            return None
-        cfg = load_sparse_attention_config(self.checkpoint.sparse_config, facts.num_layers, facts.num_heads)
-        threshold = c.sparse_threshold or facts.sparse_attention_threshold or 32768
-        self.runner.set_sparse(lambda layer: cfg.budgets(layer, threshold=threshold, last_q=c.sparse_last_q))
-        return threshold
+    def _start_tensor_parallel(self, device, topology, on_failure) -> ModelRunner:
+        from longserve.server.models.qwen2 import check_tp
+        from longserve.server.parallel.topology import resolve
+        from longserve.server.parallel.workers import LeaderLink
+
+        check_tp(self.checkpoint.facts, self.config.tensor_parallel_size)
+        topology = topology if topology is not None else resolve(self.config.tensor_parallel_size)
+        if topology.tp != self.config.tensor_parallel_size:
+            raise ValueError(f"topology of {topology.tp} ranks for tensor_parallel_size "
+                             f"{self.config.tensor_parallel_size}")
+        device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tp_link = LeaderLink(self.config, topology, device_type, on_failure)
+        try:
+            runner = ModelRunner(self.config, self.checkpoint, device=f"{device_type}:0" if device_type == "cuda"
+                                 else device_type, tp=self.tp_link.group)
+            runner.tp_sender = self.tp_link.start_sending()
+        except BaseException:
+            self.tp_link.workers.kill()
+            self.tp_link.group.destroy()
+            raise
+        return runner
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do at TP 1)."""
+        if self.tp_link is not None:
+            self.tp_link.close()
+            self.tp_link = None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -193,6 +219,9 @@ class LLMEngine:
         try:
             return _Executed(started, [(batch, self._run(batch))], {})
         except Exception as exc:     # anything a forward can raise; BaseException (Ctrl-C) still stops us
+            if self.tp_link is not None:     # other ranks may be mid-collective: the replica cannot go on
+                raise EngineDeadError(f"a tensor-parallel step failed: {type(exc).__name__}: "
+                                      f"{_first_line(exc)}") from exc
             by_request: dict[str, list] = {}
             for chunk in batch.chunks:
                 by_request.setdefault(chunk.seq.request_id, []).append(chunk)

@@ -37,12 +37,13 @@ def load_state_dict(files) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def random_model(facts, device: torch.device, dtype: torch.dtype, std: float = 0.02) -> Qwen2ForCausalLM:
+def random_model(facts, device: torch.device, dtype: torch.dtype, std: float = 0.02, tp=None) -> Qwen2ForCausalLM:
     """Seeded random weights made directly on `device` (`load_format="dummy"`, for benchmarks without a
     checkpoint): built on the meta device, then allocated there and initialised in place, so a 15 GB model
-    never passes through host memory. Norms start at 1 and biases at 0; the small std keeps activations finite."""
+    never passes through host memory. Norms start at 1 and biases at 0; the small std keeps activations finite.
+    With `tp` each rank draws its own shard (a different model from TP 1's: for timing, not for comparisons)."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(facts)
+        model = Qwen2ForCausalLM(facts, tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     if torch.device(device).type == "meta":
         return model                    # the memory bench: real shapes, no data to initialise
@@ -67,18 +68,32 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, *, device: str | None = None):
+    """`tp` (a `parallel.group.TPGroup`, None at TP 1) makes this runner one rank of a tensor-parallel replica:
+    it holds its shard of the weights and its KV heads, and agrees the KV capacity (the minimum over the ranks).
+    On rank 0 `tp_sender` (a `parallel.steps.StepSender`) sends every executed step to the other ranks."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint, *, device: str | None = None, tp=None):
         self.config = config
+        self.checkpoint = checkpoint
         self.facts = checkpoint.facts
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = DTYPES[config.dtype]
+        self.tp = tp
+        self.tp_size, self.tp_rank = (1, 0) if tp is None else (tp.size, tp.rank)
+        self.tp_sender = None
         start = time.monotonic()
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + self.tp_rank)
         if config.load_format == "dummy":
-            self.model = random_model(self.facts, self.device, self.dtype).eval()
-        else:
+            self.model = random_model(self.facts, self.device, self.dtype, tp=tp).eval()
+        elif tp is None:
             model = Qwen2ForCausalLM(self.facts)
             model.load_weights(load_state_dict(checkpoint.weight_files), checkpoint.path)
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        else:
+            from longserve.server.parallel.shards import load_rank_state_dict
+            model = Qwen2ForCausalLM(self.facts, tp)
+            model.load_weights(load_rank_state_dict(checkpoint.weight_files, tp.rank, tp.size,
+                                                    self.facts.vocab_size), checkpoint.path)
             self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.load_seconds = time.monotonic() - start
         f = self.facts
@@ -93,8 +108,10 @@ class ModelRunner:
             raise ValueError(f"kv_block_size {config.kv_block_size} must divide the DCA chunk length "
                              f"{chunk - local} (chunk_size - local_size)")
         self.num_kv_blocks = self._kv_blocks(checkpoint.sparse_config)
-        self.cache = KVCache(f.num_layers, self.num_kv_blocks, config.kv_block_size, f.num_kv_heads, f.head_dim,
-                             self.dtype, self.device)
+        if tp is not None:                 # every rank must hold every block: the smallest capacity wins
+            self.num_kv_blocks = tp.min_int(self.num_kv_blocks)
+        self.cache = KVCache(f.num_layers, self.num_kv_blocks, config.kv_block_size, f.num_kv_heads // self.tp_size,
+                             f.head_dim, self.dtype, self.device)
         self.step_metadata = StepMetadataBuilder(self.device, config.kv_block_size, head_dim=f.head_dim,
                                                  original_max_position_embeddings=self.dca.original_max_position_embeddings)
         self.seen_tokens = SeenTokens()          # repetition-penalty masks, kept across steps
@@ -125,14 +142,14 @@ class ModelRunner:
 
         c = self.config
         dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
-        shapes = mm.rank_shapes(self.facts, 1, dtype_bytes=dtype_bytes, dca=self.dca.chunk_size is not None,
+        shapes = mm.rank_shapes(self.facts, self.tp_size, dtype_bytes=dtype_bytes, dca=self.dca.chunk_size is not None,
                                 sparse=c.sparse_prefill and sparse_config is not None,
                                 sparse_threshold=c.sparse_threshold, sparse_last_q=c.sparse_last_q,
                                 sparse_budgets=mm.sparse_budget_maxima(sparse_config) if sparse_config else None,
                                 block_size=c.kv_block_size)
         if self.dca.chunk_size is not None:
             shapes = dataclasses.replace(shapes, dca_chunk_len=self.dca.chunk_size - self.dca.local_size)
-        weights = mm.weight_bytes(self.facts, 1, dtype_bytes)
+        weights = mm.weight_bytes(self.facts, self.tp_size, dtype_bytes)
         reserve = mm.step_transients(shapes, c.prefill_chunk_tokens, c.max_model_len, c.max_num_seqs).peak
         overhead = mm.overhead_bytes(weights)
         kv = mm.kv_cache_bytes(total, c.gpu_memory_utilization, weights, reserve, overhead)
@@ -151,6 +168,20 @@ class ModelRunner:
                  kv / 1e9, terms)
         return blocks
 
+    def enable_sparse(self) -> int | None:
+        """Sparse prefill from the checkpoint's sparse_attention_config when configured and DCA is on: this rank's
+        heads' budgets (the config names global query heads); returns the threshold, or None (dense)."""
+        from longserve.kernels import load_sparse_attention_config
+        c, facts, ckpt = self.config, self.facts, self.checkpoint
+        if not (c.sparse_prefill and self.dca.chunk_size is not None and ckpt.sparse_config):
+            return None
+        cfg = load_sparse_attention_config(ckpt.sparse_config, facts.num_layers, facts.num_heads)
+        threshold = c.sparse_threshold or facts.sparse_attention_threshold or 32768
+        rank, size = self.tp_rank, self.tp_size
+        self.set_sparse(lambda layer: cfg.budgets(layer, rank=rank, tp=size, threshold=threshold,
+                                                  last_q=c.sparse_last_q))
+        return threshold
+
     def set_sparse(self, budgets_for_layer) -> None:
         """`budgets_for_layer(layer) -> SparseHeadBudgets` enables sparse prefill above its threshold."""
         self.sparse_budgets = budgets_for_layer
@@ -166,6 +197,8 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         """Drop the per-sequence device state (finished or aborted)."""
         self._generators.pop(seq.seq_id, None)
+        if self.tp_sender is not None:
+            self.tp_sender.released(seq.seq_id)
         self.step_metadata.drop(seq.seq_id)
         self.seen_tokens.drop(seq.seq_id)
 
@@ -230,6 +263,8 @@ class ModelRunner:
 
         stats = PairStats() if count_pairs or self.pair_totals is not None else None
         jobs = self.prompt_jobs(batch, prompt_logprobs) if prompt_logprobs else []
+        if self.tp_sender is not None:     # the other ranks run the same forward, their all-reduces pair with ours
+            self.tp_sender.send_step(batch, jobs)
         if jobs:
             logits = self.forward_logits(batch, stats, prompt_jobs=jobs)
         else:

@@ -51,11 +51,23 @@ def default_engine_config(model_path: str, **overrides) -> EngineConfig:
 
 
 class LLM:
+    """`tensor_parallel_size=N` starts N - 1 worker processes beside this one (gloo on the CPU, NCCL on GPUs);
+    `close()` (or leaving a `with` block) stops them, and they also die with this process."""
+
     def __init__(self, model_path: str, *, device: str | None = None, **config_overrides):
         self.config = default_engine_config(model_path, **config_overrides)
         self.engine = LLMEngine(self.config, device=device)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Prompts are strings or token-id lists; one SamplingParams for all, or one per prompt."""

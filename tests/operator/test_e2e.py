@@ -27,8 +27,20 @@ def conditions(obj) -> dict:
     return {c["type"]: (c["status"], c["reason"]) for c in ((obj or {}).get("status") or {}).get("conditions", [])}
 
 
+def config_map(cluster, name="qwen") -> dict | None:
+    """The engine ConfigMap the workload mounts (its name carries the content hash)."""
+    pods = [d["spec"]["template"] for n, d in cluster.children(DEPLOYMENTS).items() if n == name]
+    pods += [s["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+             for s in cluster.children("leaderworkerset.x-k8s.io/v1/leaderworkersets").values()
+             if s["metadata"]["labels"]["app.kubernetes.io/instance"] == name]
+    if not pods:
+        return None
+    volume = next(v for v in pods[0]["spec"]["volumes"] if v["name"] == "engine-config")
+    return cluster.children(CONFIGMAPS).get(volume["configMap"]["name"])
+
+
 def engine_config(cluster, name="qwen") -> dict:
-    cm = cluster.children(CONFIGMAPS).get(f"{name}-engine")
+    cm = config_map(cluster, name)
     return json.loads(cm["data"]["engine_config.json"]) if cm else {}
 
 
@@ -42,8 +54,8 @@ def test_create_renders_children_with_planned_gpus_and_owner_refs(cluster):
     deployment = cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
     engine = deployment["spec"]["template"]["spec"]["containers"][0]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    for path, name in [(DEPLOYMENTS, "qwen"), (CONFIGMAPS, "qwen-engine"), (SERVICES, "qwen"), (PDBS, "qwen")]:
-        obj = cluster.wait(lambda: cluster.children(path).get(name), path)
+    for path, name in [(DEPLOYMENTS, "qwen"), (SERVICES, "qwen"), (PDBS, "qwen"), (CONFIGMAPS, None)]:
+        obj = cluster.wait(lambda: cluster.children(path).get(name) if name else config_map(cluster), path)
         owner = obj["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == \
             ("LongContextModel", "qwen", uid, True)
@@ -65,14 +77,14 @@ def test_update_max_model_len_rolls_config_and_deployment(cluster):
     cluster.create(resource())
     cluster.wait(lambda: status_of(cluster).get("plan"), "the first plan")
     before = cluster.children(DEPLOYMENTS)["qwen"]
-    config_before = cluster.children(CONFIGMAPS)["qwen-engine"]
+    config_before = config_map(cluster)
     cluster.patch_spec("qwen", {"context": {"maxModelLen": 524288}})
     cluster.wait(lambda: engine_config(cluster).get("max_model_len") == 524288, "the new engine config")
     after = cluster.wait(lambda: (d := cluster.children(DEPLOYMENTS)["qwen"])["metadata"]["labels"][HASH_LABEL]
                          != before["metadata"]["labels"][HASH_LABEL] and d, "the Deployment patched")
     annotation = after["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
     assert annotation != before["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
-    assert annotation == cluster.children(CONFIGMAPS)["qwen-engine"]["metadata"]["labels"][HASH_LABEL]
+    assert annotation == config_map(cluster)["metadata"]["labels"][HASH_LABEL]
     assert config_before["metadata"]["labels"][HASH_LABEL] != annotation
     st = cluster.wait(lambda: status_of(cluster).get("observedGeneration") == 2 and status_of(cluster),
                       "status for generation 2")

@@ -69,3 +69,37 @@ def test_a_hand_edit_is_taken_back_with_force_and_reported(cluster):
     assert FIELD_MANAGER in managers
     conflicts = [r for r in list(cluster.emulator.emulator) if r.params.get("force") == "true"]
     assert conflicts, "the apply was forced after a conflict"
+
+
+def engine_config_map_name(cluster, name="qwen") -> str:
+    volumes = pod_spec(cluster, name)["volumes"]
+    return next(v for v in volumes if v["name"] == "engine-config")["configMap"]["name"]
+
+
+def test_config_change_rolls_a_new_hashed_config_map_and_cleans_the_old_after_ready(cluster):
+    from longserve.operator.render import CONFIG_HASH_ANNOTATION
+
+    cluster.create(resource())
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
+    first = engine_config_map_name(cluster)
+    template = cluster.children(DEPLOYMENTS)["qwen"]["spec"]["template"]
+    assert first.startswith("qwen-engine-") and cluster.children(CONFIGMAPS)[first]["immutable"] is True
+    assert template["spec"]["terminationGracePeriodSeconds"] > 600        # a 1M-token request may finish
+    command = template["spec"]["containers"][0]["command"]
+    assert int(command[command.index("--drain-grace-seconds") + 1]) < template["spec"]["terminationGracePeriodSeconds"]
+
+    cluster.patch_spec("qwen", {"context": {"maxModelLen": 524288}})
+    cluster.wait(lambda: engine_config_map_name(cluster) != first, "the Deployment on a new ConfigMap")
+    second = engine_config_map_name(cluster)
+    rolled = cluster.children(DEPLOYMENTS)["qwen"]["spec"]["template"]
+    assert rolled["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] != \
+        template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    assert set(cluster.children(CONFIGMAPS)) == {first, second}
+    time.sleep(4 * 0.3)                     # timer passes: the new pods are not ready, the old config stays
+    assert first in cluster.children(CONFIGMAPS)
+
+    live = cluster.children(DEPLOYMENTS)["qwen"]
+    cluster.patch_status("apps/v1", "deployments", "qwen", {
+        "observedGeneration": live["metadata"]["generation"], "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1})
+    cluster.wait(lambda: first not in cluster.children(CONFIGMAPS), "the old ConfigMap deleted after the rollout")
+    assert set(cluster.children(CONFIGMAPS)) == {second}
