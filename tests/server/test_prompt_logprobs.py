@@ -117,3 +117,30 @@ def test_sparse_prefill_prompt_logprobs(sparse_model_dir):
     dense_lp, _, _ = _ours(dense.generate([ids], SCORE)[0])
     assert not torch.equal(lp, dense_lp)               # the sparse path really ran
     assert (lp - dense_lp).abs().mean() < 0.05
+
+
+def test_preemption_by_recompute_neither_duplicates_nor_loses_prompt_logprobs(tiny_model_dir):
+    """Two requests outgrow a 128-token cache while decoding: the newest is preempted and recomputed, and its
+    prompt log-probabilities still arrive once per token, equal to an unpreempted run's."""
+    from longserve.server.engine.protocol import RequestFinished
+
+    prompts = {"a": _prompt(40, seed=1), "b": _prompt(40, seed=2)}
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    alone = LLM(tiny_model_dir, prefill_chunk_tokens=32, kv_capacity_tokens=4096)
+    expected = {rid: [e.logprob for e in alone.generate([ids], params)[0].prompt_logprobs[1:]]
+                for rid, ids in prompts.items()}
+    engine = LLM(tiny_model_dir, prefill_chunk_tokens=32, kv_capacity_tokens=128).engine
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    seen = {rid: [] for rid in prompts}
+    preemptions = 0
+    while engine.has_work():
+        for event in engine.step():
+            if isinstance(event, PromptLogprobs):
+                assert event.start == len(seen[event.request_id]) + 1       # in order, no gap, no repeat
+                seen[event.request_id] += [e.logprob for e in event.logprobs]
+            elif isinstance(event, RequestFinished):
+                preemptions += event.num_preemptions
+    assert preemptions > 0
+    for rid in prompts:
+        assert seen[rid] == pytest.approx(expected[rid], abs=1e-5)
