@@ -42,6 +42,7 @@ class EngineConfig:
     sparse_config_path: str | None = None   # None: <model_path>/sparse_attention_config.json
     sparse_threshold: int | None = None     # None: model config, else 32768
     sparse_last_q: int = 64
+    enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix computed before
     seed: int = 0
     http_port: int = 8000
     grpc_port: int = 50051
@@ -103,7 +104,7 @@ def _validate(c: EngineConfig) -> list[str]:
         value = getattr(c, name)
         if value is not None and (not _is_int(value) or value < 1):
             errors.append(f"{name} must be a positive integer or null, got {value!r}")
-    for name in ("dca", "sparse_prefill"):
+    for name in ("dca", "sparse_prefill", "enable_prefix_caching"):
         if not isinstance(getattr(c, name), bool):
             errors.append(f"{name} must be true or false")
     if errors:

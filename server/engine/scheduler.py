@@ -5,6 +5,8 @@ Each step spends a token budget (`max_num_batched_tokens`, the prefill chunk) in
 2. the next chunk of prompts already being prefilled, oldest first;
 3. new sequences, first come first served, while `max_num_seqs` and free KV blocks allow.
 KV blocks for a whole prompt are taken at admission, so a long prefill is never preempted halfway.
+At admission the longest cached full-block prefix of the sequence is shared instead of computed (prefix caching,
+see `block_manager`), so its prefill starts after that prefix; blocks a step fills are registered at commit.
 When a decoding sequence needs a block and none is free, the newest running sequence is preempted
 (its KV is dropped and recomputed later) — never a crash.
 """
@@ -121,10 +123,11 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:   # 3. admission
             seq = self.waiting[0]
-            if not self.blocks.can_grow(seq, seq.num_tokens):
+            hits = self.blocks.cached_prefix(seq)
+            if not self.blocks.can_admit(seq, hits):
                 break                                       # FCFS: nobody overtakes the head
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_tokens)
+            self.blocks.admit(seq, hits)                    # prefill starts after the cached prefix
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_pending_tokens, budget)
@@ -136,3 +139,4 @@ class Scheduler:
         """The model ran `batch`: its tokens now have K/V in the cache."""
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.blocks.register_computed(chunk.seq)        # blocks it filled become reusable prefixes

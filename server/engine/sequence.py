@@ -33,6 +33,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)   # chain hashes of full blocks (prefix_cache)
+    num_registered_blocks: int = 0           # leading blocks of block_table already in the prefix cache
 
     @property
     def prompt_len(self) -> int:
@@ -50,6 +52,12 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         return self.num_pending_tokens > 1 or not self.output_token_ids
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether a cached prefix may stand in for computing the prompt. Prompt log-probabilities need the
+        logits of every prompt position, so such a request computes its whole prompt."""
+        return self.params.prompt_logprobs is None
 
     @property
     def is_finished(self) -> bool:

@@ -33,19 +33,6 @@ def test_growth_is_all_or_nothing():
     assert not bm.can_grow(b, 40) and bm.can_grow(b, 16)
 
 
-def test_reference_counts_on_fork():
-    bm = BlockManager(num_blocks=4, block_size=4)
-    parent, child = seq(8), seq(8)
-    bm.grow(parent, 8)
-    bm.fork(parent, child)
-    assert child.block_table == parent.block_table
-    assert all(bm.allocator.ref_count(b) == 2 for b in parent.block_table)
-    bm.free(parent)
-    assert bm.num_free_blocks == 2          # still held by the child
-    bm.free(child)
-    assert bm.num_free_blocks == 4
-
-
 def test_allocator_rejects_double_release_and_empty_cache():
     alloc = BlockAllocator(2)
     b = alloc.allocate()
