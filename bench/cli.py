@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "benchmarks: kernels, prefill, serve, passkey, memory, host"
+HELP = "benchmarks: kernels, prefill, serve, passkey, memory, host, ppl"
 
 BENCHES = {
     "kernels": "longserve.bench.kernels",
@@ -12,6 +12,7 @@ BENCHES = {
     "passkey": "longserve.bench.passkey",
     "memory": "longserve.bench.memory",
     "host": "longserve.bench.host",
+    "ppl": "longserve.bench.ppl",
 }
 
 
