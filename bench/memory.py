@@ -2,8 +2,9 @@
 memory model the planner and the engine size with.
 
 The planner plans the model on the GPU (TP from the plan or `--tp`); the bench then builds the engine's own
-`ModelRunner` for one TP rank (query heads, KV heads and MLP width divided by TP; random-weight construction on
-the `meta` device: real shapes, no data, no compute) and drives the engine's scheduler through an N-token prompt
+`ModelRunner` as rank 0 of a TP replica (the sharded model: its query heads, KV heads, MLP columns and vocabulary
+rows; collectives stand in without communication; random-weight construction on the `meta` device: real shapes,
+no data, no compute) and drives the engine's scheduler through an N-token prompt
 chunk by chunk, then one decode step. Every step runs the runner's metadata, the model forward, the paged
 attention backend and the kernels' host code (`kernels.dispatch.tracing()`: the Triton path, launches replaced by
 their output allocations) under `bench.trace.trace()`, which counts the live bytes of every tensor created in the
@@ -56,14 +57,24 @@ def add_arguments(p) -> None:
 
 # --- building the meta runner ----------------------------------------------------------------------------------------
 
-def rank_facts(facts, tp: int, layers: int | None = None):
-    """ModelFacts of one TP rank: heads, KV heads and the MLP width divided by tp (optionally fewer layers)."""
-    from dataclasses import replace
-    if tp < 1 or facts.num_heads % tp or facts.num_kv_heads % tp or facts.intermediate_size % tp:
-        raise ValueError(f"tp {tp} must divide the {facts.num_heads} heads, {facts.num_kv_heads} KV heads and "
-                         f"the MLP width {facts.intermediate_size}")
-    return replace(facts, num_heads=facts.num_heads // tp, num_kv_heads=facts.num_kv_heads // tp,
-                   intermediate_size=facts.intermediate_size // tp, num_layers=layers or facts.num_layers)
+class MetaRankGroup:
+    """Rank 0 of a `size`-way tensor-parallel group for meta tensors, standing in for `parallel.group.TPGroup`:
+    the collectives keep their shapes and allocations (the all-reduce works in place, the logits gather
+    concatenates `size` parts) and communicate nothing."""
+
+    def __init__(self, size: int):
+        self.rank, self.size = 0, size
+
+    def all_reduce(self, x):
+        return x
+
+    def gather_last_dim(self, x):
+        import torch
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        return torch.cat(parts, dim=-1)
+
+    def min_int(self, value: int) -> int:
+        return value
 
 
 def write_config(facts, directory: str) -> str:
@@ -86,27 +97,33 @@ def write_config(facts, directory: str) -> str:
     return directory
 
 
-def build_meta_runner(facts, *, prompt_tokens: int, chunk: int, dense: bool, vertical: int, slash: int,
-                      directory: str):
-    """The engine's ModelRunner on the meta device for these (per-rank) facts, with KV room for the prompt and one
-    decode token, and sparse budgets unless `dense`."""
+def build_meta_runner(facts, *, tp: int, prompt_tokens: int, chunk: int, dense: bool, vertical: int, slash: int,
+                      directory: str, layers: int | None = None):
+    """The engine's ModelRunner on the meta device as rank 0 of a `tp`-way replica (its shard of the sharded
+    model, its KV heads), with KV room for the prompt and one decode token, and sparse budgets for its heads
+    unless `dense`. `layers` keeps only that many decoder layers."""
+    from dataclasses import replace
+
     from longserve.kernels import SparseHeadBudgets
     from longserve.server.config import SCHEMA_VERSION, EngineConfig
     from longserve.server.engine.model_runner import ModelRunner
     from longserve.server.hf_config import load_checkpoint
 
-    checkpoint = load_checkpoint(write_config(facts, directory))
+    if tp < 1 or facts.num_heads % tp or facts.num_kv_heads % tp or facts.intermediate_size % tp:
+        raise ValueError(f"tp {tp} must divide the {facts.num_heads} heads, {facts.num_kv_heads} KV heads and "
+                         f"the MLP width {facts.intermediate_size}")
+    checkpoint = load_checkpoint(write_config(replace(facts, num_layers=layers or facts.num_layers), directory))
     max_len = prompt_tokens + 1
     config = EngineConfig(schema_version=SCHEMA_VERSION, runtime="native", model_path=directory,
-                          served_model_name="bench-memory", tensor_parallel_size=1, max_model_len=max_len,
+                          served_model_name="bench-memory", tensor_parallel_size=tp, max_model_len=max_len,
                           max_num_seqs=1, max_output_tokens=1, prefill_chunk_tokens=chunk,
                           gpu_memory_utilization=0.9, kv_capacity_tokens=max_len + 16, load_format="dummy",
                           sparse_prefill=not dense)
-    runner = ModelRunner(config, checkpoint, device="meta")
+    runner = ModelRunner(config, checkpoint, device="meta", tp=MetaRankGroup(tp) if tp > 1 else None)
     if not dense and facts.has_dca:
         from longserve.server import memory_model as mm
         threshold = facts.sparse_attention_threshold or mm.DEFAULT_SPARSE_THRESHOLD
-        budgets = SparseHeadBudgets.uniform(facts.num_heads, vertical, slash, threshold=threshold,
+        budgets = SparseHeadBudgets.uniform(facts.num_heads // tp, vertical, slash, threshold=threshold,
                                             last_q=config.sparse_last_q)
         runner.set_sparse(lambda layer: budgets)
     return runner
@@ -208,8 +225,8 @@ def measure(model_ref: str, gpu_name: str, *, prompt_tokens: int | None = None, 
                               weights=weights, sparse=not dense).budget
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="longserve-bench-memory-") as tmp:
-        runner = build_meta_runner(rank_facts(facts, tp, layers), prompt_tokens=n, chunk=chunk, dense=dense,
-                                   vertical=vertical, slash=slash, directory=tmp)
+        runner = build_meta_runner(facts, tp=tp, prompt_tokens=n, chunk=chunk, dense=dense, vertical=vertical,
+                                   slash=slash, directory=tmp, layers=layers)
         traced = trace_request(runner, n, chunk, chunks=chunks)
     peak = traced["peak"]
     per_step = [mm.decode_transients(shapes, 1, st["context"]) if st["decode"]

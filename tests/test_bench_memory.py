@@ -30,9 +30,10 @@ def _measure(model_dir, **kw):
     return bench.measure(model_dir, "L4-24GB", **kw)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_bench_json_agrees_with_the_planners_memory_model(model_dir, dense):
-    r = _measure(model_dir, dense=dense)
+@pytest.mark.parametrize("dense,tp", [(False, 1), (True, 1), (False, 2)])
+def test_bench_json_agrees_with_the_planners_memory_model(model_dir, dense, tp):
+    """At TP 2 the runner is rank 0 of the sharded model (half the heads, KV heads, MLP columns and vocabulary)."""
+    r = _measure(model_dir, dense=dense, tp=tp)
     for key in ("peakTransientBytes", "planTransientBytes", "kvBytes", "fits", "components", "model", "gpu", "tp",
                 "chunk", "prompt"):
         assert key in r
