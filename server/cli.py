@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "render": "longserve.operator.render_cli",
     "operator": "longserve.operator.main",
     "serve": "longserve.server.serve_cli",
+    "download": "longserve.server.download_cli",
     "bench": "longserve.bench.cli",
 }
 
