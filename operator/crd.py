@@ -7,7 +7,7 @@ file is stale and `LONGSERVE_REGEN_GOLDENS=1` (`make goldens`) rewrites it. Defa
 from __future__ import annotations
 
 from longserve.operator.types import (
-    DEFAULTS, GROUP, KIND, MAX_NAME_LENGTH, MODES, OBJECTIVES, PLURAL, RUNTIMES, SHORT_NAMES, SINGULAR, VERSION)
+    DEFAULTS, GROUP, KIND, MAX_NAME_LENGTH, MAX_NODES, MODES, OBJECTIVES, PLURAL, RUNTIMES, SHORT_NAMES, SINGULAR, VERSION)
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
@@ -64,6 +64,28 @@ def rollout_schema() -> dict:
     }, default={})
 
 
+def autoscaling_schema() -> dict:
+    return _obj("Autoscale spec.replicas on engine load (autoscaling.py); the autoscaler targets this "
+                "resource's scale subresource.", {
+        "provider": _s("keda (ScaledObject, Prometheus trigger) or hpa (autoscaling/v2, Pods metric).",
+                       enum=["keda", "hpa"], default="keda"),
+        "minReplicas": _i("0 (scale to zero) with keda and a query only.", minimum=0, maximum=1000, default=1),
+        "maxReplicas": _i("Upper bound.", minimum=1, maximum=1000),
+        "metric": _s("The load signal.", enum=["pendingPrefillTokens", "waitingRequests", "kvCacheUsage"],
+                     default="pendingPrefillTokens"),
+        "target": {**QUANTITY, "description": "Per-replica target (kvCacheUsage: a fraction). Defaults: 524288 "
+                                              "tokens, 1 request, 0.8."},
+        "prometheusAddress": _s("Prometheus for the KEDA trigger.", maxLength=512),
+        "query": _s("PromQL replacing the generated query (keda only; required to scale from zero).",
+                    maxLength=2048),
+        "cooldownSeconds": _i("KEDA: idle time before scaling to zero.", minimum=0, maximum=86400),
+    }, required=["maxReplicas"], **{"x-kubernetes-validations": [
+        {"rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+         "message": "minReplicas must not exceed maxReplicas"},
+        {"rule": "!has(self.minReplicas) || self.minReplicas > 0 || (self.provider == 'keda' && has(self.query))",
+         "message": "scale to zero needs provider keda and a query"}]})
+
+
 def spec_schema() -> dict:
     d = DEFAULTS
     model = _obj("Which weights to serve.", {
@@ -102,8 +124,11 @@ def spec_schema() -> dict:
         "gpuProduct": _s("Value of node label nvidia.com/gpu.product, or a catalog name.", maxLength=128),
         "memoryPerGpu": _quantity("Usable memory per device; overrides the catalog (CPU mode: host memory "
                                   "given to the engine)."),
-        "gpusPerNode": _i("Upper bound for TP (single node in v1alpha1).", minimum=1, maximum=8,
-                          default=d["gpusPerNode"]),
+        "gpusPerNode": _i("GPUs of one node: TP stays within one node (one pod) where a TP that fits allows.",
+                          minimum=1, maximum=8, default=d["gpusPerNode"]),
+        "nodes": _i("Nodes one replica may span. TP crosses nodes only when no TP within one node fits; the "
+                    "replica is then a LeaderWorkerSet group of one pod per node.", minimum=1,
+                    maximum=MAX_NODES, default=d["nodes"]),
         "resourceName": _s("Extended resource requested per GPU; empty runs on CPUs (local demo clusters).",
                            default=d["resourceName"], maxLength=253),
         "nodeSelector": STRING_MAP,
@@ -187,7 +212,7 @@ def spec_schema() -> dict:
         "model": model, "runtime": runtime, "context": context, "sizing": sizing, "accelerator": accelerator,
         "resources": resources, "cache": cache,
         "replicas": _i("Engine replicas.", minimum=0, default=d["replicas"]),
-        "rollout": rollout_schema(),
+        "rollout": rollout_schema(), "autoscaling": autoscaling_schema(),
         "serving": serving, "monitoring": monitoring, "auth": auth, "networkPolicy": network_policy, "pod": pod,
     }, required=["model", "accelerator"], **{"x-kubernetes-validations": CEL_RULES})
 
@@ -232,7 +257,16 @@ def status_schema() -> dict:
                      "description": "Values measured by the engine."},
         "cache": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
                   "description": "Which model revision the cache PVC holds."},
-        "replicas": _i("Engine pods."), "readyReplicas": _i("Ready engine pods."),
+        "layout": _obj("How one replica is laid out (from the plan).", {
+            "gpusPerReplica": _i("GPUs of one replica (the tensor parallel size)."),
+            "gpusPerPod": _i("GPUs of each engine pod."),
+            "podsPerReplica": _i("Engine pods of one replica (one per node; above 1 a LeaderWorkerSet group)."),
+            "nodesPerReplica": _i("Nodes one replica spans."),
+            "workload": _obj("The object that runs the replicas.", {
+                "kind": _s("Deployment or LeaderWorkerSet"), "name": _s("Its name.")}),
+        }),
+        "replicas": _i("Engine replicas (LeaderWorkerSet: groups)."),
+        "readyReplicas": _i("Ready engine replicas (LeaderWorkerSet: groups with every pod ready)."),
         "selector": _s("Label selector of the engine pods (scale subresource)."),
         "endpoints": {**STRING_MAP, "description": "OpenAI and gRPC endpoints inside the cluster."},
     })
@@ -245,6 +279,8 @@ def printer_columns() -> list[dict]:
         col("Ready", "string", '.status.conditions[?(@.type=="Ready")].status'),
         col("Runtime", "string", ".spec.runtime.name"),
         col("TP", "integer", ".status.plan.tensorParallelSize"),
+        col("Pods/Replica", "integer", ".status.layout.podsPerReplica", priority=1),
+        col("GPUs/Pod", "integer", ".status.layout.gpusPerPod", priority=1),
         col("Chunk", "integer", ".status.plan.prefillChunkTokens"),
         col("MaxLen", "integer", ".status.plan.maxModelLen"),
         col("Replicas", "integer", ".status.readyReplicas"),

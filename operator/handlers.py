@@ -24,6 +24,7 @@ from prometheus_client import Counter, Histogram
 from longserve.operator import k8s_apply, rollout, status as status_mod
 from longserve.operator.diff import diff
 from longserve.operator.render import DEFAULT_IMAGE, desired, download_job_name
+from longserve.operator.render_lws import LWS_API_VERSION, LWS_KIND
 from longserve.operator.types import GROUP, PLURAL, VERSION, SpecError
 
 RECONCILES = Counter("longserve_operator_reconcile", "Reconcile runs by result", ["result"])
@@ -32,7 +33,7 @@ DOWNLOAD_SECONDS = Histogram("longserve_operator_model_download_seconds", "Model
                              buckets=(60, 300, 600, 1200, 1800, 3600, 7200, 14400))
 DEFAULT_TIMER_SECONDS = 30.0
 WORKLOAD_KINDS = ("Deployment", "LeaderWorkerSet")
-HELD_WHILE_DOWNLOADING = ("Deployment", "ConfigMap")
+HELD_WHILE_DOWNLOADING = ("Deployment", "LeaderWorkerSet", "ConfigMap")
 
 
 def _now() -> str:
@@ -110,6 +111,7 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
             # names the weights path) stay as they are, so running pods keep the previous revision
             objects = [o for o in objects if o["kind"] not in HELD_WHILE_DOWNLOADING]
             live = [o for o in live if o["kind"] not in HELD_WHILE_DOWNLOADING]
+    objects = _installed_kinds_only(objects, memo, body, from_timer)
     # an old engine ConfigMap stays while pods of the previous template may still mount it
     actions = rollout.hold_old_configs(diff(objects, live), live,
                                        rollout.workloads_rolled_out(objects, live, WORKLOAD_KINDS))
@@ -119,14 +121,27 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
         kopf.info(body, reason="Applied", message="; ".join(map(str, actions))[:1000])
     elif actions:
         logger.info("drift repaired: %s", "; ".join(map(str, actions)))
-    deployment = api.get("apps/v1", "Deployment", namespace, name) if any(
-        o["kind"] == "Deployment" for o in objects) else None
+    workload = status_mod.layout(d)["workload"]          # a Deployment, or a LeaderWorkerSet (multi-node)
+    kind_version = {"Deployment": "apps/v1", LWS_KIND: LWS_API_VERSION}[workload["kind"]]
+    deployment = api.get(kind_version, workload["kind"], namespace, workload["name"]) if any(
+        o["kind"] == workload["kind"] for o in objects) else None
     new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state)
     _download_events(body, actions, status, new)
     _write(patch, new, status, generation)
     RECONCILES.labels("drift" if from_timer and actions else "ok").inc()
     if cache_state == "Downloading" and not from_timer:
         raise kopf.TemporaryError("waiting for the model download Job", delay=30)
+
+
+def _installed_kinds_only(objects: list[dict], memo, body: dict, from_timer: bool) -> list[dict]:
+    """A ScaledObject needs KEDA's CRD: without it, say so and leave the replicas to spec.replicas."""
+    if memo.get("keda") is not False or not any(o["kind"] == "ScaledObject" for o in objects):
+        return objects
+    if not from_timer:
+        kopf.warn(body, reason="AutoscalerUnavailable",
+                  message="spec.autoscaling.provider keda, but the keda.sh/v1alpha1 API is not installed; "
+                          "install KEDA (then restart the operator) or use provider hpa")
+    return [o for o in objects if o["kind"] != "ScaledObject"]
 
 
 def _download_events(body: dict, actions: list, current: dict, new: dict) -> None:
@@ -149,7 +164,7 @@ def _downloaded(job: dict | None, body: dict, patch) -> None:
     kopf.info(body, reason="DownloadCompleted", message=f"{_cache_key(body)['uri']} cached")
 
 
-MANAGED_STATUS = ("phase", "conditions", "plan", "replicas", "readyReplicas", "selector", "endpoints",
+MANAGED_STATUS = ("phase", "conditions", "plan", "layout", "replicas", "readyReplicas", "selector", "endpoints",
                   "observedGeneration")
 
 
@@ -190,6 +205,8 @@ def build_registry(timer_interval: float = DEFAULT_TIMER_SECONDS) -> kopf.Operat
         settings.scanning.disabled = True
         if memo.get("monitoring") is None:
             memo.monitoring = memo.api.has_api("monitoring.coreos.com/v1")
+        if memo.get("keda") is None:
+            memo.keda = memo.api.has_api("keda.sh/v1alpha1")
         logger.info("engine image %s; Prometheus Operator kinds %s", memo.image,
                     "present" if memo.monitoring else "absent (no ServiceMonitor/PrometheusRule)")
 
@@ -223,8 +240,9 @@ def connection_info(configuration) -> kopf.ConnectionInfo:
         private_key_path=configuration.key_file, default_namespace=None)
 
 
-def make_memo(api: k8s_apply.Api, image: str = DEFAULT_IMAGE, monitoring: bool | None = None) -> kopf.Memo:
-    return kopf.Memo(api=api, image=image, monitoring=monitoring)
+def make_memo(api: k8s_apply.Api, image: str = DEFAULT_IMAGE, monitoring: bool | None = None,
+              keda: bool | None = None) -> kopf.Memo:
+    return kopf.Memo(api=api, image=image, monitoring=monitoring, keda=keda)
 
 
 logging.getLogger("kubernetes.client.rest").setLevel(logging.WARNING)

@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
                                  "(or an nvidia.com/gpu.product value)")
     p.add_argument("--memory-per-gpu-gib", type=float, help="usable memory per GPU; overrides the catalog")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes one replica may span; TP crosses nodes only when no TP within a node fits")
     p.add_argument("--max-model-len", type=int, help="default: the model's maximum")
     p.add_argument("--max-num-seqs", type=int, default=1)
     p.add_argument("--objective", default="MinGPUs", choices=["MinGPUs", "MaxPrefillThroughput"])
@@ -28,7 +30,10 @@ def add_arguments(p) -> None:
 def _table(d: dict) -> str:
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     rows = [("feasible", d["feasible"]), ("model", d["model"]), ("gpu", d["gpu"]), ("runtime", d["runtime"]),
-            ("tensor parallel size", d["tensorParallelSize"]), ("prefill chunk tokens", d["prefillChunkTokens"]),
+            ("tensor parallel size", d["tensorParallelSize"]),
+            ("layout", f"{d['podsPerReplica']} pod(s) per replica x {d['gpusPerPod']} GPU(s) per pod"
+             if d["feasible"] else f"up to {d['nodes']} node(s)"),
+            ("prefill chunk tokens", d["prefillChunkTokens"]),
             ("max model len", f"{d['maxModelLen']:,}"), ("max num seqs", d["maxNumSeqs"]),
             ("KV capacity tokens", f"{d['kvCapacityTokens']:,}"),
             ("gpu memory utilization", d["gpuMemoryUtilization"]),
@@ -46,7 +51,7 @@ def _table(d: dict) -> str:
             fits = "fits" if a["fitsRequestedLength"] else "does not fit"
             lines.append(f"  TP {a['tensorParallelSize']}: {fits} the requested length; "
                          f"longest that fits {a['maxModelLen']:,} tokens"
-                         + ("" if a["withinGpusPerNode"] else " (needs more GPUs per node)"))
+                         + ("" if a["withinNodes"] else f" (needs {a['nodesNeeded']} nodes)"))
     return "\n".join(lines)
 
 
@@ -72,7 +77,7 @@ def run(args) -> int:
         prefill_chunk_tokens=args.chunk if manual else None,
         gpu_memory_utilization=args.gpu_memory_utilization,
         safety_margin_percent=args.safety_margin_percent, gpus_per_node=args.gpus_per_node,
-        runtime=args.runtime,
+        nodes=args.nodes, runtime=args.runtime,
         memory_per_gpu_bytes=int(args.memory_per_gpu_gib * GiB) if args.memory_per_gpu_gib else None)
     if args.chunk is not None and args.tensor_parallel_size is None:
         print("longserve plan: --chunk needs --tensor-parallel-size (manual sizing)", file=sys.stderr)

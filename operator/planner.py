@@ -3,11 +3,14 @@
 Pure and deterministic: `plan(model, gpu, request) -> Plan`. No I/O, no Kubernetes, no torch.
 The memory model and its arithmetic (incl. the published-floor check) live in `memory.py`.
 
-Plan choice (operator.md §4.3): TP candidates divide both head counts and are ≤ gpus_per_node;
-MinGPUs takes the smallest TP that fits, MaxPrefillThroughput the largest; for a TP the chunk is the
-largest of 131072, 65536, 32768, 16384, 8192 (≤ max_model_len) that fits. Manual TP/chunk are
-validated, not trusted. An infeasible request yields a Plan with feasible=False, the reason and
-alternatives (largest max_model_len per valid TP, the TP that would fit).
+Plan choice (operator.md §4.3): TP candidates divide both head counts and are ≤ nodes × gpus_per_node.
+TP stays within one node where it can: the candidates that fit in a node are tried first (MinGPUs the
+smallest first, MaxPrefillThroughput the largest first), and a TP spanning nodes is taken only when
+none of them fits (the smallest such TP). For a TP the chunk is the largest of 131072, 65536, 32768,
+16384, 8192 (≤ max_model_len) that fits. The layout follows from the TP: one pod per node, each with
+the same number of GPUs (`layout`). Manual TP/chunk are validated, not trusted. An infeasible request
+yields a Plan with feasible=False, the reason and alternatives (largest max_model_len per valid TP,
+the TP that would fit, the nodes it needs).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from longserve.server.config import EngineConfig
 OBJECTIVES = ("MinGPUs", "MaxPrefillThroughput")
 MODES = ("Auto", "Manual", "DryRun")
 RUNTIMES = ("native", "vllm", "sglang")
+MAX_TENSOR_PARALLEL_SIZE = 8      # the largest TP the engines and the CRD accept
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,7 @@ class SizingRequest:
     gpus_per_node: int = 8
     runtime: str = "native"
     memory_per_gpu_bytes: int | None = None
+    nodes: int = 1
 
     def validate(self) -> list[str]:
         errors = []
@@ -55,6 +60,8 @@ class SizingRequest:
             errors.append("safety_margin_percent must be within [0, 50]")
         if self.gpus_per_node < 1:
             errors.append("gpus_per_node must be >= 1")
+        if self.nodes < 1:
+            errors.append("nodes must be >= 1")
         if self.memory_per_gpu_bytes is not None and self.memory_per_gpu_bytes <= 0:
             errors.append("memory per GPU must be positive")
         if self.mode == "Manual" and self.tensor_parallel_size is None:
@@ -69,6 +76,15 @@ class SizingRequest:
         elif chunk is not None and chunk > self.max_model_len:
             errors.append(f"prefill_chunk_tokens ({chunk}) must not exceed max_model_len ({self.max_model_len})")
         return errors
+
+
+def layout(tp: int, gpus_per_node: int) -> tuple[int, int] | None:
+    """(pods per replica, GPUs per pod) for `tp` ranks on nodes of `gpus_per_node` GPUs: one pod per
+    node, every pod with the same number of GPUs, as few pods as possible; None when no split works."""
+    for pods in range(1, tp + 1):
+        if tp % pods == 0 and tp // pods <= gpus_per_node:
+            return pods, tp // pods
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +109,20 @@ class Plan:
     total_bytes: int = 0
     explanation: str = ""
     alternatives: tuple = ()
+    nodes: int = 1                      # nodes the request allows per replica
+    pods_per_replica: int | None = None
+    gpus_per_pod: int | None = None
+
+    @property
+    def multi_node(self) -> bool:
+        return (self.pods_per_replica or 1) > 1
 
     def to_dict(self) -> dict:
         return {
             "feasible": self.feasible, "reason": self.reason, "model": self.model, "gpu": self.gpu,
             "runtime": self.runtime, "objective": self.objective, "mode": self.mode,
             "tensorParallelSize": self.tensor_parallel_size, "gpusPerReplica": self.tensor_parallel_size,
+            "gpusPerPod": self.gpus_per_pod, "podsPerReplica": self.pods_per_replica, "nodes": self.nodes,
             "prefillChunkTokens": self.prefill_chunk_tokens, "maxModelLen": self.max_model_len,
             "maxNumSeqs": self.max_num_seqs, "kvCapacityTokens": self.kv_capacity_tokens,
             "gpuMemoryUtilization": self.gpu_memory_utilization,
@@ -174,8 +198,11 @@ def _alternatives(ctx: _Ctx, all_tps: list[int]) -> list[dict]:
     alts = []
     for tp in all_tps:
         fit = ctx.best_chunk(tp)
+        split = layout(tp, ctx.req.gpus_per_node)
         entry = {"tensorParallelSize": tp, "fitsRequestedLength": fit is not None,
-                 "withinGpusPerNode": tp <= ctx.req.gpus_per_node}
+                 "withinGpusPerNode": tp <= ctx.req.gpus_per_node,
+                 "nodesNeeded": split[0] if split else None,
+                 "withinNodes": split is not None and split[0] <= ctx.req.nodes}
         if fit:
             entry["prefillChunkTokens"] = fit[0]
         longest = ctx.max_len_fitting(tp)
@@ -193,7 +220,7 @@ def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan
     base = dict(model=model.hf_id, gpu=gpu.name if gpu else "custom", runtime=request.runtime,
                 objective=request.objective, mode=request.mode, max_model_len=request.max_model_len,
                 max_num_seqs=request.max_num_seqs, kv_bytes_per_token=f.kv_bytes_per_token(model.dtype_bytes),
-                weight_bytes=model.weight_bytes, memory_per_gpu_bytes=int(ctx.memory))
+                weight_bytes=model.weight_bytes, memory_per_gpu_bytes=int(ctx.memory), nodes=request.nodes)
 
     def infeasible(reason: str, explanation: str, alternatives=()) -> Plan:
         return Plan(feasible=False, reason=reason, tensor_parallel_size=request.tensor_parallel_size,
@@ -207,22 +234,33 @@ def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan
     if request.max_model_len > f.max_position_embeddings:
         errors.append(f"max_model_len {request.max_model_len} exceeds the model's maximum "
                       f"{f.max_position_embeddings} (max_position_embeddings)")
-    all_tps = valid_tensor_parallel_sizes(model, 8)
-    tps = [t for t in all_tps if t <= request.gpus_per_node]
+    all_tps = valid_tensor_parallel_sizes(model, MAX_TENSOR_PARALLEL_SIZE)
+    gpn, nodes = request.gpus_per_node, request.nodes
+    placeable = [t for t in all_tps if (split := layout(t, gpn)) is not None and split[0] <= nodes]
     heads = f"{f.num_heads} attention heads and {f.num_kv_heads} KV heads"
-    if request.tensor_parallel_size is not None and request.tensor_parallel_size not in all_tps:
-        errors.append(f"tensor parallel size {request.tensor_parallel_size} must divide both the {heads} "
+    where = f"{gpn} GPUs per node" if nodes == 1 else f"{nodes} nodes × {gpn} GPUs"
+    manual_tp = request.tensor_parallel_size
+    if manual_tp is not None and manual_tp not in all_tps:
+        errors.append(f"tensor parallel size {manual_tp} must divide both the {heads} "
                       f"of {model.short_name}; valid: {', '.join(map(str, all_tps))}")
-    elif request.tensor_parallel_size is not None and request.tensor_parallel_size > request.gpus_per_node:
-        errors.append(f"tensor parallel size {request.tensor_parallel_size} exceeds the "
-                      f"{request.gpus_per_node} GPUs per node")
+    elif manual_tp is not None and manual_tp not in placeable:
+        needs = layout(manual_tp, gpn)
+        hint = f"; it needs {needs[0]} nodes of {needs[1]} GPUs (set nodes)" if needs else ""
+        errors.append(f"tensor parallel size {manual_tp} exceeds the {where}{hint}"
+                      if manual_tp > gpn * nodes or needs else
+                      f"tensor parallel size {manual_tp} cannot be split evenly over nodes of {gpn} GPUs")
     if errors:
         return infeasible("InvalidSpec", "; ".join(errors))
 
-    candidates = [request.tensor_parallel_size] if request.mode == "Manual" else tps
-    if request.objective == "MaxPrefillThroughput" and request.mode != "Manual":
-        candidates = list(reversed(candidates))
-    intro = f"TP candidates {','.join(map(str, candidates))} (divide {heads}, ≤ {request.gpus_per_node} GPUs per node)."
+    in_node = [t for t in placeable if t <= gpn]
+    across = [t for t in placeable if t > gpn]
+    if request.mode == "Manual":
+        candidates = [manual_tp]
+    elif request.objective == "MaxPrefillThroughput":
+        candidates = list(reversed(in_node)) + across     # within a node first, then the fewest nodes
+    else:
+        candidates = in_node + across
+    intro = f"TP candidates {','.join(map(str, candidates))} (divide {heads}, ≤ {where})."
     chosen = None
     for tp in candidates:
         if request.prefill_chunk_tokens is not None:
@@ -238,8 +276,13 @@ def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan
         hints = []
         for a in alts:
             if a["fitsRequestedLength"]:
-                where = "" if a["withinGpusPerNode"] else " (needs more GPUs per node)"
-                hints.append(f"TP {a['tensorParallelSize']} fits{where}")
+                if a["withinNodes"]:
+                    needs = ""
+                elif a["nodesNeeded"]:
+                    needs = f" (needs {a['nodesNeeded']} nodes of {gpn} GPUs)"
+                else:
+                    needs = " (needs more GPUs per node)"
+                hints.append(f"TP {a['tensorParallelSize']} fits{needs}")
             elif a["maxModelLen"]:
                 hints.append(f"at TP {a['tensorParallelSize']} about {a['maxModelLen']:,} tokens fit")
         smallest = ctx.breakdown(candidates[0], chunk_candidates(request.max_model_len)[-1])
@@ -249,19 +292,30 @@ def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan
         return infeasible("Infeasible", explanation, alts)
 
     tp, chunk, bd = chosen
+    pods, per_pod = layout(tp, gpn)
     why_chunk = ("the requested chunk" if request.prefill_chunk_tokens is not None
                  else "the largest chunk that fits")
-    why_tp = {"Manual": "the requested TP",
-              "MinGPUs": "the smallest TP that fits"}.get(request.mode if request.mode == "Manual"
-                                                         else request.objective, "the largest valid TP")
+    if request.mode == "Manual":
+        why_tp = "the requested TP"
+    elif tp > gpn:
+        why_tp = "no TP within one node fits; the smallest across nodes"
+    elif request.objective == "MinGPUs":
+        why_tp = "the smallest TP that fits"
+    else:
+        why_tp = "the largest valid TP within one node" if across else "the largest valid TP"
     explanation = (f"{intro} TP={tp} ({why_tp}) fits with chunk {chunk} ({why_chunk}): {_describe(bd, request.runtime)}.")
+    if pods == 1:
+        explanation += f" Layout: one pod with {per_pod} GPU(s) per replica."
+    else:
+        explanation += (f" Layout: {pods} pods per replica (one per node) with {per_pod} GPUs each, "
+                        f"a leader and {pods - 1} worker(s) in one LeaderWorkerSet group.")
     if request.runtime != "native":
         explanation += (f" {request.runtime} gets memory fraction {bd.fraction:.2f}: the DCA/sparse transients "
                         f"({_gb(bd.attention + bd.estimation)} GB) lie outside its profiled pool.")
     return Plan(feasible=True, reason="PlanComputed", tensor_parallel_size=tp, prefill_chunk_tokens=chunk,
                 kv_capacity_tokens=ctx.kv_capacity(tp, bd), gpu_memory_utilization=round(bd.fraction, 2),
                 per_gpu_bytes=bd.as_dict(), total_bytes=int(bd.total * tp), explanation=explanation,
-                **base)
+                pods_per_replica=pods, gpus_per_pod=per_pod, **base)
 
 
 def engine_config_for(p: Plan, *, model_path: str, served_model_name: str, max_output_tokens: int = 8192,

@@ -13,8 +13,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from longserve.operator import runtimes, security
-from longserve.operator import rollout
+from longserve.operator import render_lws, runtimes, security
+from longserve.operator import autoscaling, rollout
 from longserve.operator.catalog import GiB, GpuSpec, ModelEntry, lookup_gpu, lookup_model
 from longserve.operator.memory import valid_tensor_parallel_sizes
 from longserve.operator.planner import Plan, SizingRequest, engine_config_for, plan
@@ -84,7 +84,7 @@ def size(lcm: LongContextModel) -> tuple[ModelEntry, Plan]:
         objective=lcm.objective, mode=lcm.mode, tensor_parallel_size=lcm.tensor_parallel_size,
         prefill_chunk_tokens=lcm.prefill_chunk_tokens, gpu_memory_utilization=lcm.gpu_memory_utilization,
         safety_margin_percent=lcm.safety_margin_percent, gpus_per_node=lcm.gpus_per_node, runtime=lcm.runtime,
-        memory_per_gpu_bytes=lcm.memory_per_gpu_bytes)
+        memory_per_gpu_bytes=lcm.memory_per_gpu_bytes, nodes=lcm.nodes)
     result = plan(model, gpu, request)
     if result.reason == "InvalidSpec":
         raise SpecError("InvalidSpec", result.explanation)
@@ -165,14 +165,22 @@ def cache_claim(lcm: LongContextModel) -> str | None:
     return None
 
 
-def shm_bytes(lcm: LongContextModel, tp: int) -> int:
+def shm_bytes(lcm: LongContextModel, gpus: int) -> int:
+    """/dev/shm of an engine pod with `gpus` GPUs: 1 GiB for one GPU (tokenizer and process
+    start-up); 16 GiB when several GPU processes share the pod: NCCL's intra-node shared-memory
+    transport keeps buffers for every pair of local ranks there, and the ranks exchange each
+    step's metadata through it."""
     if lcm.shm_size != AUTO:
         return parse_quantity(lcm.shm_size, "spec.resources.shmSize")
-    return GiB if tp == 1 else 16 * GiB
+    return GiB if gpus == 1 else 16 * GiB
+
+
+def gpus_per_pod(p: Plan) -> int:
+    return p.gpus_per_pod or p.tensor_parallel_size
 
 
 def _resources(lcm: LongContextModel, model: ModelEntry, p: Plan) -> dict:
-    tp = p.tensor_parallel_size
+    tp = gpus_per_pod(p)           # the GPUs (and GPU processes) of this pod
     shm = shm_bytes(lcm, tp)
     if lcm.memory != AUTO:
         memory = lcm.memory
@@ -229,7 +237,7 @@ def drain_seconds(lcm: LongContextModel, model: ModelEntry, p: Plan) -> int:
 
 def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineConfig, config_map: dict,
                 image: str) -> dict:
-    tp = p.tensor_parallel_size
+    gpus = gpus_per_pod(p)
     claim = cache_claim(lcm)
     uncached_hub = lcm.model.scheme == "hf" and not lcm.cache_enabled
     scratch_volumes, scratch_mounts, scratch_env = security.scratch(
@@ -238,7 +246,7 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
               {"name": "dshm", "mountPath": "/dev/shm"},
               {"name": "models", "mountPath": MODEL_DIR, "readOnly": claim is not None}, *scratch_mounts]
     volumes = [{"name": "engine-config", "configMap": {"name": config_map["metadata"]["name"]}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": gib_quantity(shm_bytes(lcm, tp))}},
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": gib_quantity(shm_bytes(lcm, gpus))}},
                {"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
                if claim else {"name": "models", "emptyDir": {}}, *scratch_volumes]
     command = runtimes.command(cfg, lcm.extra_args)
@@ -249,10 +257,12 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
         command = runtimes.command(cfg) + key_args + [str(a) for a in lcm.extra_args]
     drain = drain_seconds(lcm, model, p)
     command = rollout.with_drain(command, lcm.runtime, drain, len(lcm.extra_args))
+    resources = _resources(lcm, model, p)
+    rank_env = runtimes.rank_env(resources["requests"].get("cpu"), gpus)
     container = {
         "name": "engine", "image": image, "imagePullPolicy": "IfNotPresent",
-        "command": command, "env": _env(lcm, cfg, scratch_env), "ports": runtimes.ports(cfg),
-        "resources": _resources(lcm, model, p), "volumeMounts": mounts,
+        "command": command, "env": _env(lcm, cfg, scratch_env + rank_env), "ports": runtimes.ports(cfg),
+        "resources": resources, "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError", **runtimes.probes(model.weight_bytes),
         "securityContext": security.container_security_context()}
     node_selector = dict(lcm.node_selector)
@@ -390,6 +400,12 @@ def _prometheus_rule(lcm: LongContextModel, startup_seconds: int) -> dict:
                    "spec": {"groups": [{"name": f"longserve-{lcm.name}", "rules": rules}]}})
 
 
+def _autoscaler(lcm: LongContextModel) -> dict:
+    """A KEDA ScaledObject or an HPA on the resource's own scale subresource (autoscaling.py)."""
+    target = {"api_version": API_VERSION, "kind": KIND, "name": lcm.name}
+    return _stamp(autoscaling.autoscaler(lcm.autoscaling, _meta(lcm, lcm.name, "autoscaler"), target, lcm.runtime))
+
+
 def engine_config(lcm: LongContextModel, p: Plan) -> EngineConfig:
     return engine_config_for(p, model_path=model_path(lcm), served_model_name=lcm.model.served_model_name,
                              max_output_tokens=lcm.max_output_tokens, http_port=lcm.http_port,
@@ -413,14 +429,40 @@ def render(lcm: LongContextModel, model: ModelEntry, p: Plan, *, image: str = DE
     if lcm.downloads and not model_cached:
         objects.append(_download_job(lcm, model, image))     # the operator's image: it has `longserve download`
     engine_image = lcm.image or image
-    objects += [_deployment(lcm, model, p, cfg, config_map, engine_image), _service(lcm), _pdb(lcm)]
-    if lcm.network_policy.enabled:
-        objects.append(_network_policy(lcm))
+    deployment, service = _deployment(lcm, model, p, cfg, config_map, engine_image), _service(lcm)
+    policy = _network_policy(lcm) if lcm.network_policy.enabled else None
+    if p.multi_node:
+        objects += _group_objects(lcm, model, p, deployment, service, policy)
+    else:
+        objects += [deployment, service, _pdb(lcm)] + ([policy] if policy else [])
+    if lcm.autoscaling is not None:
+        objects.append(_autoscaler(lcm))
     if monitoring and lcm.service_monitor:
         objects.append(_service_monitor(lcm))
     if monitoring and lcm.prometheus_rule:
         objects.append(_prometheus_rule(lcm, runtimes.startup_probe_seconds(model.weight_bytes)))
     return objects
+
+
+def _restamped(obj: dict) -> dict:
+    obj["metadata"]["labels"].pop(HASH_LABEL, None)
+    return _stamp(obj)
+
+
+def _group_objects(lcm: LongContextModel, model: ModelEntry, p: Plan, deployment: dict, service: dict,
+                   policy: dict | None) -> list[dict]:
+    """A replica over several pods: a LeaderWorkerSet (from the Deployment's pod) and its headless
+    Service in place of the Deployment; the client Service selects the leaders (render_lws.py)."""
+    name = render_lws.group_name(lcm.name)
+    pods = {**selector(lcm), "app.kubernetes.io/component": "engine"}
+    lws = render_lws.leader_worker_set(
+        _meta(lcm, name, "engine"), deployment, p, lcm.runtime, lcm.replicas,
+        runtimes.startup_probe_seconds(model.weight_bytes), {e.get("name") for e in lcm.env})
+    out = [_restamped(lws), _stamp(render_lws.headless_service(_meta(lcm, name, "engine"), pods)),
+           _restamped(render_lws.leader_only(service)), _pdb(lcm)]
+    if policy:
+        out.append(_restamped(render_lws.with_group_traffic(policy, pods)))
+    return out
 
 
 def desired(body: dict, *, image: str = DEFAULT_IMAGE, model_cached: bool = False,
@@ -429,7 +471,9 @@ def desired(body: dict, *, image: str = DEFAULT_IMAGE, model_cached: bool = Fals
     lcm = parse(body)
     model, p = size(lcm)
     objects = render(lcm, model, p, image=image, model_cached=model_cached, monitoring=monitoring)
-    spec_hash = content_hash({"spec": body.get("spec"), "plan": p.to_dict(), "image": image})[:8]
-    shm = gib_quantity(shm_bytes(lcm, p.tensor_parallel_size)) if p.feasible else ""
+    # replicas are the autoscaler's to change: not part of what was planned (no re-sizing event per scale)
+    planned = {k: v for k, v in (body.get("spec") or {}).items() if k != "replicas"}
+    spec_hash = content_hash({"spec": planned, "plan": p.to_dict(), "image": image})[:8]
+    shm = gib_quantity(shm_bytes(lcm, gpus_per_pod(p))) if p.feasible else ""
     return Desired(resource=lcm, model=model, plan=p, spec_hash=spec_hash, objects=objects,
                    startup_probe_seconds=runtimes.startup_probe_seconds(model.weight_bytes), shm_size=shm)

@@ -3,10 +3,15 @@
 `native` runs `longserve serve` on the mounted EngineConfig; `vllm` and `sglang` run the upstream
 launch command with the planner's numbers (serving.md §4.3), HTTP only. Every runtime serves
 `/health` on the HTTP port, so the probes are the same; none of them runs a generation.
+
+A replica spanning pods (a LeaderWorkerSet group, render_lws.py) runs each runtime's own
+multi-node launch (`multi_node_command`), with ranks and the leader's address from the variables
+LeaderWorkerSet injects (flags use Kubernetes' `$(VAR)` expansion of them).
 """
 from __future__ import annotations
 
 import math
+import shlex
 
 from longserve.server.config import EngineConfig
 
@@ -15,6 +20,8 @@ CONFIG_FILE = "engine_config.json"
 STARTUP_FLOOR_SECONDS = 1800
 LOAD_BYTES_PER_SECOND = 100e6        # pessimistic weight load rate: network volume, cold page cache
 PROBE_PERIOD_SECONDS = 10
+RENDEZVOUS_PORT = 29500              # torch.distributed store on the leader (native and SGLang)
+RAY_PORT = 6379                      # the Ray head on a vLLM group's leader
 
 UPSTREAM_ENV = {
     "vllm": {"VLLM_USE_V1": "0", "VLLM_ATTENTION_BACKEND": "DUAL_CHUNK_FLASH_ATTN",
@@ -80,3 +87,51 @@ def probes(weight_bytes: int) -> dict:
         "livenessProbe": {"httpGet": http_get(), "periodSeconds": 30, "timeoutSeconds": 10,
                           "failureThreshold": 5},
     }
+
+
+def rank_env(cpu: str | None, gpus: int) -> list[dict]:
+    """OMP_NUM_THREADS per rank: the pod's CPUs shared by its GPU processes (each rank is one
+    process; unset, every rank's torch would size its thread pool to all the node's cores)."""
+    return [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(_cpus(cpu) // max(1, gpus))))}]
+
+
+def _cpus(cpu: str | None) -> float:
+    text = str(cpu or "1")
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def multi_node_command(runtime: str, command: list[str], *, leader: bool, pods: int,
+                       startup_seconds: int) -> list[str]:
+    """The command of a pod in a group of `pods` pods (one per node), from the single-pod `command`.
+
+    native: the same command; ranks and the leader come from the LWS variables, and the rendezvous
+    waits as long as the startup budget. SGLang: its own flags (`--nnodes --node-rank
+    --dist-init-addr`). vLLM: a Ray cluster, the launch its DCA-capable releases support across
+    nodes (its V0 engine, which the DCA backend needs, has no multi-node multiprocessing launch):
+    the leader starts the Ray head and `vllm serve` with the Ray executor, which waits for the
+    workers' GPUs; the workers only join the Ray cluster.
+    """
+    if runtime == "native":
+        return command + ["--dist-timeout-seconds", str(startup_seconds)]
+    if runtime == "sglang":
+        return command + ["--nnodes", str(pods), "--node-rank", "$(LWS_WORKER_INDEX)",
+                          "--dist-init-addr", f"$(LWS_LEADER_ADDRESS):{RENDEZVOUS_PORT}"]
+    if runtime == "vllm":
+        if not leader:
+            return ["sh", "-c", f"exec ray start --address=$LWS_LEADER_ADDRESS:{RAY_PORT} --block --disable-usage-stats"]
+        serve = shlex.join(command + ["--distributed-executor-backend", "ray"])
+        return ["sh", "-c", f"ray start --head --port={RAY_PORT} --disable-usage-stats && exec {serve}"]
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def multi_node_env(runtime: str) -> list[dict]:
+    """Environment of every pod of a group (beside the variables LeaderWorkerSet injects)."""
+    if runtime == "native":
+        return [{"name": "LONGSERVE_MASTER_PORT", "value": str(RENDEZVOUS_PORT)}]
+    return []
+
+
+def rendezvous_port(runtime: str) -> dict:
+    """The port the group's other pods first connect to on the leader."""
+    return {"name": "rendezvous", "containerPort": RAY_PORT if runtime == "vllm" else RENDEZVOUS_PORT,
+            "protocol": "TCP"}

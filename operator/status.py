@@ -7,6 +7,7 @@ failing condition's. `lastTransitionTime` changes only when a condition's status
 from __future__ import annotations
 
 from longserve.operator.render import Desired, selector
+from longserve.operator.render_lws import LWS_KIND, group_name
 from longserve.operator.types import SpecError
 
 GB = 1e9
@@ -40,13 +41,26 @@ def public_plan(d: Desired) -> dict:
     return data
 
 
-def workload(deployment: dict | None, replicas: int) -> tuple[dict, int, int]:
-    """WorkloadAvailable from the Deployment's status, with its replica counts."""
+def layout(d: Desired) -> dict:
+    """How one replica is laid out: its GPUs, pods and nodes, and the workload that runs it."""
+    lcm, p = d.resource, d.plan
+    multi = p.multi_node
+    return {"gpusPerReplica": p.tensor_parallel_size, "gpusPerPod": p.gpus_per_pod,
+            "podsPerReplica": p.pods_per_replica, "nodesPerReplica": p.pods_per_replica,
+            "workload": {"kind": LWS_KIND if multi else "Deployment",
+                         "name": group_name(lcm.name) if multi else lcm.name}}
+
+
+def workload(deployment: dict | None, replicas: int, kind: str = "Deployment") -> tuple[dict, int, int]:
+    """WorkloadAvailable from the workload's status (a Deployment, or a LeaderWorkerSet whose
+    replicas are groups: a group is ready when all its pods are), with its replica counts."""
     if deployment is None:
-        return condition("WorkloadAvailable", False, "Progressing", "the Deployment is being created"), 0, 0
+        return condition("WorkloadAvailable", False, "Progressing", f"the {kind} is being created"), 0, 0
     st = deployment.get("status") or {}
     current, ready = int(st.get("replicas") or 0), int(st.get("readyReplicas") or 0)
-    for cond in st.get("conditions") or []:
+    # a Deployment's Progressing=False means its deadline passed; a LeaderWorkerSet sets it False
+    # whenever it is Available (the two exclude each other), so only the Deployment's counts
+    for cond in (st.get("conditions") or []) if kind == "Deployment" else []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
             return condition("WorkloadAvailable", False, cond.get("reason") or "ProgressDeadlineExceeded",
                              cond.get("message") or ""), current, ready
@@ -73,7 +87,8 @@ def invalid_status(error: SpecError) -> tuple[str, list[dict]]:
 
 
 def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_state: str | None) -> dict:
-    """Status for a parsed, sized resource. `cache_state`: None (no download), "Downloading",
+    """Status for a parsed, sized resource. `deployment`: the live workload (the Deployment, or the
+    LeaderWorkerSet of a plan spanning nodes). `cache_state`: None (no download), "Downloading",
     "DownloadFailed" or "DownloadComplete"."""
     lcm, p = d.resource, d.plan
     conds = [condition("SpecValid", True, "SpecValid", "")]
@@ -83,13 +98,14 @@ def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_s
         conds.append(condition("Sized", False, "Infeasible", p.explanation))
         return {**status, "phase": "Failed", "conditions": conds + [_ready(conds)]}
     conds.append(condition("Sized", True, "PlanComputed", p.explanation))
+    status["layout"] = layout(d)
     if lcm.mode == "DryRun":
         conds.append(condition("Ready", False, "DryRun", "plan only: sizing.mode is DryRun, nothing is deployed"))
         return {**status, "phase": "Planned", "conditions": conds}
     if cache_state is not None:
         conds.append(condition("ModelCached", cache_state == "DownloadComplete", cache_state,
                                f"{lcm.model.uri}@{lcm.model.revision}"))
-    available, current, ready = workload(deployment, lcm.replicas)
+    available, current, ready = workload(deployment, lcm.replicas, layout(d)["workload"]["kind"])
     if cache_state in ("Downloading", "DownloadFailed") and deployment is None:
         available = condition("WorkloadAvailable", False, "WaitingForCache", "the engine starts once the cache is filled")
     conds.append(available)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from longserve.operator import options
 from longserve.operator.errors import SpecError
 from longserve.operator.options import DownloadOptions, NetworkPolicyOptions, PodOptions, SecretKey
+from longserve.operator.autoscaling import AutoscalingOptions, autoscaling_options
 from longserve.operator.rollout import RolloutOptions, rollout_options
 
 GROUP = "longserve.io"
@@ -28,6 +29,7 @@ RUNTIMES = ("native", "vllm", "sglang")
 MODES = ("Auto", "Manual", "DryRun")
 OBJECTIVES = ("MinGPUs", "MaxPrefillThroughput")
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+MAX_NODES = 8
 AUTO = "auto"
 
 # Defaults shared with the CRD schema (crd.py) — change them here only.
@@ -41,6 +43,7 @@ DEFAULTS = {
     "gpuMemoryUtilization": 0.90,
     "safetyMarginPercent": 10,
     "gpusPerNode": 8,
+    "nodes": 1,
     "resourceName": "nvidia.com/gpu",
     "cacheEnabled": True,
     "replicas": 1,
@@ -131,6 +134,7 @@ class LongContextModel:
     gpu_product: str | None = None
     memory_per_gpu_bytes: int | None = None
     gpus_per_node: int = 8
+    nodes: int = 1                      # nodes one replica may span (a LeaderWorkerSet when it does)
     resource_name: str = "nvidia.com/gpu"
     node_selector: dict = field(default_factory=dict)
     tolerations: tuple = ()
@@ -156,6 +160,7 @@ class LongContextModel:
     resource_requests: dict = field(default_factory=dict)     # spec.resources.requests (win over auto)
     resource_limits: dict = field(default_factory=dict)
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    autoscaling: AutoscalingOptions | None = None      # spec.autoscaling: the autoscaler owns spec.replicas
 
     @property
     def cpu_mode(self) -> bool:
@@ -312,6 +317,7 @@ def parse(body: dict) -> LongContextModel:
         memory_per_gpu_bytes=(parse_quantity(memory_per_gpu, "spec.accelerator.memoryPerGpu")
                               if memory_per_gpu is not None else None),
         gpus_per_node=_int(accel.get("gpusPerNode", DEFAULTS["gpusPerNode"]), "spec.accelerator.gpusPerNode", 1, 8),
+        nodes=_int(accel.get("nodes", DEFAULTS["nodes"]), "spec.accelerator.nodes", 1, MAX_NODES),
         resource_name=resource_name,
         node_selector={str(k): str(v) for k, v in node_selector.items()},
         tolerations=tuple(tolerations),
@@ -332,7 +338,7 @@ def parse(body: dict) -> LongContextModel:
         api_key=api_key,
         network_policy=options.network_policy(spec), pod=options.pod_options(spec),
         download=options.download_options(cache), resource_requests=requests, resource_limits=limits,
-        rollout=rollout_options(spec),
+        rollout=rollout_options(spec), autoscaling=autoscaling_options(spec, runtime_name),
     )
 
 

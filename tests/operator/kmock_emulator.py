@@ -34,8 +34,11 @@ CORE_RESOURCES = {
     "v1/events": "Event", "v1/pods": "Pod", "apps/v1/deployments": "Deployment", "batch/v1/jobs": "Job",
     "policy/v1/poddisruptionbudgets": "PodDisruptionBudget",
     "networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
+    "leaderworkerset.x-k8s.io/v1/leaderworkersets": "LeaderWorkerSet",
     "monitoring.coreos.com/v1/servicemonitors": "ServiceMonitor",
     "monitoring.coreos.com/v1/prometheusrules": "PrometheusRule",
+    "autoscaling/v2/horizontalpodautoscalers": "HorizontalPodAutoscaler",
+    "keda.sh/v1alpha1/scaledobjects": "ScaledObject",
 }
 VERBS = ["create", "delete", "get", "list", "patch", "watch"]
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
@@ -64,7 +67,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def declare(self, path: str, kind: str, *, namespaced: bool = True, status: bool = False) -> None:
         self.resources[path] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=namespaced,
-                                                  verbs=VERBS, subresources={"status"} if status else set())
+                                                  verbs=VERBS, subresources={"status", "scale"} if status else set())
 
     def _next_version(self) -> str:
         self.latest_version = next(self._versions)
@@ -127,13 +130,14 @@ class Emulator(kmock.KubernetesEmulator):
                 patched = jsonpatch.apply_patch(current, request.data)
             except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:   # fix 4
                 raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
-            if patched.get("spec") != current.get("spec") and request.subresource is None:
+            if patched.get("spec") != current.get("spec") and request.subresource in (None, "scale"):
                 generation += 1
             request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
             request.data.append({"op": "add", "path": "/metadata/generation", "value": generation})
         elif isinstance(request.data, dict):
             spec = request.data.get("spec")
-            if spec is not None and request.subresource is None and _merged(current.get("spec"), spec) != current.get("spec"):
+            if spec is not None and request.subresource in (None, "scale") and \
+                    _merged(current.get("spec"), spec) != current.get("spec"):
                 generation += 1
             meta = request.data.get("metadata")
             if not isinstance(meta, dict):

@@ -35,7 +35,8 @@ def test_crd_identity_subresources_and_columns():
                                                 "statusReplicasPath": ".status.replicas",
                                                 "labelSelectorPath": ".status.selector"}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Ready", "Runtime", "TP", "Chunk", "MaxLen", "Replicas", "Phase", "Age", "Endpoint"]
+    assert columns == ["Ready", "Runtime", "TP", "Pods/Replica", "GPUs/Pod", "Chunk", "MaxLen", "Replicas", "Phase", "Age",
+                       "Endpoint"]
     rules = [r["rule"] for r in SCHEMA["properties"]["spec"]["x-kubernetes-validations"]]
     assert any("oldSelf" in r for r in rules) and len(rules) == 8
 
@@ -53,7 +54,8 @@ def test_schema_defaults_are_the_parser_defaults():
              ("sizing", "mode"): "mode", ("sizing", "objective"): "objective",
              ("sizing", "gpuMemoryUtilization"): "gpuMemoryUtilization",
              ("sizing", "safetyMarginPercent"): "safetyMarginPercent",
-             ("accelerator", "gpusPerNode"): "gpusPerNode", ("accelerator", "resourceName"): "resourceName",
+             ("accelerator", "gpusPerNode"): "gpusPerNode", ("accelerator", "nodes"): "nodes",
+             ("accelerator", "resourceName"): "resourceName",
              ("cache", "enabled"): "cacheEnabled", ("replicas",): "replicas", ("serving", "httpPort"): "httpPort",
              ("serving", "grpcPort"): "grpcPort",
              ("cache", "download", "backoffLimit"): "downloadBackoffLimit"}

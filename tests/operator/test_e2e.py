@@ -282,3 +282,77 @@ def test_revision_change_downloads_beside_the_old_files_then_rolls_the_pods(clus
                       and status_of(cluster, "rev"), "status.cache on v2")
     assert st["cache"]["complete"]
     cluster.wait(lambda: "rev-download-v2" not in cluster.children(JOBS), "the v2 Job removed")
+
+
+# --- tensor parallelism: a TP Deployment, and a LeaderWorkerSet for a replica spanning nodes ---
+
+LWS = "leaderworkerset.x-k8s.io/v1/leaderworkersets"
+
+
+def test_tp_example_renders_a_deployment_with_tp_args_and_shm(cluster):
+    import yaml
+    from pathlib import Path
+    body = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests/examples/qwen25-7b-1m-a100x4.yaml")
+                          .read_text())
+    body["metadata"]["namespace"] = "default"
+    body["spec"]["cache"] = {"enabled": False}        # no download Job to wait for
+    cluster.create(body)
+    name = body["metadata"]["name"]
+    deployment = cluster.wait(lambda: cluster.children(DEPLOYMENTS).get(name), "the TP Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    engine = pod["containers"][0]
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {e["name"]: e.get("value") for e in engine["env"]}["OMP_NUM_THREADS"] == "3"
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert engine_config(cluster, name)["tensor_parallel_size"] == 4
+    st = cluster.wait(lambda: status_of(cluster, name).get("layout") and status_of(cluster, name), "status.layout")
+    assert st["layout"] == {"gpusPerReplica": 4, "gpusPerPod": 4, "podsPerReplica": 1, "nodesPerReplica": 1,
+                            "workload": {"kind": "Deployment", "name": name}}
+    assert not cluster.children(LWS)
+
+
+def test_plan_spanning_nodes_runs_a_leader_worker_set(cluster):
+    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"},
+            "accelerator": {"gpuProduct": "NVIDIA-L40S", "gpusPerNode": 4, "nodes": 2}}
+    cluster.create(resource("big", **spec))
+    uid = cluster.get("big")["metadata"]["uid"]
+    lws = cluster.wait(lambda: cluster.children(LWS).get("big-group"), "the LeaderWorkerSet")
+    assert [r["uid"] for r in lws["metadata"]["ownerReferences"]] == [uid]       # deleted with the resource
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == 2 and group["restartPolicy"] == "RecreateGroupOnPodRestart"
+    leader = group["leaderTemplate"]["spec"]["containers"][0]
+    assert leader["resources"]["limits"]["nvidia.com/gpu"] == "4" and "startupProbe" in leader
+    assert "ports" not in group["workerTemplate"]["spec"]["containers"][0]
+    headless = cluster.wait(lambda: cluster.children(SERVICES).get("big-group"), "the group's headless Service")
+    assert headless["spec"]["clusterIP"] == "None"
+    client = cluster.wait(lambda: cluster.children(SERVICES).get("big"), "the client Service")
+    assert client["spec"]["selector"]["longserve.io/role"] == "leader"
+    assert "big" not in cluster.children(DEPLOYMENTS)
+    assert engine_config(cluster, "big")["tensor_parallel_size"] == 8
+    st = cluster.wait(lambda: status_of(cluster, "big").get("layout") and status_of(cluster, "big"), "status.layout")
+    assert st["layout"] == {"gpusPerReplica": 8, "gpusPerPod": 4, "podsPerReplica": 2, "nodesPerReplica": 2,
+                            "workload": {"kind": "LeaderWorkerSet", "name": "big-group"}}
+    assert st["phase"] == "Starting" and st["plan"]["podsPerReplica"] == 2
+    assert conditions(cluster.get("big"))["WorkloadAvailable"] == ("False", "Progressing")
+    # the LeaderWorkerSet's readiness (a group counts once all its pods are ready) drives the status;
+    # its Progressing=False beside Available=True is normal for this kind
+    cluster.patch_status("leaderworkerset.x-k8s.io/v1", "leaderworkersets", "big-group", {
+        "replicas": 1, "readyReplicas": 1, "conditions": [
+            {"type": "Available", "status": "True", "reason": "AllGroupsReady", "message": ""},
+            {"type": "Progressing", "status": "False", "reason": "GroupsProgressing", "message": ""}]})
+    cluster.wait(lambda: status_of(cluster, "big").get("phase") == "Ready", "phase Ready from the LeaderWorkerSet")
+    assert conditions(cluster.get("big"))["WorkloadAvailable"] == ("True", "MinimumReplicasAvailable")
+    # drift repair: a hand-edited group size is put back by the timer
+    cluster.api.request("PATCH", "/apis/leaderworkerset.x-k8s.io/v1/namespaces/default/leaderworkersets/big-group",
+                        {"spec": {"leaderWorkerTemplate": {"size": 5}}}, content_type="application/merge-patch+json")
+    cluster.wait(lambda: cluster.children(LWS)["big-group"]["spec"]["leaderWorkerTemplate"]["size"] == 2,
+                 "the group size repaired")
+    # a bigger GPU fits within one node: the Deployment replaces the LeaderWorkerSet and its Service
+    cluster.patch_spec("big", {"accelerator": {"gpuProduct": "NVIDIA-H100-80GB-HBM3", "gpusPerNode": 8, "nodes": 2}})
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("big"), "the Deployment")
+    cluster.wait(lambda: "big-group" not in cluster.children(LWS), "the LeaderWorkerSet deleted")
+    cluster.wait(lambda: "big-group" not in cluster.children(SERVICES), "the headless Service deleted")
+    st = cluster.wait(lambda: (s := status_of(cluster, "big")).get("layout", {}).get("podsPerReplica") == 1 and s,
+                      "the layout of one pod")
+    assert st["layout"]["workload"] == {"kind": "Deployment", "name": "big"}
+    assert "longserve.io/role" not in cluster.children(SERVICES)["big"]["spec"]["selector"]

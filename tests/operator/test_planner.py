@@ -221,3 +221,49 @@ def test_cli_accepts_config_json_path(tmp_path):
     assert data["tensorParallelSize"] == 1 and data["kvBytesPerToken"] == 57344
     missing = _cli("--model", str(tmp_path / "nope" / "config.json"), "--gpu", "H200-141GB")
     assert missing.returncode == 2
+
+
+# --- nodes: TP within a node where it can, across nodes only when needed ---
+
+def test_layout_splits_evenly_over_nodes():
+    from longserve.operator.planner import layout
+    assert layout(4, 8) == (1, 4) and layout(8, 4) == (2, 4) and layout(8, 8) == (1, 8)
+    assert layout(4, 3) == (2, 2) and layout(8, 1) == (8, 1)
+    assert layout(6, 4) == (2, 3)                 # the fewest pods with equal GPU counts, not 4 + 2
+
+
+def test_14b_on_l40s_needs_two_nodes_of_four():
+    one = run_plan(M14, "L40S-48GB", gpus_per_node=4)
+    assert not one.feasible and one.reason == "Infeasible"
+    assert "TP 8 fits (needs 2 nodes of 4 GPUs)" in one.explanation
+    alt8 = next(a for a in one.alternatives if a["tensorParallelSize"] == 8)
+    assert alt8["nodesNeeded"] == 2 and not alt8["withinNodes"]
+    two = run_plan(M14, "L40S-48GB", gpus_per_node=4, nodes=2)
+    assert two.feasible and two.tensor_parallel_size == 8
+    assert (two.pods_per_replica, two.gpus_per_pod, two.nodes) == (2, 4, 2) and two.multi_node
+    assert "2 pods per replica (one per node) with 4 GPUs each" in two.explanation
+    d = two.to_dict()
+    assert (d["gpusPerPod"], d["podsPerReplica"], d["nodes"], d["gpusPerReplica"]) == (4, 2, 2, 8)
+
+
+@pytest.mark.parametrize("objective", ["MinGPUs", "MaxPrefillThroughput"])
+def test_tp_stays_within_a_node_when_one_fits(objective):
+    # 7B on H100s: TP 2 (MinGPUs) or 4 (MaxPrefillThroughput) fit in a node of 4: more nodes change nothing
+    single = run_plan(M7, "H100-80GB", gpus_per_node=4, objective=objective)
+    multi = run_plan(M7, "H100-80GB", gpus_per_node=4, nodes=4, objective=objective)
+    assert multi.tensor_parallel_size == single.tensor_parallel_size <= 4
+    assert (multi.pods_per_replica, multi.gpus_per_pod) == (1, single.tensor_parallel_size)
+    # 14B on H100s with 2 GPUs per node: TP 2 does not fit, so MaxPrefillThroughput takes the
+    # smallest TP across nodes (4 = 2 x 2), not the largest (8 = 4 x 2)
+    p = run_plan(M14, "H100-80GB", gpus_per_node=2, nodes=4, objective=objective)
+    assert p.feasible and p.tensor_parallel_size == 4 and (p.pods_per_replica, p.gpus_per_pod) == (2, 2)
+    assert "no TP within one node fits" in p.explanation
+
+
+def test_manual_tp_across_nodes_is_validated():
+    ok = run_plan(M14, "L40S-48GB", gpus_per_node=4, nodes=2, mode="Manual", tensor_parallel_size=8)
+    assert ok.feasible and (ok.pods_per_replica, ok.gpus_per_pod) == (2, 4)
+    bad = run_plan(M14, "L40S-48GB", gpus_per_node=4, mode="Manual", tensor_parallel_size=8)
+    assert bad.reason == "InvalidSpec"
+    assert "exceeds the 4 GPUs per node; it needs 2 nodes of 4 GPUs (set nodes)" in bad.explanation
+    assert "nodes must be >= 1" in run_plan(M7, "H200-141GB", nodes=0).explanation

@@ -26,7 +26,20 @@ def example(path: Path) -> dict:
 
 
 def pods(body: dict) -> list[dict]:
-    return [o for o in desired(body).objects if o["kind"] in POD_KINDS]
+    """Objects with pod templates; a LeaderWorkerSet counts as its leader and worker pods."""
+    out = []
+    for o in desired(body).objects:
+        if o["kind"] == "LeaderWorkerSet":
+            group = o["spec"]["leaderWorkerTemplate"]
+            out += [{"kind": "Pod", "metadata": {**group[role]["metadata"], "name": f"{o['metadata']['name']}-{role}"},
+                     "spec": group[role]["spec"]} for role in ("leaderTemplate", "workerTemplate")]
+        elif o["kind"] in POD_KINDS:
+            out.append(o)
+    return out
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
 
 
 def variants() -> list[tuple[str, dict]]:
@@ -50,10 +63,10 @@ def variants() -> list[tuple[str, dict]]:
 @pytest.mark.parametrize("name,body", variants(), ids=[n for n, _ in variants()])
 def test_every_rendered_pod_is_restricted(name, body):
     rendered = pods(body)
-    assert {o["kind"] for o in rendered} >= {"Deployment"}
+    assert {o["kind"] for o in rendered} & {"Deployment", "Pod"}
     for obj in rendered:
         assert pod_security.violations(obj) == [], f"{obj['kind']}/{obj['metadata']['name']}"
-        spec = obj["spec"]["template"]["spec"]
+        spec = pod_spec(obj)
         assert spec["automountServiceAccountToken"] is False
         assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["runAsGroup"] == 10001
         for container in spec["containers"]:
