@@ -1,6 +1,7 @@
 """Generate the Grafana dashboards shipped in charts/longserve/dashboards/ (run after editing; a test
 checks the committed JSON is fresh). Dashboards use a `datasource` template variable (not `__inputs`)
-so the Grafana sidecar can load them as-is, and a `model_name` variable over every model."""
+so the Grafana sidecar can load them as-is, and `namespace`, `model_name` and `pod` variables (every
+panel filters on all three)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "charts" / "longserve" / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-SEL = 'model_name=~"$model_name"'
+SEL = 'namespace=~"$namespace",model_name=~"$model_name",pod=~"$pod"'
 
 
 def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int, y: int,
@@ -24,15 +25,22 @@ def _panel(pid: int, title: str, exprs: list[tuple[str, str]], unit: str, x: int
     }
 
 
+def _variable(name: str, label: str, query: str) -> dict:
+    return {"name": name, "type": "query", "datasource": DS, "label": label, "query": query, "includeAll": True,
+            "multi": True, "refresh": 2, "allValue": ".*", "current": {"text": "All", "value": "$__all"}}
+
+
 def _dashboard(uid: str, title: str, panels: list[dict]) -> dict:
     return {
         "uid": uid, "title": title, "tags": ["longserve", "llm"], "schemaVersion": 39, "version": 1,
         "editable": True, "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
         "templating": {"list": [
             {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"},
-            {"name": "model_name", "type": "query", "datasource": DS, "label": "Model",
-             "query": "label_values(longserve_requests_running, model_name)", "includeAll": True,
-             "multi": True, "refresh": 2, "current": {"text": "All", "value": "$__all"}},
+            _variable("namespace", "Namespace", "label_values(longserve_requests_running, namespace)"),
+            _variable("model_name", "Model",
+                      'label_values(longserve_requests_running{namespace=~"$namespace"}, model_name)'),
+            _variable("pod", "Pod", 'label_values(longserve_requests_running{namespace=~"$namespace",'
+                                    'model_name=~"$model_name"}, pod)'),
         ]},
         "panels": panels,
     }
@@ -99,6 +107,14 @@ def long_context() -> dict:
         _panel(10, "Prefill chunk tokens (planned chunk in use)", [
             (f"histogram_quantile(0.5, sum by (le, model_name) (rate(longserve_prefill_chunk_tokens_bucket{{{SEL}}}[15m])))",
              "median {{model_name}}")], "short", 12, 32),
+        _panel(11, "Autoscaling signals per pod (spec.autoscaling targets these)", [
+            (f"avg by (model_name) (longserve_prefill_tokens_pending{{{SEL}}})", "pending prefill tokens {{model_name}}"),
+            (f"avg by (model_name) (vllm:num_requests_waiting{{{SEL}}})", "waiting requests {{model_name}}"),
+            (f"avg by (model_name) (vllm:kv_cache_usage_perc{{{SEL}}})", "KV usage {{model_name}}")],
+            "short", 0, 40, w=12),
+        _panel(12, "Engine pods serving", [
+            (f"count by (model_name) (longserve_prefill_tokens_pending{{{SEL}}})", "{{model_name}}")],
+            "short", 12, 40),
     ]
     return _dashboard("longserve-long-context", "LongServe — long-context prefill", p)
 

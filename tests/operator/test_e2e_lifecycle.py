@@ -103,3 +103,36 @@ def test_config_change_rolls_a_new_hashed_config_map_and_cleans_the_old_after_re
         "observedGeneration": live["metadata"]["generation"], "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1})
     cluster.wait(lambda: first not in cluster.children(CONFIGMAPS), "the old ConfigMap deleted after the rollout")
     assert set(cluster.children(CONFIGMAPS)) == {second}
+
+
+SCALED_OBJECTS, HPAS = "keda.sh/v1alpha1/scaledobjects", "autoscaling/v2/horizontalpodautoscalers"
+
+
+def scale(cluster, name: str, replicas: int, manager: str) -> None:
+    """What an autoscaler does: write spec.replicas through the scale subresource."""
+    code, data = cluster.api.request(
+        "PATCH", f"/apis/longserve.io/v1alpha1/namespaces/default/longcontextmodels/{name}/scale",
+        {"spec": {"replicas": replicas}}, content_type="application/merge-patch+json",
+        query=[("fieldManager", manager)])
+    assert code == 200, data
+
+
+@pytest.mark.parametrize("provider, path", [("keda", SCALED_OBJECTS), ("hpa", HPAS)])
+def test_autoscaler_writes_replicas_and_the_operator_follows(cluster, provider, path):
+    cluster.create(resource(autoscaling={"provider": provider, "minReplicas": 1, "maxReplicas": 4,
+                                         "metric": "waitingRequests"}))
+    target = cluster.wait(lambda: cluster.children(path).get("qwen"), f"the {provider} autoscaler")["spec"]["scaleTargetRef"]
+    assert target == {"apiVersion": "longserve.io/v1alpha1", "kind": "LongContextModel", "name": "qwen"}
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
+    cluster.wait(lambda: status_of(cluster).get("selector"), "status.selector for the scale subresource")
+
+    scale(cluster, "qwen", 3, "horizontal-pod-autoscaler")
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS)["qwen"]["spec"]["replicas"] == 3, "the Deployment at 3")
+    pdb = cluster.wait(lambda: (b := cluster.children("policy/v1/poddisruptionbudgets")["qwen"]["spec"])
+                       .get("maxUnavailable") and b, "the PDB for several replicas")
+    assert "minAvailable" not in pdb                            # pruned by the apply
+    time.sleep(4 * 0.3)                                         # timer passes: nothing reverts the scale
+    assert cluster.children(DEPLOYMENTS)["qwen"]["spec"]["replicas"] == 3
+    assert cluster.get("qwen")["spec"]["replicas"] == 3
+    scale(cluster, "qwen", 2, "horizontal-pod-autoscaler")
+    cluster.wait(lambda: cluster.children(DEPLOYMENTS)["qwen"]["spec"]["replicas"] == 2, "the Deployment at 2")
