@@ -11,6 +11,9 @@ scatter and any sizeable slash budget covers nearly every key; the benchmark hea
 smallest budgets Qwen's configs use for local heads with sinks (vertical 30, i.e. 130 after the quirk,
 slash 100 = the forced local band), and the sparse rows report the fraction of causal (query, key) pairs
 actually computed, so the speed-up is read against the work it skipped.
+
+`--repeat` measures prefix caching instead: in one engine process, the time to first token of a prompt and of
+the same prompt sent again (which reuses the cached prefix and computes only its last block).
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every measurement")
     p.add_argument("--skip-transformers-above", type=int, default=32768,
                    help="do not run transformers beyond this length (its mask and scores grow as N^2)")
+    p.add_argument("--repeat", action="store_true",
+                   help="instead: our engine's time to first token for a prompt and for the same prompt sent again "
+                        "(the repeat reuses the cached prefix), one process per length")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
@@ -58,6 +64,17 @@ def rss_mib():
 with open(args["model"] + "/config.json") as fh:
     vocab = json.load(fh)["vocab_size"]
 ids = torch.randint(3, vocab, (args["tokens"],)).tolist()
+if args["impl"] == "repeat":           # first request, then the same prompt again: TTFT of each
+    from longserve.server.engine import LLM, SamplingParams
+    llm = LLM(args["model"], dtype="float32", prefill_chunk_tokens=args["chunk"], max_num_seqs=1,
+              kv_capacity_tokens=args["tokens"] + 64)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    runs = [llm.generate([ids], params)[0] for _ in range(2)]
+    print(json.dumps({"first_s": runs[0].finished.timings.first_token_seconds,
+                      "repeat_s": runs[1].finished.timings.first_token_seconds,
+                      "repeat_computed": sum(runs[1].finished.timings.prefill_chunk_tokens),
+                      "same_output": runs[0].outputs[0].token_ids == runs[1].outputs[0].token_ids}))
+    sys.exit(0)
 if args["impl"] == "transformers":
     from transformers import Qwen2ForCausalLM
     model = Qwen2ForCausalLM.from_pretrained(args["model"], dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -116,11 +133,45 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def measure_repeat(model: str, tokens: int, chunk: int, threads: int) -> dict:
+    """TTFT of a prompt and of its exact repeat in one engine (the repeat computes only its last block)."""
+    args = json.dumps({"model": model, "tokens": tokens, "impl": "repeat", "mode": "", "chunk": chunk,
+                       "threads": threads})
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", WORKER, args], capture_output=True, text=True, env=env,
+                         timeout=3600)
+    if run.returncode != 0:
+        return {"tokens": tokens, "error": (run.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    data = json.loads(run.stdout.strip().splitlines()[-1])
+    return {"tokens": tokens, "first_ttft_s": round(data["first_s"], 3), "repeat_ttft_s": round(data["repeat_s"], 4),
+            "speedup": round(data["first_s"] / data["repeat_s"], 1), "repeat_computed_tokens": data["repeat_computed"],
+            "same_output": data["same_output"]}
+
+
+def run_repeat(args, lengths: list[int]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_bench_checkpoint(os.path.join(tmp, "bench-model"))
+        rows = [measure_repeat(model, n, args.chunk, args.threads) for n in lengths]
+    if args.output == "json":
+        print(json.dumps({"rows": rows}, indent=2))
+    else:
+        print(f"{'tokens':>7} {'first TTFT s':>13} {'repeat TTFT s':>14} {'speed-up':>9} {'computed':>9} {'same':>5}")
+        for r in rows:
+            if r.get("error"):
+                print(f"{r['tokens']:>7}  failed: {r['error']}")
+                continue
+            print(f"{r['tokens']:>7} {r['first_ttft_s']:>13} {r['repeat_ttft_s']:>14} {r['speedup']:>8}x "
+                  f"{r['repeat_computed_tokens']:>9} {str(r['same_output']):>5}")
+    return 1 if any(r.get("error") or not r["same_output"] for r in rows) else 0
+
+
 def run(args) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or min(lengths) < 16:
         print("longserve bench prefill: --lengths needs positive token counts >= 16", file=sys.stderr)
         return 2
+    if args.repeat:
+        return run_repeat(args, lengths)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_bench_checkpoint(os.path.join(tmp, "bench-model"))
         rows = []

@@ -107,3 +107,11 @@ def test_repeat_of_a_16k_request_skips_its_prefill(tmp_path):
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert sum(again.finished.timings.prefill_chunk_tokens) == 16      # the last block, recomputed
     assert ttft[1] * 5 <= ttft[0], ttft
+
+
+def test_bench_repeat_row(tiny_model_dir):
+    """`longserve bench prefill --repeat`: one process, the prompt then its repeat (computing 200 - 12*16)."""
+    from longserve.bench.prefill import measure_repeat
+    row = measure_repeat(tiny_model_dir, 200, 64, 1)
+    assert row["same_output"] and row["repeat_computed_tokens"] == 8, row
+    assert row["first_ttft_s"] > 0 and row["repeat_ttft_s"] > 0
