@@ -21,9 +21,10 @@ import logging
 import kopf
 from prometheus_client import Counter, Histogram
 
-from longserve.operator import k8s_apply, rollout, status as status_mod
+from longserve.operator import capacity as capacity_mod, k8s_apply, rollout, status as status_mod
 from longserve.operator.diff import diff
-from longserve.operator.render import DEFAULT_IMAGE, desired, download_job_name
+from longserve.operator.render import (
+    CONFIG_HASH_ANNOTATION, DEFAULT_IMAGE, HASH_LABEL, desired, download_job_name, engine_pod_labels)
 from longserve.operator.render_lws import LWS_API_VERSION, LWS_KIND
 from longserve.operator.types import GROUP, PLURAL, VERSION, SpecError
 
@@ -125,12 +126,46 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
     kind_version = {"Deployment": "apps/v1", LWS_KIND: LWS_API_VERSION}[workload["kind"]]
     deployment = api.get(kind_version, workload["kind"], namespace, workload["name"]) if any(
         o["kind"] == workload["kind"] for o in objects) else None
-    new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state)
+    verified = _capacity(d, api, namespace, status, patch, memo, logger) if deployment else None
+    new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state,
+                                  capacity=verified)
     _download_events(body, actions, status, new)
     _write(patch, new, status, generation)
     RECONCILES.labels("drift" if from_timer and actions else "ok").inc()
     if cache_state == "Downloading" and not from_timer:
         raise kopf.TemporaryError("waiting for the model download Job", delay=30)
+
+
+def _capacity(d, api: k8s_apply.Api, namespace: str, current: dict, patch, memo, logger) -> dict | None:
+    """CapacityVerified from what a ready pod of the current template reports (capacity.py).
+
+    Probed when the engine config changed since the last measurement, or after the interval
+    (memo.capacity_interval); the measurement is kept in status.observed between probes."""
+    lcm = d.resource
+    config = next((o for o in d.objects if o["kind"] == "ConfigMap"), None)
+    if config is None:
+        return None
+    config_hash = config["metadata"]["labels"][HASH_LABEL]
+    observed = dict(current.get("observed") or {})
+    checked = _parse_time(observed.get("checkedAt"))
+    age = (datetime.datetime.now(datetime.timezone.utc) - checked).total_seconds() if checked else None
+    interval = memo.get("capacity_interval") or capacity_mod.DEFAULT_INTERVAL_SECONDS
+    if observed.get("configHash") != config_hash or age is None or age >= interval:
+        pod = api.ready_pod(namespace, engine_pod_labels(lcm), {CONFIG_HASH_ANNOTATION: config_hash})
+        if pod is not None:
+            name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+            try:
+                cap = capacity_mod.probe(f"http://{ip}:{lcm.http_port}")
+            except capacity_mod.ProbeError as exc:
+                logger.warning("capacity probe of %s failed: %s", name, exc)
+            else:
+                observed = {"kvCapacityTokens": cap.kv_capacity_tokens, "maxModelLen": cap.max_model_len,
+                            "pod": name, "source": cap.source, "configHash": config_hash, "checkedAt": _now()}
+                patch.status["observed"] = observed
+    if observed.get("configHash") != config_hash:
+        return None
+    ok, reason, message = capacity_mod.verdict(observed, d.plan.max_model_len)
+    return status_mod.condition("CapacityVerified", ok, reason, message)
 
 
 def _installed_kinds_only(objects: list[dict], memo, body: dict, from_timer: bool) -> list[dict]:
@@ -241,8 +276,8 @@ def connection_info(configuration) -> kopf.ConnectionInfo:
 
 
 def make_memo(api: k8s_apply.Api, image: str = DEFAULT_IMAGE, monitoring: bool | None = None,
-              keda: bool | None = None) -> kopf.Memo:
-    return kopf.Memo(api=api, image=image, monitoring=monitoring, keda=keda)
+              keda: bool | None = None, capacity_interval: float | None = None) -> kopf.Memo:
+    return kopf.Memo(api=api, image=image, monitoring=monitoring, keda=keda, capacity_interval=capacity_interval)
 
 
 logging.getLogger("kubernetes.client.rest").setLevel(logging.WARNING)

@@ -132,6 +132,21 @@ class Api:
                 found.append({"apiVersion": api_version, "kind": kind, **item})
         return found
 
+    def ready_pod(self, namespace: str, labels: dict, annotations: dict) -> dict | None:
+        """A Ready pod with an IP, these labels and these annotations (the current template's pods)."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        data = self._checked("GET", path("v1", "Pod", namespace), query=[("labelSelector", selector)])
+        for pod in (data or {}).get("items") or []:
+            meta, st = pod.get("metadata") or {}, pod.get("status") or {}
+            if any((meta.get("labels") or {}).get(k) != v for k, v in labels.items()) or meta.get("deletionTimestamp"):
+                continue
+            if any((meta.get("annotations") or {}).get(k) != v for k, v in annotations.items()):
+                continue
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+            if ready and st.get("podIP"):
+                return pod
+        return None
+
     def apply_object(self, obj: dict) -> tuple[dict, ssa.Conflict | None]:
         """Server-side apply (creates when absent); on a conflict, apply again with force and say so."""
         meta = obj["metadata"]

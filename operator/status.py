@@ -86,7 +86,8 @@ def invalid_status(error: SpecError) -> tuple[str, list[dict]]:
     return "Failed", conds + [_ready(conds)]
 
 
-def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_state: str | None) -> dict:
+def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_state: str | None,
+                 capacity: dict | None = None) -> dict:
     """Status for a parsed, sized resource. `deployment`: the live workload (the Deployment, or the
     LeaderWorkerSet of a plan spanning nodes). `cache_state`: None (no download), "Downloading",
     "DownloadFailed" or "DownloadComplete"."""
@@ -109,7 +110,8 @@ def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_s
     if cache_state in ("Downloading", "DownloadFailed") and deployment is None:
         available = condition("WorkloadAvailable", False, "WaitingForCache", "the engine starts once the cache is filled")
     conds.append(available)
-    conds.append(condition("CapacityVerified", None, "NotMeasured", "engine KV capacity not reported yet"))
+    # `capacity`: the CapacityVerified condition from a probe of a ready pod (handlers.py, capacity.py)
+    conds.append(capacity or condition("CapacityVerified", None, "NotMeasured", "engine KV capacity not reported yet"))
     if cache_state == "DownloadFailed":
         phase = "Failed"
     elif cache_state == "Downloading":

@@ -136,3 +136,70 @@ def test_autoscaler_writes_replicas_and_the_operator_follows(cluster, provider, 
     assert cluster.get("qwen")["spec"]["replicas"] == 3
     scale(cluster, "qwen", 2, "horizontal-pod-autoscaler")
     cluster.wait(lambda: cluster.children(DEPLOYMENTS)["qwen"]["spec"]["replicas"] == 2, "the Deployment at 2")
+
+
+class FakeEngine:
+    """An engine's HTTP port that reports a model card (GET /v1/models) with the given numbers."""
+
+    def __init__(self, max_model_len: int, kv_capacity_tokens: int):
+        import http.server
+        import json
+        import threading
+
+        card = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": max_model_len,
+                                                        "kv_capacity_tokens": kv_capacity_tokens}]}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                ok = self.path == "/v1/models"
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(card if ok else b"{}")
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ready_engine_pod(cluster, name: str) -> None:
+    """What the kubelet would report: a Ready pod of the current template at 127.0.0.1."""
+    from longserve.operator.render import CONFIG_HASH_ANNOTATION
+
+    template = cluster.children(DEPLOYMENTS)[name]["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": f"{name}-abc12", "namespace": "default", "labels": template["metadata"]["labels"],
+                        "annotations": {CONFIG_HASH_ANNOTATION:
+                                        template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]}},
+           "spec": {"containers": [{"name": "engine", "image": "engine"}]},
+           "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}
+    code, data = cluster.api.request("POST", "/api/v1/namespaces/default/pods", pod)
+    assert code in (200, 201), data
+
+
+@pytest.mark.parametrize("kv, verified, reason", [
+    (1_100_000, "True", "EngineReportsCapacity"), (700_000, "False", "InsufficientKVCapacity")])
+def test_capacity_verified_against_what_the_engine_reports(cluster, kv, verified, reason):
+    with FakeEngine(max_model_len=1010000, kv_capacity_tokens=kv) as engine:
+        cluster.create(resource(serving={"httpPort": engine.port}))
+        cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
+        assert conditions(cluster).get("CapacityVerified", {}).get("status") in (None, "Unknown")
+        ready_engine_pod(cluster, "qwen")
+        cond = cluster.wait(lambda: (c := conditions(cluster).get("CapacityVerified")) and c["status"] != "Unknown"
+                            and c, "CapacityVerified measured")
+    assert (cond["status"], cond["reason"]) == (verified, reason)
+    assert f"KV capacity {kv:,} tokens" in cond["message"] and "the plan needs 1,010,000" in cond["message"]
+    observed = status_of(cluster)["observed"]
+    assert (observed["kvCapacityTokens"], observed["maxModelLen"], observed["source"]) == (kv, 1010000, "/v1/models")
+    if verified == "False":
+        assert conditions(cluster)["Ready"]["status"] == "False"

@@ -91,7 +91,7 @@ class OpenAIServing:
         info = self.core.state.loaded_engine().model_info
         card = {"id": self.core.served_model_name, "object": "model", "created": int(time.time()),
                 "owned_by": "longserve", "root": info.model_path, "parent": None,
-                "max_model_len": info.max_model_len}
+                "max_model_len": info.max_model_len, "kv_capacity_tokens": info.kv_capacity_tokens}
         return {"object": "list", "data": [card]}
 
     def model(self, model_id: str) -> dict:
