@@ -22,34 +22,11 @@ import sys
 import threading
 import time
 
+# JSON lines on stderr; a module of their own so worker processes log the same way without the API
+from longserve.server.jsonlog import JsonFormatter, configure_logging  # noqa: F401 (JsonFormatter re-exported)
+
 HELP = "serve a model over the OpenAI-compatible HTTP API, gRPC and Prometheus metrics"
 log = logging.getLogger("longserve.serve")
-
-_STANDARD_RECORD_KEYS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime",
-                                                                                      "color_message"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, plus any `extra=` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        body = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        for key, value in vars(record).items():
-            if key not in _STANDARD_RECORD_KEYS and not key.startswith("_"):
-                body[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
-        if record.exc_info:
-            body["exc"] = self.formatException(record.exc_info)
-        return json.dumps(body, ensure_ascii=False)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
@@ -77,7 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tp.add_argument("--master-port", type=int,
                     help="rendezvous port on the leader (env MASTER_PORT; default 29500, a free one in one pod)")
     tp.add_argument("--dist-timeout-seconds", type=float,
-                    help="rendezvous and collective timeout (env LONGSERVE_DIST_TIMEOUT; default 600)")
+                    help="timeout of one collective once running: a hung rank is noticed within it "
+                         "(env LONGSERVE_DIST_TIMEOUT; default 120)")
+    tp.add_argument("--dist-init-timeout-seconds", type=float,
+                    help="how long ranks wait for each other at start-up: rendezvous and weight loading "
+                         "(env LONGSERVE_DIST_INIT_TIMEOUT; default 600)")
     eng.add_argument("--gpu-memory-utilization", type=float,
                      help="fraction of the GPU's total memory the engine may use (default 0.9)")
     eng.add_argument("--kv-capacity-tokens", type=int, help="explicit KV capacity (default: from memory)")
@@ -222,7 +203,8 @@ def resolve_topology(config, args):
     """Where this process sits in the replica (flags first, then the environment); ValueError if inconsistent."""
     from longserve.server.parallel.topology import resolve
     return resolve(config.tensor_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
-                   master_addr=args.master_addr, master_port=args.master_port, timeout_s=args.dist_timeout_seconds)
+                   master_addr=args.master_addr, master_port=args.master_port, timeout_s=args.dist_timeout_seconds,
+                   init_timeout_s=args.dist_init_timeout_seconds)
 
 
 class _StopDuringLoad(Exception):
@@ -275,7 +257,7 @@ def _serve(config, args, api_key, topology=None) -> int:
                                          "config": config.to_dict()})
         started = time.monotonic()
         try:
-            engine = _load_engine(config, topology)
+            engine = _load_engine(config) if topology is None else _load_engine(config, topology)
             server.call(_warm_up(engine), timeout=600)
         except _StopDuringLoad:
             log.info("stopped while loading", extra={"event": "stopped"})

@@ -1,9 +1,11 @@
 """The tensor-parallel process group of one replica and the few collectives the engine uses.
 
-Two groups over the same ranks: the device group (NCCL on CUDA, gloo on the CPU) carries the model's
-all-reduces and the logits gather; a gloo group carries the step messages, heartbeats and start-up agreements
-(host bytes, never on the GPU's stream). Every collective has the topology's timeout, so a rank that stops
-answering turns into an error on the others instead of a hang.
+Three groups over the same ranks: the device group (NCCL on CUDA, gloo on the CPU) carries the model's
+all-reduces and the logits gather; a gloo group carries the step messages and heartbeats (host bytes, never on the
+GPU's stream); a second gloo group, with the long start-up timeout, carries the start-up agreement (the KV
+capacity), which waits for the slowest rank to load its weights. The rendezvous (a TCP store on rank 0) also has
+the start-up timeout; every other collective has the topology's short one, so a rank that stops answering turns
+into an error on the others instead of a hang.
 """
 from __future__ import annotations
 
@@ -23,14 +25,17 @@ class TPGroup:
     def __init__(self, topology: Topology, rank: int, device: torch.device):
         self.topology, self.rank, self.size, self.device = topology, rank, topology.tp, device
         timeout = datetime.timedelta(seconds=topology.timeout_s)
+        init_timeout = datetime.timedelta(seconds=topology.init_timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("joining the tensor-parallel group at %s as rank %d of %d (%s)", topology.init_method, rank,
                  self.size, backend, extra={"event": "tp_waiting", "rank": rank, "world_size": self.size})
-        dist.init_process_group(backend, init_method=topology.init_method, world_size=self.size, rank=rank,
-                                timeout=timeout)
+        store = dist.TCPStore(topology.master_addr, topology.master_port, self.size, is_master=rank == 0,
+                              timeout=init_timeout)
+        dist.init_process_group(backend, store=store, world_size=self.size, rank=rank, timeout=timeout)
         self.device_group = dist.group.WORLD
-        self.cpu_group = dist.new_group(backend="gloo", timeout=timeout)   # a second one on the CPU too: the
+        self.cpu_group = dist.new_group(backend="gloo", timeout=timeout)   # a separate one on the CPU too: the
         # heartbeat thread's messages must never interleave with the engine thread's model collectives
+        self.startup_group = dist.new_group(backend="gloo", timeout=init_timeout)
         log.info("joined the tensor-parallel group", extra={"event": "tp_joined", "rank": rank,
                                                             "world_size": self.size})
 
@@ -63,7 +68,7 @@ class TPGroup:
     def min_int(self, value: int) -> int:
         """The minimum of `value` over the ranks (the KV blocks every rank can hold)."""
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.startup_group)
         return int(t.item())
 
     def barrier(self) -> None:

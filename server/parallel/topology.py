@@ -13,7 +13,8 @@ import socket
 from dataclasses import dataclass
 
 DEFAULT_MASTER_PORT = 29500
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S = 120.0          # one collective (a hung rank is noticed within this)
+DEFAULT_INIT_TIMEOUT_S = 600.0     # rendezvous and start-up: every rank joined and loaded its shard
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Topology:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MASTER_PORT
-    timeout_s: float = DEFAULT_TIMEOUT_S    # rendezvous and collective timeout
+    timeout_s: float = DEFAULT_TIMEOUT_S    # collectives once running
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S   # rendezvous and the start-up agreement (weights loading)
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -34,8 +36,8 @@ class Topology:
             raise ValueError(f"node rank {self.node_rank} outside [0, {self.nnodes})")
         if not 0 < self.master_port < 65536:
             raise ValueError(f"master port {self.master_port} outside 1..65535")
-        if self.timeout_s <= 0:
-            raise ValueError(f"distributed timeout must be > 0 s, got {self.timeout_s}")
+        if self.timeout_s <= 0 or self.init_timeout_s <= 0:
+            raise ValueError(f"distributed timeouts must be > 0 s, got {self.timeout_s} and {self.init_timeout_s}")
 
     @property
     def gpus_per_node(self) -> int:
@@ -60,7 +62,8 @@ class Topology:
         """The variables a local worker process is started with (read back by `from_env` there)."""
         return {"LONGSERVE_TP": str(self.tp), "LONGSERVE_NNODES": str(self.nnodes),
                 "LONGSERVE_NODE_RANK": str(self.node_rank), "LONGSERVE_MASTER_ADDR": self.master_addr,
-                "LONGSERVE_MASTER_PORT": str(self.master_port), "LONGSERVE_DIST_TIMEOUT": repr(self.timeout_s)}
+                "LONGSERVE_MASTER_PORT": str(self.master_port), "LONGSERVE_DIST_TIMEOUT": repr(self.timeout_s),
+                "LONGSERVE_DIST_INIT_TIMEOUT": repr(self.init_timeout_s)}
 
 
 def _first(env, *names: str) -> str | None:
@@ -86,7 +89,8 @@ def free_port() -> int:
 
 
 def resolve(tp: int, *, nnodes: int | None = None, node_rank: int | None = None, master_addr: str | None = None,
-            master_port: int | None = None, timeout_s: float | None = None, env=None) -> Topology:
+            master_port: int | None = None, timeout_s: float | None = None, init_timeout_s: float | None = None,
+            env=None) -> Topology:
     """The topology from explicit values (flags) first, then the environment. A single-pod replica without a
     given port picks a free one (nothing outside the pod needs to know it)."""
     env = os.environ if env is None else env
@@ -104,13 +108,19 @@ def resolve(tp: int, *, nnodes: int | None = None, node_rank: int | None = None,
         else:
             master_port = DEFAULT_MASTER_PORT if nnodes > 1 or tp == 1 else free_port()
     if timeout_s is None:
-        raw = _first(env, "LONGSERVE_DIST_TIMEOUT")
-        try:
-            timeout_s = float(raw) if raw is not None else DEFAULT_TIMEOUT_S
-        except ValueError:
-            raise ValueError(f"LONGSERVE_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
+        timeout_s = _seconds(env, "LONGSERVE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
+    if init_timeout_s is None:
+        init_timeout_s = _seconds(env, "LONGSERVE_DIST_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT_S)
     world = _first(env, "WORLD_SIZE")
     if world is not None and _int(world, "WORLD_SIZE") not in (1, tp):
         raise ValueError(f"WORLD_SIZE={world} but tensor_parallel_size is {tp}: longserve starts one process per "
                          "GPU itself; launch one `longserve serve` per pod, not one per GPU")
-    return Topology(tp, nnodes, node_rank, master_addr, master_port, timeout_s)
+    return Topology(tp, nnodes, node_rank, master_addr, master_port, timeout_s, init_timeout_s)
+
+
+def _seconds(env, name: str, default: float) -> float:
+    raw = _first(env, name)
+    try:
+        return float(raw) if raw is not None else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None

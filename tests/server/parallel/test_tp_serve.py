@@ -125,8 +125,8 @@ def test_two_pods_form_one_tp2_group_and_only_the_leader_serves():
             socket.create_connection(("127.0.0.1", follower_port), timeout=2).close()
         assert follower.poll() is None
         leader.send_signal(signal.SIGTERM)                                # drain: workers are told to stop
-        assert leader.wait(timeout=60) == 0
-        assert follower.wait(timeout=20) == 0
+        assert leader.wait(timeout=60) == 0, _log(leader)[-3000:]
+        assert follower.wait(timeout=20) == 0, _log(follower)[-3000:]
     finally:
         _stop(leader, follower)
         assert not _alive(leader.pid) and not _alive(follower.pid)
