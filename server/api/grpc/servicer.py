@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from longserve.server.api.engine_client import CompletionDelta, FinishReason, PrefillProgress, RequestFinished
+from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
+                                                RequestFinished)
 from longserve.server.api.errors import APIError, BadRequest
 from longserve.server.api.generation import END, TIMEOUT, GenerationCore
 from longserve.server.api.grpc.pb import generation_pb2 as pb
@@ -20,7 +21,7 @@ _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FIN
            FinishReason.ABORT: pb.FINISH_REASON_ABORT}
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "n", "seed", "ignore_eos", "include_stop_str_in_output", "min_tokens",
-             "logprobs", "skip_special_tokens")
+             "logprobs", "skip_special_tokens", "prompt_logprobs")
 
 
 def sampling_fields(sp: pb.SamplingParams) -> dict:
@@ -41,7 +42,7 @@ def _chat_messages(chat: pb.ChatMessages) -> tuple[list[dict], bool]:
 
 
 def _logprobs(entries) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(token_id=e.token_id, token=e.token, logprob=e.logprob,
+    return [pb.TokenLogprob(token_id=e.token_id, token=e.token, logprob=e.logprob, rank=e.rank,
                             top=[pb.TopLogprob(token_id=t, token=s, logprob=lp) for t, s, lp in e.top])
             for e in entries]
 
@@ -97,6 +98,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     done = event.processed_tokens if event is not None else done
                     yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(
                         prefill_tokens_done=done, prompt_tokens=prompt_tokens))
+                elif isinstance(event, PromptLogprobs):
+                    yield pb.GenerateResponse(request_id=rid, prompt_logprobs=pb.PromptLogprobs(
+                        start=event.start, logprobs=_logprobs(event.logprobs)))
                 elif isinstance(event, CompletionDelta) and event.finish_reason == FinishReason.ERROR:
                     pass       # the engine failed the request: the call ends with the error status next
                 elif isinstance(event, CompletionDelta):

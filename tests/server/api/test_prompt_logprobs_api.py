@@ -109,3 +109,26 @@ def test_scoring_shapes_refused_where_they_mean_nothing(real):
         c.completions.create(model="tiny", prompt="hello", extra_body={"prompt_logprobs": 21})
     out = c.completions.create(model="tiny", prompt="hello world", echo=True, max_tokens=0)
     assert out.choices[0].text == "hello world" and out.choices[0].logprobs is None
+
+
+def test_grpc_prompt_logprobs_scoring_only(real, offline):
+    import grpc
+
+    from longserve.server.api.grpc.pb import generation_pb2 as pb
+    from longserve.server.api.grpc.pb import generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(real.stack.grpc_target) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        responses = list(stub.Generate(pb.GenerateRequest(
+            model="tiny", token_ids=pb.TokenIds(ids=PROMPTS[0]),
+            sampling=pb.SamplingParams(max_tokens=0, prompt_logprobs=2)), timeout=60))
+    parts = [r.prompt_logprobs for r in responses if r.WhichOneof("kind") == "prompt_logprobs"]
+    entries = [e for p in parts for e in p.logprobs]
+    assert parts[0].start == 1 and [p.start for p in parts[1:]] == \
+        [parts[0].start + sum(len(q.logprobs) for q in parts[:i + 1]) for i in range(len(parts) - 1)]
+    ref = offline[0].prompt_logprobs[1:]
+    assert [e.token_id for e in entries] == PROMPTS[0][1:]
+    assert [e.logprob for e in entries] == pytest.approx([r.logprob for r in ref], abs=1e-5)
+    assert [e.rank for e in entries] == [r.rank for r in ref] and all(len(e.top) == 2 for e in entries)
+    final = responses[-1].final
+    assert final.usage.completion_tokens == 0 and final.finish_reason == pb.FINISH_REASON_LENGTH

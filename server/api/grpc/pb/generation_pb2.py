@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-longserve/server/api/grpc/pb/generation.proto\x12\x0clongserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x01\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.longserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xec\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\rH\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x12 \x01(\rH\x0f\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x04\n\x02_nB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokens\"\xf2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.longserve.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x1a.longserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.longserve.v1.SamplingParams\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x42\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.longserve.v1.TopLogprob\"\xad\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.longserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.longserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\">\n\x08Progress\x12\x1b\n\x13prefill_tokens_done\x18\x01 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\"O\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\"e\n\x0c\x43hoiceFinish\x12\r\n\x05index\x18\x01 \x01(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.longserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\"\xc6\x01\n\x05\x46inal\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.longserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.longserve.v1.Usage\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.longserve.v1.Timing\x12+\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1a.longserve.v1.ChoiceFinish\"\xa6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.longserve.v1.DeltaH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.longserve.v1.ProgressH\x00\x12$\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x13.longserve.v1.FinalH\x00\x42\x06\n\x04kind\"\x83\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.longserve.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x15\n\rmax_model_len\x18\x03 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\tModelInfo\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x04\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x0b\n\x03\x64\x63\x61\x18\x06 \x01(\x08\x12\x16\n\x0esparse_prefill\x18\x07 \x01(\x08\x12\x18\n\x10sparse_threshold\x18\x08 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\t\"\x10\n\x0eGetLoadRequest\"\x88\x01\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1e\n\x16prefill_tokens_pending\x18\x03 \x01(\x04\x12\x1c\n\x14kv_cache_usage_ratio\x18\x04 \x01(\x01\x12 \n\x18kv_cache_capacity_tokens\x18\x05 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xad\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.longserve.v1.GenerateRequest\x1a\x1e.longserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.longserve.v1.TokenizeRequest\x1a\x1e.longserve.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.longserve.v1.GetModelInfoRequest\x1a\x17.longserve.v1.ModelInfo\x12;\n\x07GetLoad\x12\x1c.longserve.v1.GetLoadRequest\x1a\x12.longserve.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-longserve/server/api/grpc/pb/generation.proto\x12\x0clongserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x01\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.longserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\x9e\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\rH\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x12 \x01(\rH\x0f\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\rH\x10\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x04\n\x02_nB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x1d\n\x1b_include_stop_str_in_outputB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokensB\x12\n\x10_prompt_logprobs\"\xf2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.longserve.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x1a.longserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.longserve.v1.SamplingParams\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x42\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x83\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.longserve.v1.TopLogprob\x12\x11\n\x04rank\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_rank\"M\n\x0ePromptLogprobs\x12\r\n\x05start\x18\x01 \x01(\x04\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.longserve.v1.TokenLogprob\"\xad\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.longserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.longserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\">\n\x08Progress\x12\x1b\n\x13prefill_tokens_done\x18\x01 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\"O\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\"e\n\x0c\x43hoiceFinish\x12\r\n\x05index\x18\x01 \x01(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.longserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\"\xc6\x01\n\x05\x46inal\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.longserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.longserve.v1.Usage\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.longserve.v1.Timing\x12+\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x1a.longserve.v1.ChoiceFinish\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.longserve.v1.DeltaH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.longserve.v1.ProgressH\x00\x12$\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x13.longserve.v1.FinalH\x00\x12\x37\n\x0fprompt_logprobs\x18\x05 \x01(\x0b\x32\x1c.longserve.v1.PromptLogprobsH\x00\x42\x06\n\x04kind\"\x83\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.longserve.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x15\n\rmax_model_len\x18\x03 \x01(\x04\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\tModelInfo\x12\x19\n\x11served_model_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x04\x12\x19\n\x11max_output_tokens\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x0b\n\x03\x64\x63\x61\x18\x06 \x01(\x08\x12\x16\n\x0esparse_prefill\x18\x07 \x01(\x08\x12\x18\n\x10sparse_threshold\x18\x08 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\t\"\x10\n\x0eGetLoadRequest\"\x88\x01\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x1e\n\x16prefill_tokens_pending\x18\x03 \x01(\x04\x12\x1c\n\x14kv_cache_usage_ratio\x18\x04 \x01(\x01\x12 \n\x18kv_cache_capacity_tokens\x18\x05 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xad\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.longserve.v1.GenerateRequest\x1a\x1e.longserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.longserve.v1.TokenizeRequest\x1a\x1e.longserve.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.longserve.v1.GetModelInfoRequest\x1a\x17.longserve.v1.ModelInfo\x12;\n\x07GetLoad\x12\x1c.longserve.v1.GetLoadRequest\x1a\x12.longserve.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'longserve.server.api.grpc.pb.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2993
-  _globals['_FINISHREASON']._serialized_end=3113
+  _globals['_FINISHREASON']._serialized_start=3208
+  _globals['_FINISHREASON']._serialized_end=3328
   _globals['_TOKENIDS']._serialized_start=63
   _globals['_TOKENIDS']._serialized_end=86
   _globals['_CHATMESSAGE']._serialized_start=88
@@ -40,39 +40,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=135
   _globals['_CHATMESSAGES']._serialized_end=288
   _globals['_SAMPLINGPARAMS']._serialized_start=291
-  _globals['_SAMPLINGPARAMS']._serialized_end=1039
-  _globals['_GENERATEREQUEST']._serialized_start=1042
-  _globals['_GENERATEREQUEST']._serialized_end=1284
-  _globals['_TOPLOGPROB']._serialized_start=1286
-  _globals['_TOPLOGPROB']._serialized_end=1348
-  _globals['_TOKENLOGPROB']._serialized_start=1350
-  _globals['_TOKENLOGPROB']._serialized_end=1453
-  _globals['_DELTA']._serialized_start=1456
-  _globals['_DELTA']._serialized_end=1629
-  _globals['_PROGRESS']._serialized_start=1631
-  _globals['_PROGRESS']._serialized_end=1693
-  _globals['_USAGE']._serialized_start=1695
-  _globals['_USAGE']._serialized_end=1797
-  _globals['_TIMING']._serialized_start=1799
-  _globals['_TIMING']._serialized_end=1878
-  _globals['_CHOICEFINISH']._serialized_start=1880
-  _globals['_CHOICEFINISH']._serialized_end=1981
-  _globals['_FINAL']._serialized_start=1984
-  _globals['_FINAL']._serialized_end=2182
-  _globals['_GENERATERESPONSE']._serialized_start=2185
-  _globals['_GENERATERESPONSE']._serialized_end=2351
-  _globals['_TOKENIZEREQUEST']._serialized_start=2354
-  _globals['_TOKENIZEREQUEST']._serialized_end=2485
-  _globals['_TOKENIZERESPONSE']._serialized_start=2487
-  _globals['_TOKENIZERESPONSE']._serialized_end=2562
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2564
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2585
-  _globals['_MODELINFO']._serialized_start=2588
-  _globals['_MODELINFO']._serialized_end=2834
-  _globals['_GETLOADREQUEST']._serialized_start=2836
-  _globals['_GETLOADREQUEST']._serialized_end=2852
-  _globals['_LOAD']._serialized_start=2855
-  _globals['_LOAD']._serialized_end=2991
-  _globals['_GENERATION']._serialized_start=3116
-  _globals['_GENERATION']._serialized_end=3417
+  _globals['_SAMPLINGPARAMS']._serialized_end=1089
+  _globals['_GENERATEREQUEST']._serialized_start=1092
+  _globals['_GENERATEREQUEST']._serialized_end=1334
+  _globals['_TOPLOGPROB']._serialized_start=1336
+  _globals['_TOPLOGPROB']._serialized_end=1398
+  _globals['_TOKENLOGPROB']._serialized_start=1401
+  _globals['_TOKENLOGPROB']._serialized_end=1532
+  _globals['_PROMPTLOGPROBS']._serialized_start=1534
+  _globals['_PROMPTLOGPROBS']._serialized_end=1611
+  _globals['_DELTA']._serialized_start=1614
+  _globals['_DELTA']._serialized_end=1787
+  _globals['_PROGRESS']._serialized_start=1789
+  _globals['_PROGRESS']._serialized_end=1851
+  _globals['_USAGE']._serialized_start=1853
+  _globals['_USAGE']._serialized_end=1955
+  _globals['_TIMING']._serialized_start=1957
+  _globals['_TIMING']._serialized_end=2036
+  _globals['_CHOICEFINISH']._serialized_start=2038
+  _globals['_CHOICEFINISH']._serialized_end=2139
+  _globals['_FINAL']._serialized_start=2142
+  _globals['_FINAL']._serialized_end=2340
+  _globals['_GENERATERESPONSE']._serialized_start=2343
+  _globals['_GENERATERESPONSE']._serialized_end=2566
+  _globals['_TOKENIZEREQUEST']._serialized_start=2569
+  _globals['_TOKENIZEREQUEST']._serialized_end=2700
+  _globals['_TOKENIZERESPONSE']._serialized_start=2702
+  _globals['_TOKENIZERESPONSE']._serialized_end=2777
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2779
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2800
+  _globals['_MODELINFO']._serialized_start=2803
+  _globals['_MODELINFO']._serialized_end=3049
+  _globals['_GETLOADREQUEST']._serialized_start=3051
+  _globals['_GETLOADREQUEST']._serialized_end=3067
+  _globals['_LOAD']._serialized_start=3070
+  _globals['_LOAD']._serialized_end=3206
+  _globals['_GENERATION']._serialized_start=3331
+  _globals['_GENERATION']._serialized_end=3632
 # @@protoc_insertion_point(module_scope)
