@@ -9,9 +9,9 @@ kernels (imported lazily), everything else runs the same-signature PyTorch refer
 from __future__ import annotations
 
 from longserve.kernels import dispatch
+from longserve.kernels.dca_math import relative_positions, rotate_keys, yarn_mscale
 from longserve.kernels.kv_source import ContiguousKV, PagedKV
 from longserve.kernels.pair_stats import PairStats
-from longserve.kernels.reference.dca import relative_positions, rotate_keys, yarn_mscale
 from longserve.kernels.sparse_config import (
     HeadPattern,
     SparseAttentionConfig,

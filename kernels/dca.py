@@ -1,9 +1,10 @@
 """Dual chunk attention prefill composed from the Triton kernels (dense or vertical-slash); decode: ``dca_decode``.
 
-Same semantics as ``longserve.kernels.reference.dca`` (algorithms.md §1.4-§1.6, §2.5): queries are cut into
-sub-blocks at DCA chunk boundaries; each sub-block attends its intra keys (causal, bottom-right), the previous
-chunk (succ, non-causal) and all older chunks (inter, non-causal) with the three query rotations, and the parts
-are LSE-merged in fp32. Rotations run as torch ops (fp64 angles, via the reference RoPE); the attention parts run
+Same semantics as the oracle ``longserve.kernels.reference.dca`` (docs/algorithms.md#dca-regions, #sparse-dca):
+queries are cut into sub-blocks at DCA chunk boundaries; each sub-block attends its intra keys (causal,
+bottom-right), the previous chunk (succ, non-causal) and all older chunks (inter, non-causal) with the three query
+rotations, and the parts are LSE-merged in fp32. The cut, the regions, positions and scales come from
+``kernels.dca_math``, which the oracle imports too. Rotations run as torch ops (fp64 angles); the attention parts run
 ``vertical_slash`` (dense or sparse work lists) and the merge runs the Triton merge kernel.
 
 One composition serves both key layouts: ``paged_dual_chunk_attention_triton`` takes a KV source (a ``PagedKV``
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from longserve.kernels.dca_math import apply_rope, chunk_length, dense_regions, key_positions, softmax_scale, sub_blocks
 from longserve.kernels.estimation import estimate_dca_selection, split_regions
 from longserve.kernels.kv_source import ContiguousKV, PagedKV
 from longserve.kernels.merge import merge_lse_stacked
-from longserve.kernels.reference.dca import (chunk_length, dense_regions, key_positions, region_pairs,
-                                              softmax_scale, sub_blocks)
-from longserve.kernels.reference.rope import apply_rope
-from longserve.kernels.reference.sparse_dca import selected_pair_count
+from longserve.kernels.pair_stats import region_pairs, selected_pair_count
 from longserve.kernels.sparse_index import convert_vertical_slash_indexes
 from longserve.kernels.vertical_slash import (
     dense_attention_kv,

@@ -8,15 +8,14 @@ import math
 import torch
 
 from longserve.kernels.dca import chunk_params
+from longserve.kernels.dca_math import apply_rope, query_positions
 from longserve.kernels.merge import merge_lse_stacked
 from longserve.kernels.paged_attention import paged_attention_decode
-from longserve.kernels.reference.dca import query_positions
-from longserve.kernels.reference.rope import apply_rope
 
 
 def _yarn_scales(seq_lens: torch.Tensor, base: float, original_max: int) -> torch.Tensor:
     """Per-sequence softmax scale ``base * m(N)^2`` (fp64, on the lengths' device, no host readback) with N the
-    sequence length including the new token; the same formula as ``reference.dca.yarn_mscale``."""
+    sequence length including the new token: ``dca_math.yarn_mscale`` on device tensors."""
     n = seq_lens.to(torch.float64)
     if not original_max:
         return torch.full_like(n, base)

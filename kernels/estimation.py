@@ -24,10 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longserve.kernels.dca_math import apply_rope, selection_positions, work_dtype
 from longserve.kernels.kv_source import ContiguousKV
-from longserve.kernels.reference.attention import work_dtype
-from longserve.kernels.reference.dca import selection_positions
-from longserve.kernels.reference.rope import apply_rope
 
 FORCED_SINKS = 30            # keys 0..29 are always verticals
 FORCED_DIAGONALS = 100       # the 100 diagonals nearest the last row are always slashes

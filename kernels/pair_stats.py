@@ -62,3 +62,43 @@ class PairStats:
     def selected_fraction(self) -> float | None:
         causal = _as_int(self.causal)
         return _as_int(self.selected) / causal if causal and self.selected is not None else None
+
+
+def region_pairs(n_q: int, kv: int, causal: bool, heads: int) -> int:
+    """(query, key) pairs dense attention scores in one region: bottom-right causal or the full rectangle."""
+    if not causal:
+        return n_q * kv * heads
+    off = kv - n_q
+    return heads * (n_q * (off + 1) + n_q * (n_q - 1) // 2)
+
+
+def selected_pair_count(region, n_q: int, rows_per_tile: int = 4096) -> torch.Tensor:
+    """Pairs of the exact mask ``j in V or off + r - j in S`` of one region (``RegionIndices``), causally
+    visible and inside the region: |V| + |S| - |V and S| per row, counted without a dense mask."""
+    kv = region.key_end - region.key_start
+    device = region.vertical.device
+    H = region.vertical.shape[0]
+    off = kv - n_q if region.causal else kv
+    v = region.vertical.to(torch.int64)
+    s = region.slash.to(torch.int64)
+    v_ok = (torch.arange(v.shape[1], device=device)[None, :] < region.vertical_count.to(device)[:, None]) \
+        & (v >= 0) & (v < kv)
+    s_ok = torch.arange(s.shape[1], device=device)[None, :] < region.slash_count.to(device)[:, None]
+    size = off + n_q                                         # slash values of in-region keys lie in [0, size)
+    is_s = torch.zeros((H, size + 1), dtype=torch.bool, device=device)
+    is_s.scatter_(1, torch.where(s_ok & (s >= 0) & (s < size), s, size), True)
+    is_s = is_s[:, :size]
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for t0 in range(0, n_q, rows_per_tile):
+        r = torch.arange(t0, min(n_q, t0 + rows_per_tile), device=device)
+        key_of_s = off + r[None, :, None] - s[:, None, :]                          # [H, T, NS]
+        s_in = s_ok[:, None, :] & (key_of_s >= 0) & (key_of_s < kv) & (s[:, None, :] >= 0)
+        if region.causal:
+            v_in = v_ok[:, None, :] & (v[:, None, :] <= off + r[None, :, None])   # [H, T, NV]
+        else:
+            v_in = v_ok[:, None, :].expand(H, r.numel(), v.shape[1])
+        s_of_v = off + r[None, :, None] - v[:, None, :]
+        both = v_in & (s_of_v >= 0) & (s_of_v < size)
+        both &= torch.gather(is_s, 1, s_of_v.clamp(0, size - 1).reshape(H, -1)).view_as(both)
+        total += v_in.sum() + s_in.sum() - both.sum()
+    return total

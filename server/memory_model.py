@@ -164,7 +164,7 @@ def _metadata(s: RankShapes, tokens: int, context: int, decodes: int = 0) -> flo
 
 
 def _rope_peak(rows: int, heads: int, head_dim: int) -> int:
-    """`apply_rope` (kernels/reference/rope.py) on a [rows, heads, D] bf16/fp16 tensor: at its high point the fp32
+    """`apply_rope` (kernels/dca_math.py) on a [rows, heads, D] bf16/fp16 tensor: at its high point the fp32
     copy (4 B per element), the two rotated halves it concatenates (fp32, 2 B each) and the fp32 concatenation
     (4 B), beside the fp64 angles and fp32 cos/sin [rows, D/2]."""
     return 12 * rows * heads * head_dim + 12 * rows * head_dim

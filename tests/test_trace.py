@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longserve.bench.trace import HostSyncInTrace, component_of, trace
-from longserve.kernels.reference.rope import apply_rope
+from longserve.kernels.dca_math import apply_rope
 
 MiB = 2**20
 

@@ -12,13 +12,10 @@ import contextvars
 
 import torch
 
+from longserve.kernels.dca_math import work_dtype
+
 # Scores held per tile (elements); 2**24 fp32 scores = 64 MiB.
 TILE_ELEMENTS = 1 << 24
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 stays fp64, everything else runs in fp32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:

@@ -1,11 +1,14 @@
-"""Dual chunk attention reference (algorithms.md §1): positions, R(t, j), YaRN factor, prefill and paged decode.
+"""Dual chunk attention oracles (docs/algorithms.md#dual-chunk-attention): dense prefill and paged decode.
+
+Positions, the YaRN scale, the sub-block cut and the regions are the shared definitions of ``kernels.dca_math``;
+this module composes them with plain attention into the results every fast path is tested against.
 
 Keys carry RoPE at ``j mod cl`` (``cl = chunk_size - local_size``); queries are rotated three ways (intra, succ,
 inter). A prefill cuts its queries into sub-blocks at multiples of ``cl``; each sub-block attends its intra keys
 (causal, bottom-right aligned), the previous chunk (succ) and all older chunks (inter), and the parts are
 LSE-merged in fp32/fp64. ``chunk_size = local_size = None`` turns DCA off: the same code with ``cl = infinity``,
 i.e. plain causal RoPE attention. The YaRN temperature ``m(N)^2`` multiplies the logits on the query side with
-N the full prompt length, so cached keys stay unscaled (§1.3).
+N the full prompt length, so cached keys stay unscaled (docs/algorithms.md#yarn-scale).
 
 The prefill reads keys from a KV source (``kernels.kv_source``: contiguous tensors or the paged cache) in
 bounded pieces: dense regions ``KEY_BLOCK`` keys at a time, LSE-merged, and the sparse path only the keys its
@@ -13,119 +16,14 @@ work lists name (``sparse_dca``), so no call holds the whole context's keys at o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from longserve.kernels.dca_math import apply_rope, chunk_length, dense_regions, key_positions, softmax_scale, sub_blocks
 from longserve.kernels.kv_source import PagedKV
+from longserve.kernels.pair_stats import region_pairs
 from longserve.kernels.reference.attention import attend, check_shapes, merge_lse
-from longserve.kernels.reference.rope import apply_rope
-
-
-def chunk_length(chunk_size, local_size):
-    """``cl = chunk_size - local_size``, or None when DCA is off (both None)."""
-    if chunk_size is None and local_size is None:
-        return None
-    if chunk_size is None or local_size is None:
-        raise ValueError("chunk_size and local_size must both be set, or both be None (DCA off)")
-    if int(local_size) < 0 or int(chunk_size) - int(local_size) <= 0:
-        raise ValueError(f"need 0 <= local_size < chunk_size, got chunk_size={chunk_size}, local_size={local_size}")
-    return int(chunk_size) - int(local_size)
-
-
-def key_positions(positions: torch.Tensor, cl) -> torch.Tensor:
-    """RoPE position of the key stored for absolute position j: ``j mod cl`` (j when DCA is off)."""
-    return positions if cl is None else positions % cl
-
-
-def query_positions(positions: torch.Tensor, cl, chunk_size):
-    """(intra, succ, inter) RoPE positions for absolute query positions (§1.2); succ/inter None when DCA is off."""
-    if cl is None:
-        return positions, None, None
-    o = positions % cl
-    return o, torch.clamp(o + cl, max=chunk_size), torch.full_like(positions, min(2 * cl - 1, chunk_size))
-
-
-def selection_positions(positions: torch.Tensor, cl, chunk_size):
-    """(succ_sel, inter_sel) positions used only by sparse index estimation: ``o + cl`` and ``o + chunk_size``."""
-    o = positions % cl
-    return o + cl, o + chunk_size
-
-
-def relative_positions(L: int, chunk_size, local_size, clamp_max=None) -> torch.Tensor:
-    """``R[t, j]`` = query RoPE position minus key RoPE position for causal pairs, -1 above the diagonal.
-
-    ``clamp_max`` (default ``chunk_size``, the deployed-code convention) bounds the succ query position; pass
-    ``chunk_size - 1`` to reproduce the paper's figure (§1.2 off-by-one note).
-    """
-    cl = chunk_length(chunk_size, local_size)
-    pos = torch.arange(L, dtype=torch.int64)
-    kp = key_positions(pos, cl)
-    if cl is None:
-        rel = pos[:, None] - kp[None, :]
-    else:
-        cmax = int(chunk_size) if clamp_max is None else int(clamp_max)
-        o = pos % cl
-        succ = torch.clamp(o + cl, max=cmax)
-        inter = min(2 * cl - 1, cmax)
-        dc = (pos // cl)[:, None] - (pos // cl)[None, :]
-        q_pos = torch.where(dc == 0, o[:, None], torch.where(dc == 1, succ[:, None], torch.full_like(dc, inter)))
-        rel = q_pos - kp[None, :]
-    return torch.where(pos[None, :] <= pos[:, None], rel, torch.full_like(rel, -1))
-
-
-def yarn_mscale(n: int, original_max: int) -> float:
-    """``m(N) = max(1, 0.1 ln(N / original_max) + 1)``; 1 when scaling is off (original_max = 0)."""
-    if not original_max or n <= 0:
-        return 1.0
-    return max(1.0, 0.1 * math.log(n / original_max) + 1.0)
-
-
-def softmax_scale(head_dim: int, scale, original_max: int, n_tokens: int) -> float:
-    """``tau = (scale or 1/sqrt(D)) * m(N)^2`` (YaRN applied on the query side, §1.3)."""
-    base = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    m = yarn_mscale(n_tokens, original_max)
-    return base * m * m
-
-
-def sub_blocks(kv_len: int, n_q: int, cl):
-    """Query sub-blocks ``(b, e, P)``: absolute ``[b, e)`` inside the DCA chunk starting at ``P``."""
-    b = kv_len - n_q
-    while b < kv_len:
-        P = 0 if cl is None else (b // cl) * cl
-        e = kv_len if cl is None else min(P + cl, kv_len)
-        yield b, e, P
-        b = e
-
-
-def rotate_keys(k: torch.Tensor, positions: torch.Tensor, *, rope_theta, chunk_size, local_size) -> torch.Tensor:
-    """Keys ``[n, G, D]`` at absolute ``positions [n]`` rotated as the KV cache stores them (``j mod cl``)."""
-    cl = chunk_length(chunk_size, local_size)
-    positions = torch.as_tensor(positions, device=k.device).to(torch.int64)
-    return apply_rope(k, key_positions(positions, cl), rope_theta)
-
-
-def dense_regions(q_rows, P: int, e: int, b: int, cl, chunk_size, rope_theta):
-    """[(rotated q, key start, key end, causal)] for one sub-block: intra, then succ and inter when they exist."""
-    pos = torch.arange(b, e, device=q_rows.device)
-    p_intra, p_succ, p_inter = query_positions(pos, cl, chunk_size)
-    regions = [(apply_rope(q_rows, p_intra, rope_theta), P, e, True)]
-    if cl is not None and P >= cl:
-        regions.append((apply_rope(q_rows, p_succ, rope_theta), P - cl, P, False))
-    if cl is not None and P >= 2 * cl:
-        regions.append((apply_rope(q_rows, p_inter, rope_theta), 0, P - cl, False))
-    return regions
-
 
 KEY_BLOCK = 32768      # keys read (and scored) at a time by the paged prefill
-
-
-def region_pairs(n_q: int, kv: int, causal: bool, heads: int) -> int:
-    """(query, key) pairs dense attention scores in one region: bottom-right causal or the full rectangle."""
-    if not causal:
-        return n_q * kv * heads
-    off = kv - n_q
-    return heads * (n_q * (off + 1) + n_q * (n_q - 1) // 2)
 
 
 def _accumulate(acc, part):

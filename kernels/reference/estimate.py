@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from longserve.kernels.dca_math import apply_rope, selection_positions, work_dtype
 from longserve.kernels.estimation import FORCED_DIAGONALS, FORCED_SINKS, Selection
-from longserve.kernels.reference.attention import softmax_with_lse, work_dtype
-from longserve.kernels.reference.dca import selection_positions
-from longserve.kernels.reference.rope import apply_rope
+from longserve.kernels.reference.attention import softmax_with_lse
 
 
 def ordered_topk(scores: torch.Tensor, k: int, *, prefer_larger_index: bool = False) -> torch.Tensor:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from longserve.kernels.dca_math import dense_regions, work_dtype
 from longserve.kernels.estimation import estimate_dca_selection, split_regions
 from longserve.kernels.kv_source import PagedKV
-from longserve.kernels.pair_stats import PairStats
-from longserve.kernels.reference.attention import masked_exp, merge_lse, work_dtype
-from longserve.kernels.reference.dca import dense_regions, region_pairs
+from longserve.kernels.pair_stats import PairStats, region_pairs, selected_pair_count
+from longserve.kernels.reference.attention import masked_exp, merge_lse
 from longserve.kernels.reference.sparse_index import convert_vertical_slash_indexes
 
 BLOCK = 64
@@ -108,38 +108,6 @@ def tile_attention(q, src, lo: int, hi: int, lists, *, scale: float, causal: boo
         lse[r0 * BLOCK:r0 * BLOCK + take] = l_.permute(1, 2, 0).reshape(-1, H)[:take]
         r0 = r1
     return out, lse
-
-
-def selected_pair_count(region, n_q: int, rows_per_tile: int = 4096) -> torch.Tensor:
-    """Pairs of the exact mask ``j in V or off + r - j in S`` of one region (``RegionIndices``), causally
-    visible and inside the region: |V| + |S| - |V and S| per row, counted without a dense mask."""
-    kv = region.key_end - region.key_start
-    device = region.vertical.device
-    H = region.vertical.shape[0]
-    off = kv - n_q if region.causal else kv
-    v = region.vertical.to(torch.int64)
-    s = region.slash.to(torch.int64)
-    v_ok = (torch.arange(v.shape[1], device=device)[None, :] < region.vertical_count.to(device)[:, None]) \
-        & (v >= 0) & (v < kv)
-    s_ok = torch.arange(s.shape[1], device=device)[None, :] < region.slash_count.to(device)[:, None]
-    size = off + n_q                                         # slash values of in-region keys lie in [0, size)
-    is_s = torch.zeros((H, size + 1), dtype=torch.bool, device=device)
-    is_s.scatter_(1, torch.where(s_ok & (s >= 0) & (s < size), s, size), True)
-    is_s = is_s[:, :size]
-    total = torch.zeros((), dtype=torch.int64, device=device)
-    for t0 in range(0, n_q, rows_per_tile):
-        r = torch.arange(t0, min(n_q, t0 + rows_per_tile), device=device)
-        key_of_s = off + r[None, :, None] - s[:, None, :]                          # [H, T, NS]
-        s_in = s_ok[:, None, :] & (key_of_s >= 0) & (key_of_s < kv) & (s[:, None, :] >= 0)
-        if region.causal:
-            v_in = v_ok[:, None, :] & (v[:, None, :] <= off + r[None, :, None])   # [H, T, NV]
-        else:
-            v_in = v_ok[:, None, :].expand(H, r.numel(), v.shape[1])
-        s_of_v = off + r[None, :, None] - v[:, None, :]
-        both = v_in & (s_of_v >= 0) & (s_of_v < size)
-        both &= torch.gather(is_s, 1, s_of_v.clamp(0, size - 1).reshape(H, -1)).view_as(both)
-        total += v_in.sum() + s_in.sum() - both.sum()
-    return total
 
 
 def sparse_subblock(q_rows, src, *, b: int, e: int, P: int, cl, chunk_size, rope_theta, tau: float, budgets,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longserve.kernels.reference.dca import softmax_scale
+from longserve.kernels.dca_math import softmax_scale
 from longserve.server.engine.scheduler import ScheduledBatch
 from longserve.server.engine.sequence import Sequence
 from longserve.server.layers.attention import PrefillSpan, StepMetadata

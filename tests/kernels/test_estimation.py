@@ -8,6 +8,7 @@ import torch
 
 from longserve.bench.trace import trace
 from longserve.kernels import SparseHeadBudgets
+from longserve.kernels.dca_math import apply_rope, rotate_keys, selection_positions, sub_blocks
 from longserve.kernels.estimation import (
     INT32_MAX,
     INT32_MIN,
@@ -20,14 +21,12 @@ from longserve.kernels.estimation import (
     split_regions,
 )
 from longserve.kernels.kv_source import PagedKV
-from longserve.kernels.reference.dca import rotate_keys, selection_positions, sub_blocks
 from longserve.kernels.reference.estimate import (
     causal_tail_logits,
     estimate_dca_selection_oracle,
     ordered_topk,
     vs_scores,
 )
-from longserve.kernels.reference.rope import apply_rope
 
 GiB = 1 << 30
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from longserve.kernels.dca_math import apply_rope, rope_cos_sin
 from longserve.kernels.reference import attention as att
 from longserve.kernels.reference.attention import attention_with_lse, merge_lse
-from longserve.kernels.reference.rope import apply_rope, rope_cos_sin
 
 
 def naive(q, k, v, scale, allowed):

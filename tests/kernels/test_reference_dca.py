@@ -5,13 +5,8 @@ import pytest
 import torch
 
 from longserve.kernels import dual_chunk_attention, paged_dca_decode, relative_positions, rotate_keys, yarn_mscale
-from longserve.kernels.reference.dca import (
-    dense_regions,
-    dual_chunk_attention_reference,
-    paged_dca_decode_reference,
-    sub_blocks,
-)
-from longserve.kernels.reference.rope import apply_rope
+from longserve.kernels.dca_math import apply_rope, dense_regions, sub_blocks
+from longserve.kernels.reference.dca import dual_chunk_attention_reference, paged_dca_decode_reference
 
 GOLDEN_R = """
 0

@@ -4,15 +4,11 @@ import pytest
 import torch
 
 from longserve.kernels import SparseHeadBudgets, dual_chunk_attention
+from longserve.kernels.dca_math import apply_rope, dense_regions, rotate_keys, softmax_scale, sub_blocks
 from longserve.kernels.estimation import Selection, estimate_dca_selection, fallback_indices, split_regions
+from longserve.kernels.pair_stats import PairStats, selected_pair_count
 from longserve.kernels.reference.attention import attend, attention_with_lse, merge_lse
-from longserve.kernels.reference.dca import (
-    dense_regions,
-    dual_chunk_attention_reference,
-    rotate_keys,
-    softmax_scale,
-    sub_blocks,
-)
+from longserve.kernels.reference.dca import dual_chunk_attention_reference
 from longserve.kernels.reference.estimate import estimate_vertical_slash, select
 from longserve.kernels.reference.masks import (
     a_shape_mask,
@@ -21,9 +17,7 @@ from longserve.kernels.reference.masks import (
     subblock_selected_mask,
     vs_region_mask,
 )
-from longserve.kernels.reference.rope import apply_rope
-from longserve.kernels.pair_stats import PairStats
-from longserve.kernels.reference.sparse_dca import listed_keys, selected_pair_count
+from longserve.kernels.reference.sparse_dca import listed_keys
 from longserve.kernels.reference.sparse_index import convert_vertical_slash_indexes
 
 CFG = dict(rope_theta=1e4, chunk_size=80, local_size=16)           # cl = 64: L = 150 has intra, succ and inter

@@ -93,7 +93,7 @@ def test_decode_equals_last_prefill_row():
     """O5 on the Triton path: a decode step over the cache equals the last row of the prefill."""
     L, H, G, D, page = 77, 4, 2, 16, 8
     q, k, v = (t.float() for t in _qkv(L, L, H, G, D, seed=4))
-    from longserve.kernels.reference.rope import apply_rope
+    from longserve.kernels.dca_math import apply_rope
     k_rot = apply_rope(k, torch.arange(L) % 32, 1e4)
     out = dual_chunk_attention_triton(q, k_rot, v, keys_rotated=True, **TOY)
     blocks = math.ceil(L / page)
@@ -130,11 +130,10 @@ def test_bad_config_raises():
 def _twin_sparse_dca(q, k, v, q_sel, k_sel, budgets, tau):
     """Reference composition of sparse DCA with the same work lists the Triton path builds from (q_sel, k_sel):
     covered-mask attention per region (reference twin) and the reference LSE merge."""
+    from longserve.kernels.dca_math import apply_rope, dense_regions, sub_blocks
     from longserve.kernels.estimation import estimate_dca_selection, split_regions
     from longserve.kernels.reference import vertical_slash as ref_vs
     from longserve.kernels.reference.attention import merge_lse
-    from longserve.kernels.reference.dca import dense_regions, sub_blocks
-    from longserve.kernels.reference.rope import apply_rope
     from longserve.kernels.reference.sparse_index import convert_vertical_slash_indexes
 
     cs, cl, theta = SPARSE_TOY["chunk_size"], SPARSE_TOY["chunk_size"] - SPARSE_TOY["local_size"], 1e4

@@ -9,10 +9,10 @@ import torch
 from longserve.kernels import dispatch
 from longserve.kernels import vertical_slash as tri
 from longserve.kernels.dca import dual_chunk_attention_triton, paged_dual_chunk_attention_triton, sparse_work_lists
+from longserve.kernels.dca_math import rotate_keys, sub_blocks
 from longserve.kernels.kv_source import ContiguousKV, PagedKV
-from longserve.kernels.pair_stats import PairStats
-from longserve.kernels.reference.dca import (dual_chunk_attention_reference, paged_dual_chunk_attention_reference,
-                                              region_pairs, rotate_keys, sub_blocks)
+from longserve.kernels.pair_stats import PairStats, region_pairs
+from longserve.kernels.reference.dca import dual_chunk_attention_reference, paged_dual_chunk_attention_reference
 from longserve.kernels.sparse_config import SparseHeadBudgets
 from longserve.kernels.sparse_index import convert_vertical_slash_indexes
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from longserve.kernels.reference.dca import yarn_mscale
+from longserve.kernels.dca_math import yarn_mscale
 from longserve.server.engine import LLM, SamplingParams
 from longserve.server.engine.block_manager import BlockManager
 from longserve.server.engine.scheduler import ScheduledBatch, ScheduledChunk
