@@ -258,7 +258,9 @@ def _deployment(lcm: LongContextModel, model: ModelEntry, p: Plan, cfg: EngineCo
     drain = drain_seconds(lcm, model, p)
     command = rollout.with_drain(command, lcm.runtime, drain, len(lcm.extra_args))
     resources = _resources(lcm, model, p)
-    rank_env = runtimes.rank_env(resources["requests"].get("cpu"), gpus)
+    rank_env = runtimes.rank_env(resources["requests"].get("cpu"), gpus, runtime=lcm.runtime,
+                                 tensor_parallel_size=p.tensor_parallel_size,
+                                 startup_seconds=runtimes.startup_probe_seconds(model.weight_bytes))
     container = {
         "name": "engine", "image": image, "imagePullPolicy": "IfNotPresent",
         "command": command, "env": _env(lcm, cfg, scratch_env + rank_env), "ports": runtimes.ports(cfg),

@@ -10,8 +10,9 @@ many pods, one per node, each with `plan.gpus_per_pod` GPUs. The pods are the De
 - workers: the same command, no ports and no probes (they serve nothing; a worker whose peer
   dies exits non-zero, and `RecreateGroupOnPodRestart` re-forms the whole group);
 - ranks and the rendezvous address come from the variables LeaderWorkerSet injects into every
-  container (LWS_LEADER_ADDRESS, LWS_GROUP_SIZE, LWS_WORKER_INDEX); the native rendezvous waits as
-  long as the startup budget, so a worker that starts before a slow leader does not give up early;
+  container (LWS_LEADER_ADDRESS, LWS_GROUP_SIZE, LWS_WORKER_INDEX); the native process group's
+  start-up (LONGSERVE_DIST_INIT_TIMEOUT, as for any TP pod) waits as long as the startup budget, so
+  a worker that starts before a slow leader does not give up early;
   vllm/sglang pods run those runtimes' own multi-node launch (runtimes.multi_node_command).
 
 `startupPolicy: LeaderCreated`: the workers start with the leader. LeaderReady would deadlock, as

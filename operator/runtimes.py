@@ -89,10 +89,17 @@ def probes(weight_bytes: int) -> dict:
     }
 
 
-def rank_env(cpu: str | None, gpus: int) -> list[dict]:
-    """OMP_NUM_THREADS per rank: the pod's CPUs shared by its GPU processes (each rank is one
-    process; unset, every rank's torch would size its thread pool to all the node's cores)."""
-    return [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(_cpus(cpu) // max(1, gpus))))}]
+def rank_env(cpu: str | None, gpus: int, *, runtime: str, tensor_parallel_size: int,
+             startup_seconds: int) -> list[dict]:
+    """What the ranks of a pod need: OMP_NUM_THREADS, the pod's CPUs shared by its GPU processes
+    (unset, every rank's torch would size its thread pool to all the node's cores); and for native
+    TP, the start-up timeout of the process group (the rendezvous and the agreement on KV capacity,
+    which waits for the slowest rank's weight load) set to the startup budget, so it never gives
+    up before the startup probe would. Collectives keep the engine's own, short timeout."""
+    items = [{"name": "OMP_NUM_THREADS", "value": str(max(1, int(_cpus(cpu) // max(1, gpus))))}]
+    if runtime == "native" and tensor_parallel_size > 1:
+        items.append({"name": "LONGSERVE_DIST_INIT_TIMEOUT", "value": str(startup_seconds)})
+    return items
 
 
 def _cpus(cpu: str | None) -> float:
@@ -104,15 +111,15 @@ def multi_node_command(runtime: str, command: list[str], *, leader: bool, pods: 
                        startup_seconds: int) -> list[str]:
     """The command of a pod in a group of `pods` pods (one per node), from the single-pod `command`.
 
-    native: the same command; ranks and the leader come from the LWS variables, and the rendezvous
-    waits as long as the startup budget. SGLang: its own flags (`--nnodes --node-rank
+    native: the same command; ranks and the leader come from the LWS variables (the start-up
+    timeout is in the environment, `rank_env`). SGLang: its own flags (`--nnodes --node-rank
     --dist-init-addr`). vLLM: a Ray cluster, the launch its DCA-capable releases support across
     nodes (its V0 engine, which the DCA backend needs, has no multi-node multiprocessing launch):
     the leader starts the Ray head and `vllm serve` with the Ray executor, which waits for the
     workers' GPUs; the workers only join the Ray cluster.
     """
     if runtime == "native":
-        return command + ["--dist-timeout-seconds", str(startup_seconds)]
+        return list(command)
     if runtime == "sglang":
         return command + ["--nnodes", str(pods), "--node-rank", "$(LWS_WORKER_INDEX)",
                           "--dist-init-addr", f"$(LWS_LEADER_ADDRESS):{RENDEZVOUS_PORT}"]

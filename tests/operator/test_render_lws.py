@@ -119,8 +119,10 @@ def test_two_node_example_renders_a_valid_leader_worker_set(cached):
     # the same command on both; ranks and the leader's address come from the LWS variables
     assert lead["command"] == work["command"]
     assert lead["command"][:4] == ["longserve", "serve", "--config", "/etc/longserve/engine_config.json"]
-    assert lead["command"][-2:] == ["--dist-timeout-seconds", str(budget)] and "--api-key-file" in lead["command"]
-    assert env_of(lead)["LONGSERVE_MASTER_PORT"] == env_of(work)["LONGSERVE_MASTER_PORT"] == "29500"
+    assert "--api-key-file" in lead["command"] and not any(a.startswith("--dist") for a in lead["command"])
+    for c in (lead, work):
+        assert env_of(c)["LONGSERVE_MASTER_PORT"] == "29500"
+        assert env_of(c)["LONGSERVE_DIST_INIT_TIMEOUT"] == str(budget)      # start-up waits the budget
     assert {p["name"] for p in lead["ports"]} == {"http", "grpc", "rendezvous"}
     assert lead["startupProbe"]["failureThreshold"] * lead["startupProbe"]["periodSeconds"] >= budget
     for key in ("ports", "startupProbe", "readinessProbe", "livenessProbe"):
@@ -190,7 +192,9 @@ def test_single_node_tp_examples_render_a_deployment_with_what_tp_needs(name, tp
     cfg = yaml.safe_load(objs["ConfigMap"][0]["data"]["engine_config.json"])
     assert cfg["tensor_parallel_size"] == tp and c["command"][:4] == [
         "longserve", "serve", "--config", "/etc/longserve/engine_config.json"]
-    assert "--dist-timeout-seconds" not in c["command"]          # one pod: the rendezvous is local
+    assert not any(a.startswith("--dist") for a in c["command"])    # one pod: the rendezvous is local
+    assert env_of(c)["LONGSERVE_DIST_INIT_TIMEOUT"] == str(startup_probe_seconds(d.model.weight_bytes))
+    assert "LONGSERVE_MASTER_PORT" not in env_of(c)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(tp)
     cpus = int(c["resources"]["requests"]["cpu"])
     assert cpus == 4 + 2 * tp and env_of(c)["OMP_NUM_THREADS"] == str(cpus // tp)
