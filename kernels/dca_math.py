@@ -136,13 +136,21 @@ def rotate_keys(k: torch.Tensor, positions: torch.Tensor, *, rope_theta, chunk_s
     return apply_rope(k, key_positions(positions, cl), rope_theta)
 
 
-def dense_regions(q_rows, P: int, e: int, b: int, cl, chunk_size, rope_theta):
-    """[(rotated q, key start, key end, causal)] for one sub-block: intra, then succ and inter when they exist."""
-    pos = torch.arange(b, e, device=q_rows.device)
-    p_intra, p_succ, p_inter = query_positions(pos, cl, chunk_size)
-    regions = [(apply_rope(q_rows, p_intra, rope_theta), P, e, True)]
+def region_bounds(P: int, e: int, cl) -> list[tuple[str, int, int, bool]]:
+    """[(name, key start, key end, causal)] a sub-block of the DCA chunk starting at ``P`` (queries up to ``e``)
+    attends: intra ``[P, e)`` (causal), then succ ``[P - cl, P)`` and inter ``[0, P - cl)`` when they exist."""
+    regions = [("intra", P, e, True)]
     if cl is not None and P >= cl:
-        regions.append((apply_rope(q_rows, p_succ, rope_theta), P - cl, P, False))
+        regions.append(("succ", P - cl, P, False))
     if cl is not None and P >= 2 * cl:
-        regions.append((apply_rope(q_rows, p_inter, rope_theta), 0, P - cl, False))
+        regions.append(("inter", 0, P - cl, False))
     return regions
+
+
+def dense_regions(q_rows, P: int, e: int, b: int, cl, chunk_size, rope_theta):
+    """[(rotated q, key start, key end, causal)] for one sub-block (``region_bounds``), each region's queries
+    rotated at its own positions."""
+    pos = torch.arange(b, e, device=q_rows.device)
+    rotation = dict(zip(("intra", "succ", "inter"), query_positions(pos, cl, chunk_size)))
+    return [(apply_rope(q_rows, rotation[name], rope_theta), lo, hi, causal)
+            for name, lo, hi, causal in region_bounds(P, e, cl)]

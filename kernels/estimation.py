@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longserve.kernels.dca_math import apply_rope, selection_positions, work_dtype
+from longserve.kernels.dca_math import apply_rope, region_bounds, selection_positions, work_dtype
 from longserve.kernels.kv_source import ContiguousKV
 
 FORCED_SINKS = 30            # keys 0..29 are always verticals
@@ -115,13 +115,9 @@ def _key_regions(q_last, e: int, P: int, cl, chunk_size, rope_theta):
     if cl is None:
         return [(0, e, apply_rope(q_last, pos, rope_theta))]
     succ_sel, inter_sel = selection_positions(pos, cl, chunk_size)
-    regions = []
-    if P >= 2 * cl:
-        regions.append((0, P - cl, apply_rope(q_last, inter_sel, rope_theta)))
-    if P >= cl:
-        regions.append((P - cl, P, apply_rope(q_last, succ_sel, rope_theta)))
-    regions.append((P, e, apply_rope(q_last, pos % cl, rope_theta)))
-    return [r for r in regions if r[1] > r[0]]
+    rotation = {"intra": pos % cl, "succ": succ_sel, "inter": inter_sel}
+    return [(lo, hi, apply_rope(q_last, rotation[name], rope_theta))
+            for name, lo, hi, _ in reversed(region_bounds(P, e, cl)) if hi > lo]
 
 
 class _BlockLogits:
@@ -324,14 +320,12 @@ def split_regions(sel: Selection, *, b: int, e: int, P: int, cl) -> list[RegionI
     v, d = sel.vertical, sel.diagonal
     v_ok = torch.arange(v.shape[1], device=device)[None, :] < sel.vertical_count[:, None]
     d_ok = torch.arange(d.shape[1], device=device)[None, :] < sel.diagonal_count[:, None]
-    # name, keys [lo, hi), causal, kept diagonals [c_lo, c_hi), slash anchor, delta shift
-    specs = [("intra", P, e, True, P, e, e - 1, 0)]
-    if cl is not None and P >= cl:
-        specs.append(("succ", P - cl, P, False, P - cl, P + n_q, P + n_q - 1, b - P))
-    if cl is not None and P >= 2 * cl:
-        specs.append(("inter", 0, P - cl, False, 0, P - cl + n_q, P - cl + n_q - 1, b - P + cl))
     out = []
-    for name, lo, hi, causal, c_lo, c_hi, anchor, shift in specs:
+    for name, lo, hi, causal in region_bounds(P, e, cl):
+        # kept diagonals [c_lo, c_hi), slash anchor, delta shift
+        c_lo, c_hi, anchor, shift = {"intra": (P, e, e - 1, 0),
+                                     "succ": (lo, P + n_q, P + n_q - 1, b - P),
+                                     "inter": (0, hi + n_q, hi + n_q - 1, b - hi)}[name]
         keep_v = v_ok & (v >= lo) & (v < hi)
         keep_s = d_ok & (d >= c_lo) & (d < c_hi)
         fb = fallback_indices(hi - lo, device)
