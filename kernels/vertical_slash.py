@@ -30,7 +30,6 @@ causal (or full-rectangle) pair count exactly. Each program writes its count to 
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -386,26 +385,3 @@ def dense_attention(q, k, v, *, scale: float, causal: bool, out=None, lse_out=No
     _check_qkv(q, k, v)
     return dense_attention_kv(q, (k, v), 0, k.shape[0], scale=scale, causal=causal, out=out, lse_out=lse_out,
                               config=config, pair_count=pair_count)
-
-
-def full_block_lists(q_len: int, kv_len: int, num_heads: int, *, causal: bool, device=None):
-    """Work lists that cover every (causal) pair: block starts 0, 64, ... per query block, no columns.
-
-    Used to test the list path against dense attention (O7); the lists are broadcast over heads.
-    """
-    if q_len < 0 or kv_len < 0 or num_heads <= 0:
-        raise ValueError("q_len, kv_len must be >= 0 and num_heads > 0")
-    R = math.ceil(q_len / BLOCK_M)
-    nb_max = max(1, math.ceil(kv_len / BLOCK_N))
-    ends = torch.arange(1, R + 1, device=device, dtype=torch.int64) * BLOCK_M
-    if causal:
-        visible = torch.clamp(torch.minimum(ends + (kv_len - q_len), torch.tensor(kv_len, device=device)), min=0)
-    else:
-        visible = torch.full_like(ends, kv_len)
-    counts = ((visible + BLOCK_N - 1) // BLOCK_N).to(torch.int32)
-    starts = (torch.arange(nb_max, device=device, dtype=torch.int32) * BLOCK_N).expand(R, nb_max)
-    block_count = counts.expand(num_heads, R)
-    block_offset = starts.expand(num_heads, R, nb_max)
-    column_count = torch.zeros((num_heads, R), dtype=torch.int32, device=device)
-    column_index = torch.zeros((num_heads, R, 1), dtype=torch.int32, device=device)
-    return block_count, block_offset, column_count, column_index

@@ -5,7 +5,6 @@ Defaults follow the OpenAI/vLLM conventions in serving.md §1.2. `max_tokens=Non
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 
@@ -88,6 +87,3 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
-
-    def replace(self, **changes) -> "SamplingParams":
-        return dataclasses.replace(self, **changes)

@@ -83,7 +83,6 @@ class Tokenizer:
             raise ValueError("this model has no chat template (tokenizer_config.json / chat_template.jinja); "
                              "use the completions API")
         if self._template is None:
-            from jinja2 import StrictUndefined  # noqa: F401  (imported for clarity of the env below)
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(message):

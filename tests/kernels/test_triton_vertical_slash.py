@@ -14,6 +14,27 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:Deprecati
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 
+def full_block_lists(q_len: int, kv_len: int, num_heads: int, *, causal: bool, device=None):
+    """Work lists that cover every (causal) pair: block starts 0, 64, ... per query block, no columns (the
+    full-budget oracle of the list path against dense attention); the lists are broadcast over heads."""
+    if q_len < 0 or kv_len < 0 or num_heads <= 0:
+        raise ValueError("q_len, kv_len must be >= 0 and num_heads > 0")
+    R = math.ceil(q_len / tri.BLOCK_M)
+    nb_max = max(1, math.ceil(kv_len / tri.BLOCK_N))
+    ends = torch.arange(1, R + 1, device=device, dtype=torch.int64) * tri.BLOCK_M
+    if causal:
+        visible = torch.clamp(torch.minimum(ends + (kv_len - q_len), torch.tensor(kv_len, device=device)), min=0)
+    else:
+        visible = torch.full_like(ends, kv_len)
+    counts = ((visible + tri.BLOCK_N - 1) // tri.BLOCK_N).to(torch.int32)
+    starts = (torch.arange(nb_max, device=device, dtype=torch.int32) * tri.BLOCK_N).expand(R, nb_max)
+    block_count = counts.expand(num_heads, R)
+    block_offset = starts.expand(num_heads, R, nb_max)
+    column_count = torch.zeros((num_heads, R), dtype=torch.int32, device=device)
+    column_index = torch.zeros((num_heads, R, 1), dtype=torch.int32, device=device)
+    return block_count, block_offset, column_count, column_index
+
+
 def _qkv(n_q, n_k, H, G, D, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn((n_q, H, D), generator=g, dtype=torch.float64),
@@ -53,7 +74,7 @@ def test_dense_matches_reference(dtype, n_q, n_k, H, G, causal):
 def test_full_lists_equal_dense(causal):
     """O7 for the list path: full block lists reproduce dense attention."""
     q, k, v = (t.float() for t in _qkv(100, 130, 4, 2, 32, seed=1))
-    lists = tri.full_block_lists(100, 130, 4, causal=causal)
+    lists = full_block_lists(100, 130, 4, causal=causal)
     o_l, l_l = tri.vertical_slash_attention(q, k, v, *lists, scale=0.2, causal=causal)
     o_d, l_d = tri.dense_attention(q, k, v, scale=0.2, causal=causal)
     assert torch.allclose(o_l, o_d, atol=1e-6) and torch.allclose(l_l, l_d, atol=1e-6)
@@ -83,7 +104,7 @@ def test_sparse_lists_match_reference_twin(dtype, causal, n_q, n_k):
 
 def test_rerun_is_bitwise_identical():
     q, k, v = (t.half() for t in _qkv(113, 113, 4, 2, 16, seed=5))
-    lists = tri.full_block_lists(113, 113, 4, causal=True)
+    lists = full_block_lists(113, 113, 4, causal=True)
     a = tri.vertical_slash_attention(q, k, v, *lists, scale=0.25, causal=True)
     b = tri.vertical_slash_attention(q, k, v, *lists, scale=0.25, causal=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -96,7 +117,7 @@ def test_bad_input_raises():
     q, k, v = (t.float() for t in _qkv(8, 8, 4, 2, 16, seed=0))
     with pytest.raises(ValueError):
         tri.dense_attention(q, k.half(), v, scale=1.0, causal=True)
-    bc, bo, cc, ci = tri.full_block_lists(8, 8, 4, causal=True)
+    bc, bo, cc, ci = full_block_lists(8, 8, 4, causal=True)
     with pytest.raises(ValueError):
         tri.vertical_slash_attention(q, k, v, bc.long(), bo, cc, ci, scale=1.0, causal=True)
     with pytest.raises(ValueError):
