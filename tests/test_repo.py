@@ -88,3 +88,13 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make test" in ci
+
+
+def test_one_python_floor_everywhere():
+    """Python 3.11 is the floor (tomllib, typing and asyncio features the code uses): the package metadata, the
+    README and the image's base say the same."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["requires-python"] == ">=3.11"
+    assert "Python 3.11+" in (ROOT / "README.md").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-" in (ROOT / "Dockerfile").read_text()
+    assert sys.version_info >= (3, 11)

@@ -144,3 +144,23 @@ def test_preemption_by_recompute_neither_duplicates_nor_loses_prompt_logprobs(ti
     assert preemptions > 0
     for rid in prompts:
         assert seen[rid] == pytest.approx(expected[rid], abs=1e-5)
+
+
+def test_score_rows_in_bounded_blocks_equals_one_block():
+    """The LM head never sees more than `block_rows` rows, and block edges change nothing."""
+    from longserve.server.engine.prompt_logprobs import score_rows
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (50,), generator=g)
+    seen = []
+
+    def head(rows):
+        seen.append(rows.shape[0])
+        return rows @ weight.t()
+    blocked = score_rows(hidden, head, targets, 4, block_rows=7)
+    assert max(seen) == 7 and sum(seen) == 50
+    whole = score_rows(hidden, lambda rows: rows @ weight.t(), targets, 4, block_rows=4096)
+    assert torch.allclose(blocked, whole)
+    logp = torch.log_softmax(hidden @ weight.t(), dim=-1).double()
+    assert torch.allclose(whole[:, 0], logp.gather(1, targets[:, None])[:, 0], atol=1e-5)
