@@ -6,8 +6,11 @@ file is stale and `LONGSERVE_REGEN_GOLDENS=1` (`make goldens`) rewrites it. Defa
 """
 from __future__ import annotations
 
+from longserve.operator import sizing_rules
+from longserve.operator.sizing_rules import MODES, OBJECTIVES, TENSOR_PARALLEL_SIZES
 from longserve.operator.types import (
-    DEFAULTS, GROUP, KIND, MAX_NAME_LENGTH, MAX_NODES, MODES, OBJECTIVES, PLURAL, RUNTIMES, SHORT_NAMES, SINGULAR, VERSION)
+    DEFAULTS, GROUP, KIND, MAX_NAME_LENGTH, MAX_NODES, PLURAL, SHORT_NAMES, SINGULAR, VERSION)
+from longserve.server.config import RUNTIMES
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
@@ -113,8 +116,9 @@ def spec_schema() -> dict:
     sizing = _obj("How tensor parallelism and prefill chunk are chosen.", {
         "mode": _s("Auto | Manual | DryRun (plan into status, deploy nothing)", enum=list(MODES), default=d["mode"]),
         "objective": _s("MinGPUs | MaxPrefillThroughput", enum=list(OBJECTIVES), default=d["objective"]),
-        "tensorParallelSize": _i("Manual only, required there.", minimum=1, maximum=8),
-        "prefillChunkTokens": _i("Manual only, optional (else the largest chunk that fits).", minimum=16),
+        "tensorParallelSize": _i("Manual only, required there.", minimum=1, maximum=max(TENSOR_PARALLEL_SIZES)),
+        "prefillChunkTokens": _i("Manual only, optional (else the largest chunk that fits).",
+                                 minimum=sizing_rules.CHUNK_MULTIPLE),
         "gpuMemoryUtilization": {"type": "number", "minimum": 0.5, "maximum": 0.98,
                                  "default": d["gpuMemoryUtilization"], "description": "Upper bound for the planner."},
         "safetyMarginPercent": {"type": "number", "minimum": 0, "maximum": 50, "default": d["safetyMarginPercent"],
@@ -218,14 +222,7 @@ def spec_schema() -> dict:
 
 
 CEL_RULES = [
-    {"rule": "self.sizing.mode == 'Manual' ? has(self.sizing.tensorParallelSize) : "
-             "!has(self.sizing.tensorParallelSize) && !has(self.sizing.prefillChunkTokens)",
-     "message": "TP/chunk are set only, and TP always, in Manual mode"},
-    {"rule": "!has(self.sizing.tensorParallelSize) || self.sizing.tensorParallelSize in [1, 2, 4, 8]",
-     "message": "TP must be 1, 2, 4 or 8"},
-    {"rule": "!has(self.sizing.prefillChunkTokens) || (self.sizing.prefillChunkTokens % 16 == 0 && "
-             "(!has(self.context.maxModelLen) || self.sizing.prefillChunkTokens <= self.context.maxModelLen))",
-     "message": "chunk: multiple of 16, <= maxModelLen"},
+    *({"rule": rule.cel, "message": rule.message} for rule in sizing_rules.RULES),
     {"rule": "!has(self.context.maxModelLen) || self.context.maxOutputTokens < self.context.maxModelLen",
      "message": "output cap below the context"},
     {"rule": "self.runtime.name == 'native' || size(self.runtime.image) > 0", "message": "vllm/sglang need an image"},

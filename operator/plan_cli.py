@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
+from longserve.operator.sizing_rules import OBJECTIVES
+from longserve.server.config import RUNTIMES
+
 HELP = "size tensor parallelism and prefill chunk for a model on a GPU (offline)"
 
 
@@ -18,8 +21,8 @@ def add_arguments(p) -> None:
                    help="nodes one replica may span; TP crosses nodes only when no TP within a node fits")
     p.add_argument("--max-model-len", type=int, help="default: the model's maximum")
     p.add_argument("--max-num-seqs", type=int, default=1)
-    p.add_argument("--objective", default="MinGPUs", choices=["MinGPUs", "MaxPrefillThroughput"])
-    p.add_argument("--runtime", default="native", choices=["native", "vllm", "sglang"])
+    p.add_argument("--objective", default="MinGPUs", choices=OBJECTIVES)
+    p.add_argument("--runtime", default="native", choices=RUNTIMES)
     p.add_argument("--tensor-parallel-size", type=int, help="validate this TP instead of choosing one")
     p.add_argument("--chunk", type=int, help="validate this prefill chunk instead of choosing one")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)

@@ -19,12 +19,9 @@ from dataclasses import dataclass, field, replace
 from longserve.operator.catalog import GpuSpec, ModelEntry
 from longserve.operator.memory import (
     GB, KV_BLOCK_SIZE, MemoryBreakdown, chunk_candidates, memory_breakdown, valid_tensor_parallel_sizes)
-from longserve.server.config import EngineConfig
+from longserve.operator.sizing_rules import MAX_TENSOR_PARALLEL_SIZE, MODES, OBJECTIVES, manual_sizing_errors
+from longserve.server.config import RUNTIMES, EngineConfig
 
-OBJECTIVES = ("MinGPUs", "MaxPrefillThroughput")
-MODES = ("Auto", "Manual", "DryRun")
-RUNTIMES = ("native", "vllm", "sglang")
-MAX_TENSOR_PARALLEL_SIZE = 8      # the largest TP the engines and the CRD accept
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +61,8 @@ class SizingRequest:
             errors.append("nodes must be >= 1")
         if self.memory_per_gpu_bytes is not None and self.memory_per_gpu_bytes <= 0:
             errors.append("memory per GPU must be positive")
-        if self.mode == "Manual" and self.tensor_parallel_size is None:
-            errors.append("Manual sizing needs tensor_parallel_size")
-        if self.mode != "Manual" and self.tensor_parallel_size is not None:
-            errors.append("tensor_parallel_size is only set in Manual sizing mode")
-        if self.mode != "Manual" and self.prefill_chunk_tokens is not None:
-            errors.append("prefill_chunk_tokens is only set in Manual sizing mode")
-        chunk = self.prefill_chunk_tokens
-        if chunk is not None and (chunk < KV_BLOCK_SIZE or chunk % KV_BLOCK_SIZE):
-            errors.append(f"prefill_chunk_tokens must be a positive multiple of {KV_BLOCK_SIZE}, got {chunk}")
-        elif chunk is not None and chunk > self.max_model_len:
-            errors.append(f"prefill_chunk_tokens ({chunk}) must not exceed max_model_len ({self.max_model_len})")
+        errors += [message for _, message in manual_sizing_errors(
+            self.mode, self.tensor_parallel_size, self.prefill_chunk_tokens, self.max_model_len)]
         return errors
 
 

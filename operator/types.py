@@ -15,6 +15,8 @@ from longserve.operator.errors import SpecError
 from longserve.operator.options import DownloadOptions, NetworkPolicyOptions, PodOptions, SecretKey
 from longserve.operator.autoscaling import AutoscalingOptions, autoscaling_options
 from longserve.operator.rollout import RolloutOptions, rollout_options
+from longserve.operator.sizing_rules import MODES, OBJECTIVES, manual_sizing_errors
+from longserve.server.config import RUNTIMES
 
 GROUP = "longserve.io"
 VERSION = "v1alpha1"
@@ -25,10 +27,6 @@ SINGULAR = "longcontextmodel"
 SHORT_NAMES = ("lcm",)
 MAX_NAME_LENGTH = 40
 
-RUNTIMES = ("native", "vllm", "sglang")
-MODES = ("Auto", "Manual", "DryRun")
-OBJECTIVES = ("MinGPUs", "MaxPrefillThroughput")
-TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 MAX_NODES = 8
 AUTO = "auto"
 
@@ -265,18 +263,11 @@ def parse(body: dict) -> LongContextModel:
 
     mode = _choice(sizing.get("mode", DEFAULTS["mode"]), "spec.sizing.mode", MODES)
     tp = sizing.get("tensorParallelSize")
+    tp = None if tp is None else _int(tp, "spec.sizing.tensorParallelSize")
     chunk = sizing.get("prefillChunkTokens")
-    if mode == "Manual" and tp is None:
-        raise SpecError("InvalidSpec", "spec.sizing.tensorParallelSize is required in Manual mode")
-    if mode != "Manual" and (tp is not None or chunk is not None):
-        raise SpecError("InvalidSpec", "TP/chunk are set only, and TP always, in Manual mode")
-    if tp is not None and _int(tp, "spec.sizing.tensorParallelSize") not in TENSOR_PARALLEL_SIZES:
-        raise SpecError("InvalidTP", f"spec.sizing.tensorParallelSize must be 1, 2, 4 or 8, got {tp}")
-    if chunk is not None:
-        _int(chunk, "spec.sizing.prefillChunkTokens", minimum=16)
-        if chunk % 16 or (max_model_len is not None and chunk > max_model_len):
-            raise SpecError("InvalidSpec", "spec.sizing.prefillChunkTokens must be a multiple of 16 and "
-                                           "<= maxModelLen")
+    chunk = None if chunk is None else _int(chunk, "spec.sizing.prefillChunkTokens")
+    for rule, message in manual_sizing_errors(mode, tp, chunk, max_model_len):
+        raise SpecError(rule.reason, f"spec.sizing: {message}")
 
     gpu_product = accel.get("gpuProduct") or None
     memory_per_gpu = accel.get("memoryPerGpu")

@@ -107,8 +107,8 @@ def test_manual_tp8_for_7b_names_the_heads():
     ({"mode": "Manual", "tensor_parallel_size": 2, "prefill_chunk_tokens": 1000}, "multiple of 16"),
     ({"max_model_len": 2_000_000}, "exceeds the model's maximum"),
     ({"gpu_memory_utilization": 0.99}, "gpu_memory_utilization"),
-    ({"tensor_parallel_size": 2}, "only set in Manual"),
-    ({"mode": "Manual"}, "needs tensor_parallel_size"),
+    ({"tensor_parallel_size": 2}, "set only, and TP always, in Manual mode"),
+    ({"mode": "Manual"}, "set only, and TP always, in Manual mode"),
     ({"objective": "Fastest"}, "objective must be one of"),
 ])
 def test_invalid_requests_are_rejected_with_reason(kw, fragment):

@@ -32,7 +32,7 @@ def test_quantities():
     ({"model": {}}, "InvalidSpec", "spec.model.uri is required"),
     ({"model": {"uri": "s3://x/y"}}, "InvalidSpec", "must be hf://"),
     ({"replicas": -1}, "InvalidSpec", "spec.replicas must be >= 0"),
-    ({"sizing": {"mode": "Manual"}}, "InvalidSpec", "required in Manual mode"),
+    ({"sizing": {"mode": "Manual"}}, "InvalidSpec", "TP always, in Manual mode"),
     ({"sizing": {"tensorParallelSize": 2}}, "InvalidSpec", "only, and TP always, in Manual mode"),
     ({"sizing": {"mode": "Manual", "tensorParallelSize": 3}}, "InvalidTP", "1, 2, 4 or 8"),
     ({"sizing": {"mode": "Manual", "tensorParallelSize": 1, "prefillChunkTokens": 1000}}, "InvalidSpec",
