@@ -113,6 +113,7 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
             objects = [o for o in objects if o["kind"] not in HELD_WHILE_DOWNLOADING]
             live = [o for o in live if o["kind"] not in HELD_WHILE_DOWNLOADING]
     objects = _installed_kinds_only(objects, memo, body, from_timer)
+    objects, lws_missing = _without_missing_leader_worker_set(objects, api, body, from_timer)
     # an old engine ConfigMap stays while pods of the previous template may still mount it
     actions = rollout.hold_old_configs(diff(objects, live), live,
                                        rollout.workloads_rolled_out(objects, live, WORKLOAD_KINDS))
@@ -128,7 +129,7 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
         o["kind"] == workload["kind"] for o in objects) else None
     verified = _capacity(d, api, namespace, status, patch, memo, logger) if deployment else None
     new = status_mod.build_status(d, namespace=namespace, deployment=deployment, cache_state=cache_state,
-                                  capacity=verified)
+                                  capacity=verified, workload_api_missing=lws_missing)
     _download_events(body, actions, status, new)
     _write(patch, new, status, generation)
     RECONCILES.labels("drift" if from_timer and actions else "ok").inc()
@@ -166,6 +167,20 @@ def _capacity(d, api: k8s_apply.Api, namespace: str, current: dict, patch, memo,
         return None
     ok, reason, message = capacity_mod.verdict(observed, d.plan.max_model_len)
     return status_mod.condition("CapacityVerified", ok, reason, message)
+
+
+def _without_missing_leader_worker_set(objects: list[dict], api, body: dict, from_timer: bool) -> tuple[list, bool]:
+    """A replica spanning nodes needs the LeaderWorkerSet API: without it nothing can run the plan,
+    so the rest is applied, the status says why no workload exists, and an event names the fix.
+    Checked on each reconcile of such a plan, so installing the controller later is picked up."""
+    if not any(o["kind"] == LWS_KIND for o in objects) or api.has_api(LWS_API_VERSION):
+        return objects, False
+    if not from_timer:
+        kopf.warn(body, reason="LeaderWorkerSetUnavailable",
+                  message=f"the plan spans nodes, but the {LWS_API_VERSION} API is not installed; install the "
+                          "LeaderWorkerSet controller (https://lws.sigs.k8s.io) or give accelerator.gpusPerNode "
+                          "room for one pod")
+    return [o for o in objects if o["kind"] != LWS_KIND], True
 
 
 def _installed_kinds_only(objects: list[dict], memo, body: dict, from_timer: bool) -> list[dict]:

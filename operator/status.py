@@ -87,7 +87,7 @@ def invalid_status(error: SpecError) -> tuple[str, list[dict]]:
 
 
 def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_state: str | None,
-                 capacity: dict | None = None) -> dict:
+                 capacity: dict | None = None, workload_api_missing: bool = False) -> dict:
     """Status for a parsed, sized resource. `deployment`: the live workload (the Deployment, or the
     LeaderWorkerSet of a plan spanning nodes). `cache_state`: None (no download), "Downloading",
     "DownloadFailed" or "DownloadComplete"."""
@@ -109,6 +109,10 @@ def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_s
     available, current, ready = workload(deployment, lcm.replicas, layout(d)["workload"]["kind"])
     if cache_state in ("Downloading", "DownloadFailed") and deployment is None:
         available = condition("WorkloadAvailable", False, "WaitingForCache", "the engine starts once the cache is filled")
+    elif workload_api_missing:        # the plan spans nodes and the cluster has no LeaderWorkerSet API
+        available = condition("WorkloadAvailable", False, "LeaderWorkerSetUnavailable",
+                              f"a replica spans {p.pods_per_replica} nodes: install the LeaderWorkerSet "
+                              "controller (leaderworkerset.x-k8s.io/v1)")
     conds.append(available)
     # `capacity`: the CapacityVerified condition from a probe of a ready pod (handlers.py, capacity.py)
     conds.append(capacity or condition("CapacityVerified", None, "NotMeasured", "engine KV capacity not reported yet"))

@@ -356,3 +356,20 @@ def test_plan_spanning_nodes_runs_a_leader_worker_set(cluster):
                       "the layout of one pod")
     assert st["layout"]["workload"] == {"kind": "Deployment", "name": "big"}
     assert "longserve.io/role" not in cluster.children(SERVICES)["big"]["spec"]["selector"]
+
+
+def test_plan_spanning_nodes_without_the_leader_worker_set_api_says_so(cluster):
+    resources = cluster.emulator.emulator.resources
+    declared = resources.pop(LWS_PATH := "leaderworkerset.x-k8s.io/v1/leaderworkersets")      # no LWS controller
+    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"},
+            "accelerator": {"gpuProduct": "NVIDIA-L40S", "gpusPerNode": 4, "nodes": 2}}
+    cluster.create(resource("big", **spec))
+    cluster.wait(lambda: conditions(cluster.get("big")).get("WorkloadAvailable", ("", ""))[1] == "LeaderWorkerSetUnavailable",
+                 "WorkloadAvailable=False LeaderWorkerSetUnavailable")
+    assert status_of(cluster, "big")["phase"] == "Starting"
+    assert conditions(cluster.get("big"))["Ready"] == ("False", "LeaderWorkerSetUnavailable")
+    cluster.wait(lambda: cluster.children(SERVICES).get("big"), "the rest is applied")
+    resources[LWS_PATH] = declared                  # the controller is installed: the timer creates the group
+    cluster.wait(lambda: cluster.children(LWS).get("big-group"), "the LeaderWorkerSet")
+    cluster.wait(lambda: conditions(cluster.get("big"))["WorkloadAvailable"] == ("False", "Progressing"),
+                 "WorkloadAvailable from the LeaderWorkerSet")
