@@ -267,3 +267,15 @@ def test_manual_tp_across_nodes_is_validated():
     assert bad.reason == "InvalidSpec"
     assert "exceeds the 4 GPUs per node; it needs 2 nodes of 4 GPUs (set nodes)" in bad.explanation
     assert "nodes must be >= 1" in run_plan(M7, "H200-141GB", nodes=0).explanation
+
+
+def test_cli_nodes_lays_tp_over_nodes():
+    one = _cli("--model", M14, "--gpu", "L40S-48GB", "--gpus-per-node", "4")
+    assert one.returncode == 1 and "TP 8: fits the requested length" in one.stdout and "(needs 2 nodes)" in one.stdout
+    two = _cli("--model", M14, "--gpu", "L40S-48GB", "--gpus-per-node", "4", "--nodes", "2")
+    assert two.returncode == 0, two.stderr
+    assert "tensor parallel size    8" in two.stdout
+    assert "layout                  2 pod(s) per replica x 4 GPU(s) per pod" in two.stdout
+    data = json.loads(_cli("--model", M14, "--gpu", "L40S-48GB", "--gpus-per-node", "4", "--nodes", "2",
+                           "-o", "json").stdout)
+    assert (data["gpusPerPod"], data["podsPerReplica"], data["nodes"]) == (4, 2, 2)
