@@ -178,8 +178,8 @@ def run_worker(config, topology: Topology, local_rank: int, device_type: str) ->
             kind, body = group.broadcast_object()
             if kind == STEP:
                 batch, jobs = mirror.decode(body, runner.release)
-                if batch.chunks:
-                    runner.forward_logits(batch, prompt_jobs=jobs) if jobs else runner.forward_logits(batch)
+                if batch.chunks:           # the logits are rank 0's to sample; here only the collectives matter
+                    runner.forward_logits(batch, prompt_jobs=jobs)
             elif kind == HEARTBEAT:
                 group.barrier()
             elif kind == STOP:

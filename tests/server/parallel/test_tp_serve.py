@@ -1,5 +1,6 @@
 """`longserve serve --tensor-parallel-size 2` on the CPU (gloo): the demo model answers the README's passkey
-request as TP 1 does (`tests/test_demo_serving.py`); killing a worker makes the server exit non-zero within 10 s;
+request as TP 1 does (`tests/test_demo_serving.py`); killing a worker, or stopping one (a hang), makes the server
+exit non-zero within 10 s;
 two "pods" (two process trees given LeaderWorkerSet-style environments) form one TP 2 group, the leader answers
 and the follower serves no HTTP."""
 from __future__ import annotations
@@ -108,6 +109,27 @@ def test_tp2_server_answers_then_exits_when_a_worker_dies():
         code = proc.wait(timeout=10)
         assert code != 0 and time.monotonic() - killed < 10
         assert "tensor-parallel worker rank 1" in _log(proc)
+        assert not _alive(workers[0])
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_tp2_server_exits_when_a_worker_hangs():
+    """A stopped (hung) worker fails rank 0's next heartbeat after the collective timeout; the worker then dies
+    with its parent."""
+    proc, port = _start(["--dist-timeout-seconds", "3"])
+    try:
+        _wait_ready(proc, port)
+        worker = _children(proc.pid)[0]
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=15) != 0 and time.monotonic() - stopped < 10
+        assert "stopped answering" in _log(proc)
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
     finally:
         _stop(proc)
 
