@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from longserve.server.api import accounting
 from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
                                                 RequestFinished)
 from longserve.server.api.errors import APIError, BadRequest
@@ -39,6 +40,11 @@ def sampling_fields(sp: pb.SamplingParams) -> dict:
 def _chat_messages(chat: pb.ChatMessages) -> tuple[list[dict], bool]:
     add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
     return [{"role": m.role, "content": m.content} for m in chat.messages], add
+
+
+def _stop_text(stop_reason) -> str:
+    """A stop reason (matched string or token id) as the proto's string field; "" for none."""
+    return "" if stop_reason is None else str(stop_reason)
 
 
 def _logprobs(entries) -> list[pb.TokenLogprob]:
@@ -88,8 +94,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             item = await stream.get(timeout=core.admission_wait_s)
             prompt_tokens = len(req.prompt_ids)
             done, prefilling, finished = 0, True, None
-            tokens = [0] * req.params.n
-            reasons: dict[int, tuple[str, str]] = {}
+            choices = [accounting.ChoiceTally() for _ in range(req.params.n)]
             yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(prefill_tokens_done=0,
                                                                            prompt_tokens=prompt_tokens))
             while item is not END:
@@ -105,42 +110,38 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     pass       # the engine failed the request: the call ends with the error status next
                 elif isinstance(event, CompletionDelta):
                     prefilling = False
-                    tokens[event.index] = max(tokens[event.index] + len(event.token_ids), event.num_output_tokens)
+                    choices[event.index].add(event)
                     delta = pb.Delta(text=event.text, index=event.index, logprobs=_logprobs(event.logprobs),
                                      token_ids=list(event.token_ids) if request.return_token_ids else [])
                     if event.finish_reason is not None:
-                        stop = "" if event.stop_reason is None else str(event.stop_reason)
-                        reasons[event.index] = (event.finish_reason, stop)
                         delta.finish_reason = _FINISH.get(event.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
-                        delta.stop_reason = stop
+                        delta.stop_reason = _stop_text(event.stop_reason)
                     yield pb.GenerateResponse(request_id=rid, delta=delta)
                 elif isinstance(event, RequestFinished):
                     finished = event
                 item = await stream.get(timeout=core.keepalive_s)
-            yield pb.GenerateResponse(request_id=rid, final=self._final(finished, prompt_tokens, tokens, reasons))
+            yield pb.GenerateResponse(request_id=rid, final=self._final(finished, prompt_tokens, choices))
         finally:
             await stream.close()
 
     @staticmethod
-    def _final(finished: RequestFinished | None, prompt_tokens: int, tokens: list[int],
-               reasons: dict[int, tuple[str, str]]) -> pb.Final:
-        unfinished = (FinishReason.ABORT, "")
-        choices = [pb.ChoiceFinish(index=i, finish_reason=_FINISH.get(reasons.get(i, unfinished)[0]),
-                                   stop_reason=reasons.get(i, unfinished)[1]) for i in range(len(tokens))]
-        completion = sum(tokens)
-        cached, timing = 0, pb.Timing()
+    def _final(finished: RequestFinished | None, prompt_tokens: int,
+               tallies: list[accounting.ChoiceTally]) -> pb.Final:
+        accounting.close_unfinished(tallies)
+        choices = [pb.ChoiceFinish(index=i, finish_reason=_FINISH.get(t.finish_reason),
+                                   stop_reason=_stop_text(t.stop_reason)) for i, t in enumerate(tallies)]
+        use = accounting.usage(prompt_tokens, tallies, accounting.cached_prompt_tokens(finished))
+        timing = pb.Timing()
         if finished is not None:
             t = finished.timings
-            if t.prefill_chunk_tokens:
-                cached = max(finished.num_prompt_tokens - sum(t.prefill_chunk_tokens), 0)
             timing.queue_ms = t.queued_seconds * 1e3
             if t.first_token_seconds is not None:
                 timing.ttft_ms = t.first_token_seconds * 1e3
                 timing.prefill_ms = max(t.first_token_seconds - t.queued_seconds, 0.0) * 1e3
             if t.finished is not None:
                 timing.e2e_ms = max(t.finished - t.arrival, 0.0) * 1e3
-        usage = pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                         total_tokens=prompt_tokens + completion, cached_tokens=cached)
+        usage = pb.Usage(prompt_tokens=use.prompt_tokens, completion_tokens=use.completion_tokens,
+                         total_tokens=use.total_tokens, cached_tokens=use.cached_tokens)
         return pb.Final(finish_reason=choices[0].finish_reason, stop_reason=choices[0].stop_reason,
                         usage=usage, timing=timing, choices=choices)
 

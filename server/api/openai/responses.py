@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from longserve.server.api.accounting import Usage, count_delta
 from longserve.server.api.engine_client import CompletionDelta, TokenLogprob
 from longserve.server.api.openai import tools as T
 
@@ -38,18 +39,15 @@ class Choice:
 
     def add(self, delta: CompletionDelta) -> None:
         self.text.append(delta.text)
-        self.num_tokens = max(self.num_tokens + len(delta.token_ids), delta.num_output_tokens)
         self.logprobs.extend(delta.logprobs)
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-            self.stop_reason = delta.stop_reason
+        count_delta(self, delta)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    body = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-    if cached_tokens:
-        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+def usage(use: Usage) -> dict:
+    body = {"prompt_tokens": use.prompt_tokens, "completion_tokens": use.completion_tokens,
+            "total_tokens": use.total_tokens}
+    if use.cached_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": use.cached_tokens}
     return body
 
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from longserve.server.api import accounting
 from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
                                                 RequestFinished)
 from longserve.server.api.errors import APIError, BadRequest, model_not_found
@@ -51,20 +52,15 @@ class _Totals:
         return [self.choices[i] for i in sorted(self.choices)]
 
     def on_finished(self, event: RequestFinished) -> None:
-        chunks = event.timings.prefill_chunk_tokens
-        if chunks:
-            self.cached += max(event.num_prompt_tokens - sum(chunks), 0)
+        self.cached += accounting.cached_prompt_tokens(event)
 
     def close_unfinished(self) -> list[R.Choice]:
         """Choices the engine never finished (client gone, drain abort) end as `abort`."""
-        left = [c for c in self.ordered() if c.finish_reason is None]
-        for c in left:
-            c.finish_reason = FinishReason.ABORT
-        return left
+        return accounting.close_unfinished(self.ordered())
 
     def usage(self) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.requests)
-        return R.usage(prompt, sum(c.num_tokens for c in self.choices.values()), self.cached)
+        return R.usage(accounting.usage(prompt, self.choices.values(), self.cached))
 
 
 class SSEBody:
