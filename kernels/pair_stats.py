@@ -32,14 +32,14 @@ class PairStats:
     selected: int | torch.Tensor | None = None     # set to 0 to ask the reference path for exact-mask counts
 
     @classmethod
-    def with_selected(cls) -> "PairStats":
+    def with_selected(cls) -> PairStats:
         return cls(selected=0)
 
     @property
     def counts_selected(self) -> bool:
         return self.selected is not None
 
-    def add(self, other: "PairStats") -> "PairStats":
+    def add(self, other: PairStats) -> PairStats:
         """Adds ``other``'s counts into this one (selected only when both count it); returns self."""
         self.computed = self.computed + other.computed
         self.causal = self.causal + other.causal
@@ -47,7 +47,7 @@ class PairStats:
             self.selected = self.selected + other.selected
         return self
 
-    def resolved(self) -> "PairStats":
+    def resolved(self) -> PairStats:
         """A copy with plain ints (reads device counters back once)."""
         return PairStats(computed=_as_int(self.computed), causal=_as_int(self.causal),
                          selected=_as_int(self.selected))
