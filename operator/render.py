@@ -434,6 +434,9 @@ def render(lcm: LongContextModel, model: ModelEntry, p: Plan, *, image: str = DE
     deployment, service = _deployment(lcm, model, p, cfg, config_map, engine_image), _service(lcm)
     policy = _network_policy(lcm) if lcm.network_policy.enabled else None
     if p.multi_node:
+        # the group's pods sit on different nodes: an operator-made cache claim must be shareable
+        objects = [_restamped(render_lws.shared_claim(o)) if o["kind"] == "PersistentVolumeClaim" else o
+                   for o in objects]
         objects += _group_objects(lcm, model, p, deployment, service, policy)
     else:
         objects += [deployment, service, _pdb(lcm)] + ([policy] if policy else [])

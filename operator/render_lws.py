@@ -86,6 +86,15 @@ def headless_service(meta: dict, pod_selector: dict) -> dict:
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": dict(pod_selector)}}
 
 
+def shared_claim(pvc: dict) -> dict:
+    """The cache claim the operator creates, mountable by the pods of a group on several nodes
+    (ReadWriteMany: the download Job writes it, every pod reads it; the storage class must offer
+    it, e.g. NFS or a cloud file store). A claim given as cache.existingClaim is the user's."""
+    out = copy.deepcopy(pvc)
+    out["spec"]["accessModes"] = ["ReadWriteMany"]
+    return out
+
+
 def leader_only(service: dict) -> dict:
     """The client Service selects the leaders: the workers serve no API."""
     out = copy.deepcopy(service)

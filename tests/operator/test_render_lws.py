@@ -249,3 +249,13 @@ def test_install_rbac_allows_every_kind_the_operator_writes():
             if group in rule["apiGroups"] and PLURALS[(api_version, kind)] in rule["resources"]:
                 verbs |= set(rule["verbs"])
         assert {"get", "list", "create", "patch", "delete"} <= verbs, kind
+
+
+def test_a_group_on_several_nodes_gets_a_shareable_cache_claim():
+    two = by_kind(desired(body(TWO_NODES)).objects)["PersistentVolumeClaim"][0]
+    one = by_kind(desired(body(EXAMPLES / "qwen25-14b-1m-h100x8.yaml")).objects)["PersistentVolumeClaim"][0]
+    assert two["spec"]["accessModes"] == ["ReadWriteMany"] and one["spec"]["accessModes"] == ["ReadWriteOnce"]
+    kubernetes_validate.validate(two, "1.34.0", strict=True)
+    meta = dict(two["metadata"])
+    labels = dict(meta["labels"])
+    assert labels.pop(HASH_LABEL) == content_hash(two | {"metadata": meta | {"labels": labels}})
