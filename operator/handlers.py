@@ -9,8 +9,11 @@ handlers on a fresh registry, so tests can run the real operator with a short ti
 
 No deletion handler: owner references clean up. kopf (1.45) does put a finalizer on every resource
 with a timer, so it can stop the timer before the object goes; it is named `longserve.io/timer`
-and released at once on deletion — but while no operator runs, deleting a resource waits for it
-(remove the finalizer by hand to force it).
+and released at once on deletion by the leading replica. Replicas elect a leader by kopf peering
+(main.py), so a dead operator pod is replaced by a standby within the peering lifetime and a
+deletion waits at most that long; only with no replica running at all does it wait (remove the
+finalizer by hand then). RBAC grants `update` on `longcontextmodels/finalizers`, which clusters
+with OwnerReferencesPermissionEnforcement require to set `blockOwnerDeletion` on the children.
 """
 from __future__ import annotations
 
@@ -253,6 +256,9 @@ def build_registry(timer_interval: float = DEFAULT_TIMER_SECONDS) -> kopf.Operat
         settings.persistence.finalizer = f"{GROUP}/timer"
         settings.posting.reporting_component = "longserve-operator"
         settings.scanning.disabled = True
+        if memo.get("peering_lifetime"):              # leader election among replicas (main.py)
+            settings.peering.lifetime = memo.peering_lifetime
+            settings.peering.mandatory = True
         if memo.get("monitoring") is None:
             memo.monitoring = memo.api.has_api("monitoring.coreos.com/v1")
         if memo.get("keda") is None:

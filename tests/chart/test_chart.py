@@ -47,7 +47,7 @@ def test_namespaced_mode_uses_a_role(helm):
     assert not any(d["kind"] == "ClusterRole" and d["metadata"]["name"] == "t-longserve" for d in docs)
 
 
-@pytest.mark.parametrize("setting", ["operator.replicas=2", "image.pullPolicy=Sometimes",
+@pytest.mark.parametrize("setting", ["operator.replicas=6", "image.pullPolicy=Sometimes",
                                      "watchNamespace=Bad_Name", "monitoring.serviceMonitor.interval=often",
                                      "surprise=1"])
 def test_values_schema_rejects_bad_values(helm, setting):

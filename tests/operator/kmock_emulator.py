@@ -372,6 +372,9 @@ class EmulatorThread:
         async with Emulator() as emulator, kmock.Server(emulator) as server:
             # kopf waits for the namespaces resource in discovery (it is never listed: scanning is off)
             emulator.declare("v1/namespaces", "Namespace", namespaced=False)
+            # kopf peering (leader election among operator replicas)
+            emulator.declare("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", namespaced=False)
+            emulator.declare("kopf.dev/v1/kopfpeerings", "KopfPeering")
             for path, kind in {**CORE_RESOURCES, **self.custom_resources}.items():
                 emulator.declare(path, kind, status=path in self.custom_resources)
             self.emulator = emulator

@@ -203,3 +203,93 @@ def test_capacity_verified_against_what_the_engine_reports(cluster, kv, verified
     assert (observed["kvCapacityTokens"], observed["maxModelLen"], observed["source"]) == (kv, 1010000, "/v1/models")
     if verified == "False":
         assert conditions(cluster)["Ready"]["status"] == "False"
+
+
+def operator_process(emulator, tmp_path, *flags):
+    """`longserve operator` as its own process against the emulator (kubeconfig with a token)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": emulator.url}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}]}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "longserve.server.cli", "operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),
+         "--liveness-port=0", "--metrics-port=0", "--timer-interval=0.3", "--log-format=plain", *flags],
+        env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def child_writers(emulator) -> list[str]:
+    """User agents of the server-side applies to children, in order (the emulator's request log)."""
+    return [r.headers.get("User-Agent", "") for r in list(emulator.emulator)
+            if r.method == "PATCH" and r.headers.get("Content-Type", "").startswith("application/apply-patch")]
+
+
+@pytest.mark.timeout(120)
+def test_two_operators_one_leads_the_other_takes_over_when_it_dies(emulator, tmp_path):
+    import signal
+
+    import kubernetes
+
+    from longserve.operator import k8s_apply
+
+    lifetime = 3
+    api = k8s_apply.Api(kubernetes.client.Configuration(host=emulator.url), timeout=5)
+    code, data = api.request("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "longserve"}})
+    assert code in (200, 201), data
+
+    def peers() -> dict:
+        obj = emulator.objects("kopf.dev/v1/clusterkopfpeerings", None).get("longserve") or {}
+        return {k: v for k, v in (obj.get("status") or {}).items() if v}
+
+    def wait(predicate, what, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+        return value
+
+    def deployment():
+        return emulator.objects(DEPLOYMENTS, "default").get("qwen")
+
+    leader = operator_process(emulator, tmp_path, f"--peering-lifetime={lifetime}")
+    standby = None
+    try:
+        wait(lambda: len(peers()) == 1, "the first operator in the peering")
+        standby = operator_process(emulator, tmp_path, f"--peering-lifetime={lifetime}")
+        wait(lambda: len(peers()) == 2, "the second operator in the peering")
+        assert len({p["priority"] for p in peers().values()}) == 2       # no tie: the older one leads
+
+        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=emulator.url))
+        custom = kubernetes.client.CustomObjectsApi(client)
+        custom.create_namespaced_custom_object("longserve.io", "v1alpha1", "default", "longcontextmodels", resource())
+        wait(deployment, "the leader's Deployment")
+        time.sleep(5 * 0.3)                                # several timer passes
+        writers = set(child_writers(emulator))
+        assert writers == {w for w in writers if f"pid {leader.pid})" in w} and writers, writers
+
+        before = len(child_writers(emulator))
+        template_before = deployment()["spec"]["template"]
+        leader.send_signal(signal.SIGKILL)                 # no goodbye: its peering entry must expire
+        leader.wait(10)
+        killed = time.monotonic()
+        custom.patch_namespaced_custom_object("longserve.io", "v1alpha1", "default", "longcontextmodels", "qwen",
+                                              {"spec": {"context": {"maxModelLen": 524288}}})
+        wait(lambda: deployment()["spec"]["template"] != template_before, "the standby's reconcile of generation 2")
+        took = time.monotonic() - killed
+        assert took < lifetime + 10, f"handover took {took:.1f} s"
+        after = child_writers(emulator)[before:]
+        assert after and all(f"pid {standby.pid})" in w for w in after), after
+        client.close()
+    finally:
+        for proc in (leader, standby):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(20)
