@@ -95,6 +95,19 @@ def shared_claim(pvc: dict) -> dict:
     return out
 
 
+def group_alerts(rule: dict, namespace: str, name: str) -> dict:
+    """The replicas-not-ready alert on a LeaderWorkerSet: its leaders' StatefulSet (named after it,
+    one leader per group) has a ready leader only once every rank of the group has joined and
+    loaded, so ready leaders below desired means groups that do not serve."""
+    out = copy.deepcopy(rule)
+    sts = f'namespace="{namespace}",statefulset="{name}"'
+    for group in out["spec"]["groups"]:
+        for r in group["rules"]:
+            if r["alert"] == "LongServeReplicasNotReady":
+                r["expr"] = f"kube_statefulset_status_replicas_ready{{{sts}}} < kube_statefulset_replicas{{{sts}}}"
+    return out
+
+
 def leader_only(service: dict) -> dict:
     """The client Service selects the leaders: the workers serve no API."""
     out = copy.deepcopy(service)

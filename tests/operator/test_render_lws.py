@@ -259,3 +259,14 @@ def test_a_group_on_several_nodes_gets_a_shareable_cache_claim():
     meta = dict(two["metadata"])
     labels = dict(meta["labels"])
     assert labels.pop(HASH_LABEL) == content_hash(two | {"metadata": meta | {"labels": labels}})
+
+
+def test_the_replicas_alert_watches_the_groups_leaders():
+    rule = by_kind(desired(body(TWO_NODES)).objects)["PrometheusRule"][0]
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    sts = 'namespace="models",statefulset="qwen25-14b-1m-2n-group"'
+    assert alerts["LongServeReplicasNotReady"]["expr"] == \
+        f"kube_statefulset_status_replicas_ready{{{sts}}} < kube_statefulset_replicas{{{sts}}}"
+    single = by_kind(desired(body(EXAMPLES / "qwen25-14b-1m-h100x8.yaml")).objects)["PrometheusRule"][0]
+    assert "kube_deployment" in next(r["expr"] for g in single["spec"]["groups"] for r in g["rules"]
+                                     if r["alert"] == "LongServeReplicasNotReady")
