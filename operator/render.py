@@ -374,6 +374,16 @@ def _service_monitor(lcm: LongContextModel) -> dict:
                                            "interval": lcm.service_monitor_interval}]}})
 
 
+# Per-runtime series for the per-model alerts (vLLM exports no longserve_* series; SGLang its own).
+ALERT_SERIES = {
+    "native": {"ttft": "longserve_time_to_first_token_seconds", "kv": "vllm:kv_cache_usage_perc",
+               "preemptions": "vllm:num_preemptions_total"},
+    "vllm": {"ttft": "vllm:time_to_first_token_seconds", "kv": "vllm:kv_cache_usage_perc",
+             "preemptions": "vllm:num_preemptions_total"},
+    "sglang": {"ttft": "sglang:time_to_first_token_seconds", "kv": "sglang:token_usage"},
+}
+
+
 def _prometheus_rule(lcm: LongContextModel, startup_seconds: int) -> dict:
     sel = f'namespace="{lcm.namespace}",service="{lcm.name}"'
     deploy = f'namespace="{lcm.namespace}",deployment="{lcm.name}"'
@@ -381,14 +391,18 @@ def _prometheus_rule(lcm: LongContextModel, startup_seconds: int) -> dict:
     def rule(alert, expr, duration, severity, summary):
         return {"alert": alert, "expr": expr, "for": duration, "labels": {"severity": severity},
                 "annotations": {"summary": summary, "runbook_url": f"{RUNBOOKS}/{alert.lower()}"}}
+    series = ALERT_SERIES[lcm.runtime]          # each runtime's own metric names
     rules = [
         rule("LongServeTTFTHigh", f"histogram_quantile(0.99, sum by (le) (rate("
-             f"longserve_time_to_first_token_seconds_bucket{{{sel}}}[15m]))) > 900", "15m", "warning",
+             f"{series['ttft']}_bucket{{{sel}}}[15m]))) > 900", "15m", "warning",
              f"{lcm.name}: p99 time to first token above 900 s"),
-        rule("LongServeKVCacheFull", f"max(vllm:kv_cache_usage_perc{{{sel}}}) > 0.95", "5m", "warning",
+        rule("LongServeKVCacheFull", f"max({series['kv']}{{{sel}}}) > 0.95", "5m", "warning",
              f"{lcm.name}: KV cache above 95% for 5 minutes"),
-        rule("LongServePreemptions", f"sum(rate(vllm:num_preemptions_total{{{sel}}}[5m])) > 0", "5m", "warning",
-             f"{lcm.name}: requests are preempted (mis-sized for maxNumSeqs {lcm.max_num_seqs})"),
+    ]
+    if series.get("preemptions"):
+        rules.append(rule("LongServePreemptions", f"sum(rate({series['preemptions']}{{{sel}}}[5m])) > 0", "5m",
+                          "warning", f"{lcm.name}: requests are preempted (mis-sized for maxNumSeqs {lcm.max_num_seqs})"))
+    rules += [
         rule("LongServeReplicasNotReady", f"kube_deployment_status_replicas_available{{{deploy}}} < "
              f"kube_deployment_spec_replicas{{{deploy}}}", f"{max(1, startup_seconds // 60)}m", "critical",
              f"{lcm.name}: replicas unavailable beyond the {startup_seconds} s start-up budget"),
