@@ -7,7 +7,7 @@ export PYTHONSAFEPATH := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo plan-demo test venv goldens clean
+.PHONY: demo plan-demo test venv goldens clean image
 
 # The demo: serve the committed passkey model (models/demo-passkey) on this machine's CPU.
 # tests/test_demo_serving.py starts the server with exactly these arguments and sends the README's requests.
@@ -32,9 +32,24 @@ plan-demo: $(STAMP)
 	$(BIN)/longserve plan --model Qwen/Qwen2.5-7B-Instruct-1M --gpu H200-141GB
 	$(BIN)/longserve plan --model Qwen/Qwen2.5-14B-Instruct-1M --gpu H100-80GB
 
-# The whole test suite (what CI runs through .ci/run).
+# The whole test suite (what CI runs through .ci/run), with the image check (tools/image_check.sh: needs root;
+# LONGSERVE_SKIP_IMAGE=1 skips it).
 test: $(STAMP)
 	TRITON_INTERPRET=1 bash tools/check.sh
+
+# The engine image (docs/image.md#image-build): fill build/wheelhouse-$(VARIANT) here (the only step that needs a
+# package index), then build the Dockerfile from it with docker if a daemon answers, else buildah.
+VARIANT ?= gpu
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/longserve/longserve:$(VERSION)$(if $(filter cpu,$(VARIANT)),-cpu)
+BASE_IMAGE ?= $(if $(filter cpu,$(VARIANT)),python:3.11-slim-bookworm,python:3.11-bookworm)
+IMAGE_ARGS = -f Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VARIANT=$(VARIANT) \
+	--build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE) .
+image: $(STAMP)
+	PYTHON=$(BIN)/python bash tools/wheelhouse.sh $(VARIANT)
+	@if docker info > /dev/null 2>&1; then set -x; docker build $(IMAGE_ARGS); \
+	elif command -v buildah > /dev/null; then set -x; buildah bud --layers $(IMAGE_ARGS); \
+	else echo "make image: neither a docker daemon nor buildah here" >&2; exit 1; fi
 
 # Regenerate golden files (review the diff like code).
 goldens: $(STAMP)

@@ -16,10 +16,17 @@ if [ -d charts/longserve ]; then
   echo "== helm chart"
   bash tools/helm_check.sh
 fi
+# The image (docs/image.md#image-ci): build the CPU variant with buildah and ask the demo in it the README's
+# question. Before pytest so that pytest's summary stays the last line; a failure fails the run after pytest.
+set +e
+PYTHON=$BIN/python bash tools/image_check.sh
+image_rc=$?
+set -e
 echo "== pytest"
 set +e
 $BIN/pytest -q -m "not gpu and not cluster" tests
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "no tests collected"; exit 1; fi
+if [ "$image_rc" -ne 0 ]; then echo "image check FAILED (exit $image_rc)"; exit "$image_rc"; fi
 exit "$rc"
