@@ -120,9 +120,12 @@ class BlockManager:
         if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         limit = (seq.num_tokens - 1) // self.block_size
-        hits = []
-        for h in full_block_hashes(seq, self.block_size)[:limit]:
-            block = self.allocator.index.lookup(h)
+        hashes, hits = seq.block_hashes, []
+        lookup = self.allocator.index.lookup
+        while len(hits) < limit:
+            if len(hits) == len(hashes):  # hash ahead geometrically: a miss costs O(blocks matched), not O(prompt)
+                full_block_hashes(seq, self.block_size, min(limit, max(16, 2 * len(hashes))))
+            block = lookup(hashes[len(hits)])
             if block is None:
                 break
             hits.append(block)
@@ -153,7 +156,7 @@ class BlockManager:
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if full <= seq.num_registered_blocks:
             return
-        hashes = full_block_hashes(seq, self.block_size)
+        hashes = full_block_hashes(seq, self.block_size, full)
         for i in range(seq.num_registered_blocks, full):
             self.allocator.index.register(seq.block_table[i], hashes[i])
         seq.num_registered_blocks = full

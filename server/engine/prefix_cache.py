@@ -22,16 +22,16 @@ _ROOT = hashlib.sha256(b"longserve prefix cache v1").digest()
 
 def chain_hash(parent: bytes | None, token_ids) -> bytes:
     """The hash of a block whose predecessor hashes to `parent` (None for the first block)."""
-    h = hashlib.sha256(_ROOT if parent is None else parent)
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
+    return hashlib.sha256((_ROOT if parent is None else parent) + array("q", token_ids).tobytes()).digest()
 
 
-def full_block_hashes(seq: Sequence, block_size: int) -> list[bytes]:
-    """`seq.block_hashes` extended to every full block of prompt + outputs so far (tokens never change once
-    written, so earlier hashes stay valid across preemption); costs O(new blocks)."""
+def full_block_hashes(seq: Sequence, block_size: int, count: int | None = None) -> list[bytes]:
+    """`seq.block_hashes` extended to its first `count` full blocks (default: every full block of prompt +
+    outputs so far). Tokens never change once written, so hashes stay valid across preemption; each block is
+    hashed once, when first asked for."""
     hashes = seq.block_hashes
-    for i in range(len(hashes), seq.num_tokens // block_size):
+    full = seq.num_tokens // block_size
+    for i in range(len(hashes), full if count is None else min(count, full)):
         hashes.append(chain_hash(hashes[-1] if hashes else None,
                                  seq.token_ids(i * block_size, (i + 1) * block_size)))
     return hashes

@@ -162,3 +162,13 @@ def test_shared_block_is_never_handed_out_while_held():
     assert bm.num_free_blocks == 0
     with pytest.raises(OutOfBlocks):
         bm.admit(seq(range(60, 68)), [])
+
+
+def test_a_miss_hashes_one_block_and_hashes_are_kept_for_registration():
+    bm = BlockManager(64, BS)
+    s = seq(range(100))
+    assert bm.cached_prefix(s) == [] and len(s.block_hashes) == 16     # a long prompt's miss hashes a few blocks
+    bm.admit(s, [])
+    s.num_computed_tokens = 40
+    bm.register_computed(s)
+    assert len(s.block_hashes) == 16 and s.num_registered_blocks == 10 and bm.num_cached_blocks == 10
