@@ -155,6 +155,9 @@ def spec_schema() -> dict:
         "storageClassName": _s("RWX/ROX class recommended for replicas > 1.", default=""),
         "size": _quantity("auto: weights x 1.2 + 1Gi", "auto"),
         "existingClaim": _s("Use this PVC instead of creating one.", default=""),
+        "retain": {"type": "boolean", "default": False,
+                   "description": "Keep the cache PVC when the resource is deleted (it is not owned by the resource; "
+                                  "a resource of the same name adopts it again)."},
         "download": _obj("The Job that runs `longserve download` into /models/ORG--NAME/REVISION.", {
             "activeDeadlineSeconds": _i("Deadline of the whole Job (default: max(3600, 2 x weights / 50 MB/s "
                                         "+ 900)).", minimum=60),

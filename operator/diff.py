@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longserve.operator.render import HASH_LABEL
+from longserve.operator.render import HASH_LABEL, RETAIN_LABEL
 
 
 CREATE_ONLY = {"PersistentVolumeClaim"}
@@ -23,7 +23,7 @@ RECREATE = {"Job"}
 
 @dataclass(frozen=True)
 class Action:
-    verb: str                  # "create" | "patch" | "delete"
+    verb: str                  # "create" | "patch" (server-side applies) | "merge" (a merge patch) | "delete"
     api_version: str
     kind: str
     namespace: str
@@ -71,6 +71,9 @@ def diff(desired: list[dict], live: list[dict]) -> list[Action]:
         live_hash = ((current.get("metadata") or {}).get("labels") or {}).get(HASH_LABEL)
         changed = live_hash != obj["metadata"]["labels"][HASH_LABEL] or not contains(current, obj)
         if obj["kind"] in CREATE_ONLY:
+            release = _retention_patch(obj, current)
+            if release is not None:
+                actions.append(Action("merge", *k, body=release, reason="cache retention changed"))
             continue
         if obj["kind"] in RECREATE and changed:
             actions.append(Action("delete", *k, reason="immutable Job changed; re-created on the next pass"))
@@ -80,5 +83,22 @@ def diff(desired: list[dict], live: list[dict]) -> list[Action]:
         elif not contains(current, obj):
             actions.append(Action("patch", *k, body=obj, reason="drift repaired"))
     for k in sorted(set(live_by_key) - wanted):
+        if _labels(live_by_key[k]).get(RETAIN_LABEL) == "true":
+            continue                   # retained (spec.cache.retain): never deleted by the operator
         actions.append(Action("delete", *k, reason="no longer wanted"))
     return actions
+
+
+def _labels(obj: dict) -> dict:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def _retention_patch(desired: dict, live: dict) -> dict | None:
+    """A merge patch of the owner references and retain label when spec.cache.retain changed on a
+    child whose spec cannot be re-applied (a bound PVC); None when nothing changed."""
+    want_owner = (desired["metadata"].get("ownerReferences") or [])
+    have_owner = (live.get("metadata") or {}).get("ownerReferences") or []
+    want_retain, have_retain = _labels(desired).get(RETAIN_LABEL), _labels(live).get(RETAIN_LABEL)
+    if [o.get("uid") for o in want_owner] == [o.get("uid") for o in have_owner] and want_retain == have_retain:
+        return None
+    return {"metadata": {"ownerReferences": want_owner or None, "labels": {RETAIN_LABEL: want_retain}}}

@@ -17,7 +17,7 @@ import kubernetes
 
 from longserve.operator import apply as ssa
 from longserve.operator.diff import Action
-from longserve.operator.render import MANAGED_BY
+from longserve.operator.render import MANAGED_BY, RETAIN_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,10 @@ class Api:
                 meta = item.get("metadata") or {}
                 labels = meta.get("labels") or {}
                 owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+                retained = labels.get(RETAIN_LABEL) == "true"     # outlives its resource: adopted by name
                 if labels.get("app.kubernetes.io/instance") != instance \
-                        or labels.get("app.kubernetes.io/managed-by") != MANAGED_BY or owner_uid not in owners:
+                        or labels.get("app.kubernetes.io/managed-by") != MANAGED_BY \
+                        or (owner_uid not in owners and not retained):
                     continue
                 if meta.get("deletionTimestamp") or (meta.get("namespace") or namespace) != namespace:
                     continue
@@ -177,6 +179,9 @@ class Api:
                 conflict = self.apply_object(action.body)[1]
                 if conflict is not None:
                     conflicts.append(conflict)
+            elif action.verb == "merge":
+                self._checked("PATCH", path(action.api_version, action.kind, action.namespace, action.name),
+                              action.body, content_type="application/merge-patch+json")
             elif action.verb == "delete":
                 self.delete(action.api_version, action.kind, action.namespace, action.name)
             else:

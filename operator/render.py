@@ -27,6 +27,7 @@ from longserve.server.config import EngineConfig
 DEFAULT_IMAGE = "ghcr.io/longserve/longserve:0.1.0"
 MANAGED_BY = "longserve-operator"
 HASH_LABEL = "longserve.io/spec-hash"
+RETAIN_LABEL = "longserve.io/retain"       # a child that outlives the resource (no owner reference)
 CONFIG_HASH_ANNOTATION = "longserve.io/config-hash"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MODEL_REVISION_ANNOTATION = "longserve.io/model-revision"
@@ -330,8 +331,11 @@ def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
     spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
     if lcm.storage_class_name:
         spec["storageClassName"] = lcm.storage_class_name
-    return _stamp({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                   "metadata": _meta(lcm, f"{lcm.name}-weights", "cache"), "spec": spec})
+    meta = _meta(lcm, f"{lcm.name}-weights", "cache")
+    if lcm.cache_retain:      # not garbage-collected with the resource; adopted by a namesake later
+        meta.pop("ownerReferences", None)
+        meta["labels"][RETAIN_LABEL] = "true"
+    return _stamp({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec})
 
 
 def _download_job(lcm: LongContextModel, model: ModelEntry, image: str) -> dict:

@@ -144,6 +144,7 @@ class LongContextModel:
     storage_class_name: str = ""
     cache_size: str = AUTO
     existing_claim: str = ""
+    cache_retain: bool = False          # spec.cache.retain: the PVC outlives the resource (render._pvc)
     replicas: int = 1
     http_port: int = 8000
     grpc_port: int = 50051
@@ -320,6 +321,7 @@ def parse(body: dict) -> LongContextModel:
         storage_class_name=str(cache.get("storageClassName") or ""),
         cache_size=_quantity_or_auto(cache.get("size"), "spec.cache.size"),
         existing_claim=str(cache.get("existingClaim") or ""),
+        cache_retain=_bool(cache.get("retain", False), "spec.cache.retain"),
         replicas=_int(spec.get("replicas", DEFAULTS["replicas"]), "spec.replicas", 0),
         http_port=http_port, grpc_port=grpc_port,
         service_monitor=bool(service_monitor.get("enabled", DEFAULTS["serviceMonitorEnabled"])),
@@ -331,6 +333,12 @@ def parse(body: dict) -> LongContextModel:
         download=options.download_options(cache), resource_requests=requests, resource_limits=limits,
         rollout=rollout_options(spec), autoscaling=autoscaling_options(spec, runtime_name),
     )
+
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError("InvalidSpec", f"{where} must be a boolean, got {value!r}")
+    return value
 
 
 def _cpu(value) -> str:

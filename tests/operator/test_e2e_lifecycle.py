@@ -293,3 +293,23 @@ def test_two_operators_one_leads_the_other_takes_over_when_it_dies(emulator, tmp
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(20)
+
+
+def test_cache_retain_keeps_the_claim_out_of_garbage_collection(cluster):
+    from longserve.operator.render import RETAIN_LABEL
+
+    pvcs = "v1/persistentvolumeclaims"
+    cluster.create(resource(cache={"enabled": True, "retain": True}))
+    claim = cluster.wait(lambda: cluster.children(pvcs).get("qwen-weights"), "the cache PVC")
+    assert "ownerReferences" not in claim["metadata"] and claim["metadata"]["labels"][RETAIN_LABEL] == "true"
+    cluster.patch_spec("qwen", {"cache": {"retain": False}})
+    owned = cluster.wait(lambda: (c := cluster.children(pvcs)["qwen-weights"])["metadata"].get("ownerReferences")
+                         and c, "the claim owned once retain is off")
+    assert owned["metadata"]["ownerReferences"][0]["uid"] == cluster.get("qwen")["metadata"]["uid"]
+    cluster.patch_spec("qwen", {"cache": {"retain": True}})
+    cluster.wait(lambda: not cluster.children(pvcs)["qwen-weights"]["metadata"].get("ownerReferences"),
+                 "the owner reference removed again")
+    cluster.delete("qwen")
+    cluster.wait(lambda: cluster.get("qwen") is None, "the resource deleted")
+    kept = cluster.children(pvcs)["qwen-weights"]          # nothing for the garbage collector to follow
+    assert not kept["metadata"].get("ownerReferences")
