@@ -270,3 +270,30 @@ def test_the_replicas_alert_watches_the_groups_leaders():
     single = by_kind(desired(body(EXAMPLES / "qwen25-14b-1m-h100x8.yaml")).objects)["PrometheusRule"][0]
     assert "kube_deployment" in next(r["expr"] for g in single["spec"]["groups"] for r in g["rules"]
                                      if r["alert"] == "LongServeReplicasNotReady")
+
+
+def test_rendered_pods_resolve_to_the_planned_topology_in_the_engine():
+    """The seam, end to end on paper: each rendered pod's environment, plus the variables the
+    LeaderWorkerSet injects (its own code: `<lws>-<group>.<subdomain>.<ns>`, the size annotation,
+    the worker-index label), gives the engine the plan's ranks, leader and timeouts."""
+    from longserve.server.parallel.topology import resolve
+    d = desired(body(TWO_NODES))
+    lws = by_kind(d.objects)["LeaderWorkerSet"][0]
+    cfg = yaml.safe_load(by_kind(d.objects)["ConfigMap"][0]["data"]["engine_config.json"])
+    group = lws["spec"]["leaderWorkerTemplate"]
+    name = lws["metadata"]["name"]
+    budget = startup_probe_seconds(d.model.weight_bytes)
+    for index, role in enumerate(("leaderTemplate", "workerTemplate")):
+        env = env_of(engine(group[role]["spec"]))
+        env.update(LWS_LEADER_ADDRESS=f"{name}-0.{name}.models", LWS_GROUP_SIZE=str(group["size"]),
+                   LWS_WORKER_INDEX=str(index))
+        topo = resolve(cfg["tensor_parallel_size"], env=env)
+        assert (topo.tp, topo.nnodes, topo.node_rank, topo.gpus_per_node) == (8, 2, index, d.plan.gpus_per_pod)
+        assert (topo.master_addr, topo.master_port) == (f"{name}-0.{name}.models", 29500)
+        assert topo.init_timeout_s == budget and topo.is_leader == (index == 0)
+    # one pod with TP 8: a local rendezvous, the same start-up budget
+    single = desired(body(EXAMPLES / "qwen25-14b-1m-h100x8.yaml"))
+    pod_env = env_of(engine(by_kind(single.objects)["Deployment"][0]["spec"]["template"]["spec"]))
+    topo = resolve(8, env=pod_env)
+    assert (topo.nnodes, topo.gpus_per_node, topo.master_addr) == (1, 8, "127.0.0.1")
+    assert topo.init_timeout_s == startup_probe_seconds(single.model.weight_bytes)
