@@ -129,3 +129,24 @@ def test_step_messages_carry_block_table_deltas_and_drops():
         sender.released(seq.seq_id)
     got, _ = mirror.decode(sender.encode(sched.schedule(), []), released.append)
     assert [r.seq_id for r in released] == [b.seq_id] and b.seq_id not in mirror.tables
+
+
+# --- bench/gpu/tp.py ------------------------------------------------------------------------------------
+def test_tp_bench_script_skips_without_enough_gpus(tmp_path):
+    """The lent-GPU script exits 0 and says why when the machine has fewer GPUs than --tp (its full CPU smoke
+    run, `--smoke`, takes about a minute here and is run by hand; see bench/gpu/README.md)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine could run the real measurement")
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, "bench/gpu/tp.py", "--tp", "2", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[3], env=dict(os.environ, PYTHONSAFEPATH="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["skipped"].startswith("needs 2 CUDA GPUs") and "skipped" in proc.stdout
