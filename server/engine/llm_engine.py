@@ -125,8 +125,7 @@ class LLMEngine:
                                  else device_type, tp=self.tp_link.group)
             runner.tp_sender = self.tp_link.start_sending()
         except BaseException:
-            self.tp_link.workers.kill()
-            self.tp_link.group.destroy()
+            self.tp_link.close()           # no sender yet: kills the workers, leaves the group
             raise
         return runner
 

@@ -14,6 +14,7 @@ with some ranks mid-collective, so the pods restart as a group.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import logging
@@ -121,6 +122,7 @@ class LeaderLink:
             raise ValueError(f"node rank {topology.node_rank} is a follower: it runs workers, not the engine")
         self.failure: str | None = None
         self._on_failure = on_failure
+        self._closed = False
         self.sender = None
         self.workers = LocalWorkers(config, topology, device_type, self._failed)
         try:
@@ -128,6 +130,7 @@ class LeaderLink:
         except BaseException:
             self.workers.kill()
             raise
+        atexit.register(self.close)     # an offline LLM never closed: stop the heartbeats before Python finalizes
 
     def _failed(self, reason: str) -> None:
         if self.failure is None:
@@ -142,7 +145,11 @@ class LeaderLink:
         return self.sender
 
     def close(self) -> None:
-        """Stop the workers (a stop message, then wait) and leave the group."""
+        """Stop the workers (a stop message, then wait) and leave the group; idempotent."""
+        atexit.unregister(self.close)
+        if self._closed:
+            return
+        self._closed = True
         if self.sender is not None:
             self.sender.stop()
         else:
