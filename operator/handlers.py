@@ -17,9 +17,10 @@ with OwnerReferencesPermissionEnforcement require to set `blockOwnerDeletion` on
 """
 from __future__ import annotations
 
+import copy
 import datetime
-import json
 import logging
+from typing import Any
 
 import kopf
 from prometheus_client import Counter, Histogram
@@ -66,13 +67,15 @@ def _cache_key(body: dict) -> dict:
     return {"uri": model.get("uri"), "revision": model.get("revision") or "main"}
 
 
-def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = False) -> None:
+def reconcile(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+              logger: kopf.Logger, *, from_timer: bool = False) -> None:
     """Make the children match the spec and write status; see the module docstring."""
     api: k8s_apply.Api = memo.api
-    body = json.loads(json.dumps(body, default=dict))     # kopf's read-only views -> plain data
+    # kopf's views read through to the object kopf keeps (and diffs against): render from a private copy
+    body = copy.deepcopy(dict(body))
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = meta.get("generation") or 0
-    status = json.loads(json.dumps(status or {}, default=dict))
+    status = copy.deepcopy(dict(status or {}))
     cached = status.get("cache") == {**_cache_key(body), "complete": True}
     try:
         d = desired(body, image=memo.image, model_cached=cached, monitoring=memo.monitoring)
@@ -140,7 +143,8 @@ def reconcile(body, meta, status, patch, memo, logger, *, from_timer: bool = Fal
         raise kopf.TemporaryError("waiting for the model download Job", delay=30)
 
 
-def _capacity(d, api: k8s_apply.Api, namespace: str, current: dict, patch, memo, logger) -> dict | None:
+def _capacity(d, api: k8s_apply.Api, namespace: str, current: dict, patch: kopf.Patch, memo: kopf.Memo,
+              logger: kopf.Logger) -> dict | None:
     """CapacityVerified from what a ready pod of the current template reports (capacity.py).
 
     Probed when the engine config changed since the last measurement, or after the interval
@@ -186,7 +190,7 @@ def _without_missing_leader_worker_set(objects: list[dict], api, body: dict, fro
     return [o for o in objects if o["kind"] != LWS_KIND], True
 
 
-def _installed_kinds_only(objects: list[dict], memo, body: dict, from_timer: bool) -> list[dict]:
+def _installed_kinds_only(objects: list[dict], memo: kopf.Memo, body: dict, from_timer: bool) -> list[dict]:
     """A ScaledObject needs KEDA's CRD: without it, say so and leave the replicas to spec.replicas."""
     if memo.get("keda") is not False or not any(o["kind"] == "ScaledObject" for o in objects):
         return objects
@@ -208,7 +212,7 @@ def _download_events(body: dict, actions: list, current: dict, new: dict) -> Non
         kopf.warn(body, reason="DownloadFailed", message="the model download Job failed; see its pod logs")
 
 
-def _downloaded(job: dict | None, body: dict, patch) -> None:
+def _downloaded(job: dict | None, body: dict, patch: kopf.Patch) -> None:
     patch.status["cache"] = {**_cache_key(body), "complete": True}
     st = (job or {}).get("status") or {}
     start, end = _parse_time(st.get("startTime")), _parse_time(st.get("completionTime"))
@@ -234,7 +238,7 @@ def merge_patch(old, new):
     return out
 
 
-def _write(patch, new: dict, current: dict, generation: int) -> None:
+def _write(patch: kopf.Patch, new: dict, current: dict, generation: int) -> None:
     """Patch only what changed in the operator's status fields (the timer runs often)."""
     new["conditions"] = status_mod.merge_conditions(current.get("conditions"), new["conditions"], _now(), generation)
     new["observedGeneration"] = generation
@@ -249,7 +253,7 @@ def build_registry(timer_interval: float = DEFAULT_TIMER_SECONDS) -> kopf.Operat
     resource = (GROUP, VERSION, PLURAL)
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, memo, logger, **_):
+    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration")
@@ -267,17 +271,19 @@ def build_registry(timer_interval: float = DEFAULT_TIMER_SECONDS) -> kopf.Operat
                     "present" if memo.monitoring else "absent (no ServiceMonitor/PrometheusRule)")
 
     @kopf.on.login(registry=registry)
-    def login(memo, **_):
+    def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
         return connection_info(memo.api.configuration)
 
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, field="spec", registry=registry)
     @kopf.on.resume(*resource, registry=registry)
-    def on_change(body, meta, status, patch, memo, logger, **_):
+    def on_change(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                  logger: kopf.Logger, **_: Any) -> None:
         reconcile(body, meta, status, patch, memo, logger)
 
     @kopf.timer(*resource, interval=timer_interval, idle=timer_interval, registry=registry)
-    def on_timer(body, meta, status, patch, memo, logger, **_):
+    def on_timer(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                 logger: kopf.Logger, **_: Any) -> None:
         reconcile(body, meta, status, patch, memo, logger, from_timer=True)
 
     return registry
