@@ -223,3 +223,22 @@ def test_context_overflow_is_a_400_and_serving_continues(real):
     assert c.completions.create(model="tiny", prompt="ok", max_tokens=2,
                                 extra_body={"ignore_eos": True}).usage.completion_tokens == 2
     assert _idle(engine)
+
+
+def test_a_resent_prompt_reports_its_cached_tokens_over_http_and_grpc(real):
+    """Prefix caching through the APIs: the repeat's usage names the prompt tokens the cache served (all but
+    the last KV block), with the same number over HTTP and gRPC."""
+    srv, engine = real
+    prompt = "The pass key is 71432. Remember it. " * 12
+    c = _client(srv)
+    first = c.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    again = c.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    n = first.usage.prompt_tokens
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.choices[0].text == first.choices[0].text
+    assert cached == (n - 1) // 16 * 16 and cached > 0
+    with grpc.insecure_channel(srv.stack.grpc_target) as ch:
+        final = [r.final for r in pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
+            prompt=prompt, sampling=pb.SamplingParams(max_tokens=2, temperature=0))) if r.HasField("final")][0]
+    assert final.usage.cached_tokens == cached and final.usage.prompt_tokens == n
+    assert _idle(engine)
