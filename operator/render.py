@@ -318,9 +318,9 @@ def _service(lcm: LongContextModel) -> dict:
                    "spec": {"type": "ClusterIP", "selector": engine_selector(lcm), "ports": ports}})
 
 
-def _pdb(lcm: LongContextModel) -> dict:
+def _pdb(lcm: LongContextModel, pods_per_replica: int = 1) -> dict:
     return _stamp({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(lcm, lcm.name, "engine"),
-                   "spec": rollout.pdb_spec(lcm.rollout, lcm.replicas, engine_selector(lcm))})
+                   "spec": rollout.pdb_spec(lcm.rollout, lcm.replicas, engine_selector(lcm), pods_per_replica)})
 
 
 def _pvc(lcm: LongContextModel, model: ModelEntry) -> dict:
@@ -484,8 +484,11 @@ def _group_objects(lcm: LongContextModel, model: ModelEntry, p: Plan, deployment
     lws = render_lws.leader_worker_set(
         _meta(lcm, name, "engine"), deployment, p, lcm.runtime, lcm.replicas,
         runtimes.startup_probe_seconds(model.weight_bytes), {e.get("name") for e in lcm.env})
+    # spec.rollout applies to the groups as to Deployment pods (a surge group needs a spare node set)
+    lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] = {
+        "maxUnavailable": lcm.rollout.max_unavailable, "maxSurge": lcm.rollout.max_surge}
     out = [_restamped(lws), _stamp(render_lws.headless_service(_meta(lcm, name, "engine"), pods)),
-           _restamped(render_lws.leader_only(service)), _pdb(lcm)]
+           _restamped(render_lws.leader_only(service)), _pdb(lcm, p.pods_per_replica or 1)]
     if policy:
         out.append(_restamped(render_lws.with_group_traffic(policy, pods)))
     return out

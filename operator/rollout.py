@@ -114,10 +114,12 @@ def strategy(opts: RolloutOptions) -> dict:
             "rollingUpdate": {"maxSurge": opts.max_surge, "maxUnavailable": opts.max_unavailable}}
 
 
-def pdb_spec(opts: RolloutOptions, replicas: int, match_labels: dict) -> dict:
+def pdb_spec(opts: RolloutOptions, replicas: int, match_labels: dict, pods_per_replica: int = 1) -> dict:
+    """Counts pods: a replica spanning nodes (a LeaderWorkerSet group) is lost with any of its pods,
+    so one protected replica means all of its pods; with several, one pod (one group) at a time."""
     spec = {"selector": {"matchLabels": match_labels}, "unhealthyPodEvictionPolicy": "AlwaysAllow"}
     if replicas <= 1 and opts.protect_single_replica:
-        spec["minAvailable"] = 1
+        spec["minAvailable"] = max(1, pods_per_replica)
     else:
         spec["maxUnavailable"] = 1
     return spec

@@ -108,3 +108,19 @@ def test_old_config_map_is_deleted_only_after_the_rollout():
     # a live Deployment still on the old template has not rolled out, whatever its counts say
     live = live_of(old, observedGeneration=2, replicas=1, updatedReplicas=1, readyReplicas=1)
     assert not rollout.workloads_rolled_out(new, live, ("Deployment",))
+
+
+def test_a_group_spanning_nodes_gets_the_rollout_and_a_whole_group_pdb():
+    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"}, "cache": {"enabled": False},
+            "accelerator": {"gpuProduct": "NVIDIA-L40S", "gpusPerNode": 4, "nodes": 2}}
+    base = {**BODY, "spec": spec}
+    d = desired(base)
+    lws = kind(d.objects, "LeaderWorkerSet")
+    assert lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == {"maxUnavailable": 1, "maxSurge": 0}
+    assert kind(d.objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 2       # both pods of the group
+    surge = desired({**BODY, "spec": {**spec, "rollout": {"maxSurge": 1, "maxUnavailable": 0}, "replicas": 2}})
+    assert kind(surge.objects, "LeaderWorkerSet")["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == \
+        {"maxUnavailable": 0, "maxSurge": 1}
+    assert kind(surge.objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    command = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["command"]
+    assert "--drain-grace-seconds" in command
