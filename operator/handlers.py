@@ -29,7 +29,7 @@ from longserve.operator import capacity as capacity_mod, k8s_apply, rollout, sta
 from longserve.operator.diff import diff
 from longserve.operator.render import (
     CONFIG_HASH_ANNOTATION, DEFAULT_IMAGE, HASH_LABEL, desired, download_job_name, engine_pod_labels)
-from longserve.operator.render_lws import LWS_API_VERSION, LWS_KIND
+from longserve.operator.render_lws import LWS_API_VERSION, LWS_KIND, ROLE_LABEL
 from longserve.operator.types import GROUP, PLURAL, VERSION, SpecError
 
 RECONCILES = Counter("longserve_operator_reconcile", "Reconcile runs by result", ["result"])
@@ -159,7 +159,10 @@ def _capacity(d, api: k8s_apply.Api, namespace: str, current: dict, patch: kopf.
     age = (datetime.datetime.now(datetime.timezone.utc) - checked).total_seconds() if checked else None
     interval = memo.get("capacity_interval") or capacity_mod.DEFAULT_INTERVAL_SECONDS
     if observed.get("configHash") != config_hash or age is None or age >= interval:
-        pod = api.ready_pod(namespace, engine_pod_labels(lcm), {CONFIG_HASH_ANNOTATION: config_hash})
+        labels = engine_pod_labels(lcm)
+        if d.plan.multi_node:             # a group's leader serves HTTP; its workers serve nothing
+            labels[ROLE_LABEL] = "leader"
+        pod = api.ready_pod(namespace, labels, {CONFIG_HASH_ANNOTATION: config_hash})
         if pod is not None:
             name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
             try:

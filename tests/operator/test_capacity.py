@@ -76,3 +76,32 @@ def test_verdict_names_the_numbers(kv, length, expected):
     ok, reason, message = capacity.verdict({"kvCapacityTokens": kv, "maxModelLen": length, "pod": "p-1"}, 1_010_000)
     assert (ok, reason) == expected
     assert f"{kv:,}" in message and f"{length:,}" in message and "p-1" in message
+
+
+def test_the_probe_asks_a_group_leader_for_plans_spanning_nodes():
+    """Workers of a LeaderWorkerSet group serve nothing: only leaders are asked."""
+    import logging
+
+    import kopf
+
+    from longserve.operator import handlers
+    from longserve.operator.render import desired
+    from longserve.operator.render_lws import ROLE_LABEL
+
+    class Api:
+        def __init__(self):
+            self.asked = []
+
+        def ready_pod(self, namespace, labels, annotations):
+            self.asked.append(labels)
+            return None
+
+    def body(**accelerator):
+        return {"apiVersion": "longserve.io/v1alpha1", "kind": "LongContextModel",
+                "metadata": {"name": "m", "namespace": "ns", "uid": "u"},
+                "spec": {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"}, "cache": {"enabled": False},
+                         "accelerator": accelerator}}
+    api = Api()
+    for spec in ({"gpuProduct": "NVIDIA-L40S", "gpusPerNode": 4, "nodes": 2}, {"gpuProduct": "NVIDIA-H200"}):
+        assert handlers._capacity(desired(body(**spec)), api, "ns", {}, None, kopf.Memo(), logging.getLogger()) is None
+    assert api.asked[0][ROLE_LABEL] == "leader" and ROLE_LABEL not in api.asked[1]
