@@ -48,10 +48,13 @@ fi
 # 3. The wheelhouse (CPU torch).
 PYTHON=$PY bash tools/wheelhouse.sh cpu
 
-# 4. buildah in a private storage folder, removed on exit along with the server if one runs.
+# 4. buildah in a private storage folder, removed on exit along with the server if one runs. vfs keeps a full
+# copy of the root filesystem per layer and container (about 8 GB at the peak here), so the folder is a tmpfs
+# when the memory allows: no disk traffic, and removal is an unmount.
 ST=$(mkdir -p build && mktemp -d build/image-check.XXXXXX)
 B=(buildah --root "$PWD/$ST/root" --runroot "$PWD/$ST/run" --storage-driver vfs)
 SERVER_PID=
+ON_TMPFS=0
 cleanup() {
   if [ -n "$SERVER_PID" ]; then
     # the server runs in the session setsid made for it (buildah and timeout regroup their children): end it all
@@ -61,10 +64,18 @@ cleanup() {
     wait "$SERVER_PID" 2> /dev/null || true
   fi
   # vfs keeps plain copies and no mounts outlive `buildah run`: removing the folder removes every layer
+  if [ "$ON_TMPFS" = 1 ]; then umount "$ST" || umount -l "$ST"; fi
   rm -rf "$ST"
 }
 trap cleanup EXIT
+avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+if [ "${avail_kb:-0}" -gt $((14 * 1024 * 1024)) ] && mount -t tmpfs -o size=11g,mode=0700 longserve-image "$ST"; then
+  ON_TMPFS=1
+fi
+mkdir -p "$ST/tmp"
+export TMPDIR="$PWD/$ST/tmp"      # buildah's temporary blobs go beside its storage
 
+step "buildah storage in $ST ($([ "$ON_TMPFS" = 1 ] && echo tmpfs || echo disk))"
 step "importing the base as localhost/longserve-base:$RELEASE"
 ctr=$("${B[@]}" from scratch)
 "${B[@]}" add --quiet "$ctr" "$BASE_TAR" / > /dev/null
