@@ -287,6 +287,10 @@ def test_two_operators_one_leads_the_other_takes_over_when_it_dies(emulator, tmp
         assert took < lifetime + 10, f"handover took {took:.1f} s"
         after = child_writers(emulator)[before:]
         assert after and all(f"pid {standby.pid})" in w for w in after), after
+        # the dead leader's finalizer duty is the new leader's: a deletion does not wait for the dead one
+        custom.delete_namespaced_custom_object("longserve.io", "v1alpha1", "default", "longcontextmodels", "qwen")
+        wait(lambda: "qwen" not in emulator.objects("longserve.io/v1alpha1/longcontextmodels", "default"),
+             "the deletion released by the new leader", timeout=10)
         client.close()
     finally:
         for proc in (leader, standby):
