@@ -4,7 +4,7 @@ decode, key rotation for the KV cache, and the sparse-config types.
 Every call dispatches on its tensors (``longserve.kernels.dispatch``): CUDA tensors on sm_80+ run the Triton
 kernels (imported lazily), everything else runs the same-signature PyTorch references in
 ``longserve.kernels.reference``. Shapes: q ``[n_q, H, D]``, k/v ``[n_k, G, D]`` with query head h reading KV head
-``h // (H // G)``; LSE is natural-log fp32 ``[n_q, H]``. See algorithms.md §1-§4.
+``h // (H // G)``; LSE is natural-log fp32 ``[n_q, H]``. See docs/algorithms.md.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta,
 
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *, scale, causal):
-    """Sparse attention over §2.3 work lists (from ``convert_vertical_slash_indexes``) -> (O, LSE)."""
+    """Sparse attention over work lists (docs/algorithms.md#index-building) (from ``convert_vertical_slash_indexes``) -> (O, LSE)."""
     return dispatch.vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index,
                                              scale=scale, causal=causal)
 

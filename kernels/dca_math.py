@@ -70,7 +70,7 @@ def key_positions(positions: torch.Tensor, cl) -> torch.Tensor:
 
 
 def query_positions(positions: torch.Tensor, cl, chunk_size):
-    """(intra, succ, inter) RoPE positions for absolute query positions (§1.2); succ/inter None when DCA is off."""
+    """(intra, succ, inter) RoPE positions for absolute query positions (docs/algorithms.md#dca-positions); succ/inter None when DCA is off."""
     if cl is None:
         return positions, None, None
     o = positions % cl
@@ -87,7 +87,7 @@ def relative_positions(L: int, chunk_size, local_size, clamp_max=None) -> torch.
     """``R[t, j]`` = query RoPE position minus key RoPE position for causal pairs, -1 above the diagonal.
 
     ``clamp_max`` (default ``chunk_size``, the deployed-code convention) bounds the succ query position; pass
-    ``chunk_size - 1`` to reproduce the paper's figure (§1.2 off-by-one note).
+    ``chunk_size - 1`` to reproduce the paper's figure (clamp convention, docs/algorithms.md#dca-positions).
     """
     cl = chunk_length(chunk_size, local_size)
     pos = torch.arange(L, dtype=torch.int64)
@@ -113,7 +113,7 @@ def yarn_mscale(n: int, original_max: int) -> float:
 
 
 def softmax_scale(head_dim: int, scale, original_max: int, n_tokens: int) -> float:
-    """``tau = (scale or 1/sqrt(D)) * m(N)^2`` (YaRN applied on the query side, §1.3)."""
+    """``tau = (scale or 1/sqrt(D)) * m(N)^2`` (YaRN applied on the query side, docs/algorithms.md#yarn-scale)."""
     base = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     m = yarn_mscale(n_tokens, original_max)
     return base * m * m

@@ -83,7 +83,7 @@ def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs):
 
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *, scale, causal):
-    """Sparse attention over §2.3 work lists -> (O, LSE)."""
+    """Sparse attention over work lists (docs/algorithms.md#index-building) -> (O, LSE)."""
     if backend_for(q, k, v) == "triton":
         from longserve.kernels.vertical_slash import vertical_slash_attention as impl
     else:

@@ -1,4 +1,4 @@
-"""LSE merge of partial attentions (algorithms.md §1.4 step 3) as a Triton kernel.
+"""LSE merge of partial attentions (docs/algorithms.md#lse-merge) as a Triton kernel.
 
 Each row's parts ``(O_p, LSE_p)`` combine into one softmax over the union of their keys:
 ``M = max_p LSE_p``, ``w_p = exp(LSE_p - M)``, ``O = Σ w_p O_p / Σ w_p``, ``LSE = M + log Σ w_p``.

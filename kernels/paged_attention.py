@@ -1,7 +1,7 @@
 """Decode attention over a paged KV cache for one key range per sequence, returning LSE (split-KV).
 
 Each sequence ``b`` attends keys at logical positions ``[key_start[b], key_end[b])`` of its block table; DCA
-decode (algorithms.md §1.6) is three such calls (intra, succ, inter) with different query rotations and one
+decode (docs/algorithms.md#paged-decode) is three such calls (intra, succ, inter) with different query rotations and one
 LSE merge. One program handles all query heads of a KV head (GQA group padded to >= 16 rows for ``tl.dot``) and
 one split of the key range; split partials are combined with the Triton LSE merge, so a 1M-token range keeps
 the GPU busy even at batch 1. An empty range gives ``O = 0, LSE = -inf``.

@@ -1,4 +1,4 @@
-"""Qwen's ``sparse_attention_config.json`` (algorithms.md §4.2): loading, validation, per-call budgets, refinement.
+"""Qwen's ``sparse_attention_config.json`` (docs/algorithms.md#sparse-config): loading, validation, per-call budgets, refinement.
 
 The file is a list with one dict per layer mapping the *global* query-head index (a string) to
 ``[pattern_type, vertical_size, slash_size, score]``. Only ``vertical_and_slash`` is served (as in the deployed
@@ -68,14 +68,14 @@ class SparseHeadBudgets:
         return SparseHeadBudgets(self.vertical[start:stop], self.slash[start:stop], self.threshold, self.last_q)
 
     def for_rank(self, rank: int, tp: int) -> "SparseHeadBudgets":
-        """The slice TP rank ``rank`` of ``tp`` owns: heads ``[rank*H/tp, (rank+1)*H/tp)`` (§1.7)."""
+        """The slice TP rank ``rank`` of ``tp`` owns: heads ``[rank*H/tp, (rank+1)*H/tp)`` (docs/algorithms.md#gqa-and-tp)."""
         if tp < 1 or not 0 <= rank < tp or self.num_heads % tp:
             raise ValueError(f"cannot give rank {rank} of tp={tp} a slice of {self.num_heads} heads")
         per = self.num_heads // tp
         return self.heads(rank * per, (rank + 1) * per)
 
     def effective_vertical(self) -> tuple[int, ...]:
-        """Vertical budgets as the estimator uses them: a configured 30 becomes 130 (§2.5 step 4 quirk)."""
+        """Vertical budgets as the estimator uses them: a configured 30 becomes 130 (a parity quirk, docs/algorithms.md#vs-estimation)."""
         return tuple(v + 100 if v == 30 else v for v in self.vertical)
 
 
@@ -177,7 +177,7 @@ def load_sparse_attention_config(path_or_list, num_layers: int, num_heads: int) 
     return SparseAttentionConfig(tuple(layers))
 
 
-# Recall buckets of algorithms.md §3.4: (lower bound, increment added to both budgets), checked top-down.
+# Recall buckets of docs/algorithms.md#refinement: (lower bound, increment added to both budgets), checked top-down.
 DEFAULT_INCREMENTS = ((0.9, 0), (0.8, 2048), (0.7, 4096), (0.6, 8192), (float("-inf"), 12288))
 
 
@@ -219,7 +219,7 @@ def refine_sparse_config(config: SparseAttentionConfig, layer: int, samples, *, 
                          original_max_position_embeddings=0, head_start: int = 0, threshold: float = 0.9,
                          increments=DEFAULT_INCREMENTS, max_rounds: int = 3, last_q: int = DEFAULT_LAST_Q,
                          prefill_chunk: int | None = None):
-    """Recall-based refinement of one layer (algorithms.md §3.4).
+    """Recall-based refinement of one layer (docs/algorithms.md#refinement).
 
     ``samples`` is a list of (q, k) calibration activations of this layer (un-rotated, from a dense prefill) for
     the query heads ``[head_start, head_start + H)`` of the config. Each round measures every head's mean recall

@@ -1,4 +1,4 @@
-"""Device index builder: (verticals, slashes) -> per-(head, query block) work lists (algorithms.md §2.3).
+"""Device index builder: (verticals, slashes) -> per-(head, query block) work lists (docs/algorithms.md#index-building).
 
 Provenance: a Triton port of the sequential merge in vLLM's ``csrc/attention/vertical_slash_index.cu`` (itself
 from MInference), one program per (query block, head) instead of one CUDA thread; the per-head counts play the

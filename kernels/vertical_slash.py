@@ -1,6 +1,6 @@
 """Flash-attention forward over vertical-slash work lists (and its dense special case), with LSE.
 
-Provenance: the two-phase structure of MInference's Triton VS kernel (algorithms.md §2.4) rewritten for
+Provenance: the two-phase structure of MInference's Triton VS kernel (docs/algorithms.md#sparse-kernel) rewritten for
 LongServe: natural-log LSE output, causal (bottom-right aligned) and non-causal modes, GQA by indexing KV head
 ``h // group`` (K/V are never repeated), ``O = 0, LSE = -inf`` for rows without keys, pointer arithmetic only.
 
@@ -9,7 +9,7 @@ Shapes: q ``[n_q, H, D]``, k/v ``[n_k, G, D]``; work lists per (head, 64-row que
 aligned to 64), ``column_count [H, R]``, ``column_index [H, R, NC]``, ``R = ceil(n_q / 64)``.
 Phase 1 attends keys ``[b, b + 64)`` of each listed block start ``b`` (causal mask ``key <= off + row`` with
 ``off = n_k - n_q``, and ``key < n_k``); phase 2 gathers the listed columns 64 at a time. Columns get the same
-causal mask (a no-op for lists built by §2.3, whose causal columns lie before the block's first row).
+causal mask (a no-op for lists built as in docs/algorithms.md#index-building, whose causal columns lie before the block's first row).
 Limits: any head dim (padded to a power of two internally, >= 16); fp32 / fp16 / bf16 inputs, softmax in
 fp32, base-2 exponentials internally; the dense path (``dense_attention``) walks all causal key blocks itself
 and may use larger query tiles.
@@ -343,7 +343,7 @@ def vertical_slash_attention_kv(q, kv, lo: int, hi: int, block_count, block_offs
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *,
                              scale: float, causal: bool, out=None, lse_out=None, pair_count=None):
-    """Sparse attention over §2.3 work lists; returns (O like q, LSE fp32 [n_q, H], natural log)."""
+    """Sparse attention over work lists (docs/algorithms.md#index-building); returns (O like q, LSE fp32 [n_q, H], natural log)."""
     _check_qkv(q, k, v)
     return vertical_slash_attention_kv(q, (k, v), 0, k.shape[0], block_count, block_offset, column_count,
                                        column_index, scale=scale, causal=causal, out=out, lse_out=lse_out,

@@ -1,6 +1,6 @@
-"""Catalogs as data: GPU products and the built-in models (architecture.md §6 habit 2).
+"""Catalogs as data: GPU products and the built-in models (docs/architecture.md#habits).
 
-GPU memory is the usable total CUDA reports, rounded down to whole GiB (operator.md §4.1); the GPU
+GPU memory is the usable total CUDA reports, rounded down to whole GiB (docs/operator.md#sizing-inputs); the GPU
 check prints the measured value so entries can be corrected. `product_label` is the value of the
 `nvidia.com/gpu.product` node label set by NVIDIA's GPU feature discovery.
 """

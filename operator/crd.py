@@ -2,7 +2,7 @@
 
 `manifests/crd/longcontextmodels.longserve.io.yaml` is this module's output; a test fails when the
 file is stale and `LONGSERVE_REGEN_GOLDENS=1` (`make goldens`) rewrites it. Defaults come from
-`types.DEFAULTS`; the CEL rules mirror what `types.parse` re-checks (operator.md §2.1).
+`types.DEFAULTS`; the CEL rules mirror what `types.parse` re-checks (docs/operator.md#validation).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Built on the official client's `ApiClient` (auth, TLS, retries) with plain JSON 
 kind the operator renders — built-in or a Prometheus Operator CRD — goes through one small path,
 and no generated model classes re-shape objects. Children are written with server-side apply
 (`apply.py`: field manager `longserve-operator`, pruning of fields the operator stopped setting,
-forced on conflicts and reported). NotFound on delete counts as success (operator.md §7); label
+forced on conflicts and reported). NotFound on delete counts as success (docs/operator.md#reconciliation); label
 selectors are also applied client-side.
 """
 from __future__ import annotations

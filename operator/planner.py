@@ -3,7 +3,7 @@
 Pure and deterministic: `plan(model, gpu, request) -> Plan`. No I/O, no Kubernetes, no torch.
 The memory model and its arithmetic (incl. the published-floor check) live in `memory.py`.
 
-Plan choice (operator.md §4.3): TP candidates divide both head counts and are ≤ nodes × gpus_per_node.
+Plan choice (docs/operator.md#sizing-choice): TP candidates divide both head counts and are ≤ nodes × gpus_per_node.
 TP stays within one node where it can: the candidates that fit in a node are tried first (MinGPUs the
 smallest first, MaxPrefillThroughput the largest first), and a TP spanning nodes is taken only when
 none of them fits (the smallest such TP). For a TP the chunk is the largest of 131072, 65536, 32768,
@@ -308,7 +308,7 @@ def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan
 
 def engine_config_for(p: Plan, *, model_path: str, served_model_name: str, max_output_tokens: int = 8192,
                       http_port: int = 8000, grpc_port: int = 50051, **overrides) -> EngineConfig:
-    """The EngineConfig a feasible plan renders into the pod (architecture.md §4)."""
+    """The EngineConfig a feasible plan renders into the pod (docs/architecture.md#engine-config)."""
     if not p.feasible:
         raise ValueError(f"cannot build an engine config from an infeasible plan: {p.explanation}")
     cfg = EngineConfig(

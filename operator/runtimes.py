@@ -1,7 +1,7 @@
 """Per-runtime container details: command, environment, ports and probes (pure).
 
 `native` runs `longserve serve` on the mounted EngineConfig; `vllm` and `sglang` run the upstream
-launch command with the planner's numbers (serving.md §4.3), HTTP only. Every runtime serves
+launch command with the planner's numbers (docs/operator.md#runtimes), HTTP only. Every runtime serves
 `/health` on the HTTP port, so the probes are the same; none of them runs a generation.
 
 A replica spanning pods (a LeaderWorkerSet group, render_lws.py) runs each runtime's own
@@ -75,7 +75,7 @@ def ports(cfg: EngineConfig) -> list[dict]:
 
 
 def probes(weight_bytes: int) -> dict:
-    """Startup, readiness and liveness on /health (operator.md §6)."""
+    """Startup, readiness and liveness on /health (docs/operator.md#pod)."""
     def http_get() -> dict:
         return {"path": "/health", "port": "http"}
     startup = startup_probe_seconds(weight_bytes)

@@ -1,6 +1,6 @@
 """Pure status: phase, conditions and the public plan from the sizing outcome and child states.
 
-Condition semantics follow operator.md §3: SpecValid, Sized, ModelCached (only when the operator
+Condition semantics follow docs/operator.md#conditions: SpecValid, Sized, ModelCached (only when the operator
 downloads), WorkloadAvailable, CapacityVerified and the Ready roll-up, whose reason is the first
 failing condition's. `lastTransitionTime` changes only when a condition's status changes.
 """
@@ -30,7 +30,7 @@ def merge_conditions(previous: list | None, current: list[dict], now: str, gener
 
 
 def public_plan(d: Desired) -> dict:
-    """The plan as shown in status (operator.md §3): camelCase, per-GPU terms in GB."""
+    """The plan as shown in status (docs/operator.md#status): camelCase, per-GPU terms in GB."""
     data = d.plan.to_dict()
     per_gpu = data.pop("perGpuBytes")
     data["perGpuGB"] = {k: round(v / GB, 1) for k, v in per_gpu.items()}

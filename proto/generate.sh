@@ -4,7 +4,7 @@
 #   proto/generate.sh --check   regenerate into a temporary folder and fail on any difference (CI)
 # protoc derives the stub's `import ..._pb2` from the proto's path relative to -I, so the proto is staged
 # at longserve/server/api/grpc/pb/ in a temporary tree: the stub then imports
-# `from longserve.server.api.grpc.pb import generation_pb2` (testing.md §6).
+# `from longserve.server.api.grpc.pb import generation_pb2` (docs/testing.md#grpc-stubs).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"

@@ -1,4 +1,4 @@
-"""The operator <-> pod contract: `EngineConfig` and `ModelFacts` (architecture.md §4).
+"""The operator <-> pod contract: `EngineConfig` and `ModelFacts` (docs/architecture.md#engine-config).
 
 Standard library only: the operator (no torch) builds exactly the object the server loads.
 `EngineConfig` is frozen and validated once; values measured at start-up never get written back.
@@ -201,7 +201,7 @@ class ModelFacts:
 
     @property
     def dca_chunk_len(self) -> int | None:
-        """DCA chunk length cl = chunk_size - local_size (algorithms.md §1.1)."""
+        """DCA chunk length cl = chunk_size - local_size (docs/algorithms.md#dca-parameters)."""
         return None if self.dca_chunk_size is None else self.dca_chunk_size - self.dca_local_size
 
     @property

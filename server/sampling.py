@@ -1,6 +1,6 @@
 """`SamplingParams`: per-request generation settings (torch-free, validated at construction).
 
-Defaults follow the OpenAI/vLLM conventions in serving.md §1.2. `max_tokens=None` means
+Defaults follow the OpenAI/vLLM conventions in docs/serving.md#request-parameters. `max_tokens=None` means
 "up to the engine's cap" (`EngineConfig.max_output_tokens`, also bounded by the context left).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Build a tiny random Qwen2 checkpoint (Hugging Face layout) with a byte-level BPE tokenizer and a
-ChatML chat template: the independent oracle for engine and server tests (testing.md §4).
+ChatML chat template: the independent oracle for engine and server tests (docs/testing.md#transformers-oracle).
 transformers and tokenizers are imported lazily (dev-only dependencies)."""
 from __future__ import annotations
 

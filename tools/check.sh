@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full CPU check behind `make test` (testing.md §7). Run from the repository root.
+# The full CPU check behind `make test` (docs/testing.md#ci). Run from the repository root.
 set -euo pipefail
 BIN=.venv/bin
 export PYTHONSAFEPATH=1 TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

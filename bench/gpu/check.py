@@ -1,4 +1,4 @@
-"""The one prepared GPU check for LongServe's Triton kernels (testing.md §9); see bench/gpu/kernels.sh.
+"""The one prepared GPU check for LongServe's Triton kernels (docs/testing.md#gpu-check); see bench/gpu/kernels.sh.
 
 Sections, each time-boxed, with the JSON report rewritten to ``--out``/report.json (and a line appended to
 report.jsonl) after every section so a timeout still leaves data:

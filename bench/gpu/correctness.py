@@ -1,4 +1,4 @@
-"""GPU check, section 2: every Triton kernel against its reference twin with the 2x rule (testing.md §3, §9).
+"""GPU check, section 2: every Triton kernel against its reference twin with the 2x rule (docs/testing.md#tolerance-rule, docs/testing.md#gpu-check).
 
 Each check builds inputs, computes an fp64 truth (on a row sample at long lengths), runs the reference in the
 working precision and the Triton kernel, and returns a JSON-able record. Sizes come from ``Sizes`` so the same
@@ -110,7 +110,7 @@ def check_sparse(sizes: Sizes, dtype, device, n, pattern="qwen", seed=0):
 
 
 def check_full_budget(sizes: Sizes, dtype, device, n, seed=0):
-    """O7: work lists built from every vertical and slash reproduce dense attention."""
+    """O7 (docs/algorithms.md#oracle-full-budget): work lists built from every vertical and slash reproduce dense attention."""
     from longserve.kernels.sparse_index import convert_vertical_slash_indexes
     from longserve.kernels.vertical_slash import dense_attention, vertical_slash_attention
 
@@ -232,9 +232,9 @@ def check_dca(sizes: Sizes, dtype, device, seed=0):
 
 
 def check_dca_sparse(sizes: Sizes, dtype, device, seed=0):
-    """Sparse DCA prefill on the Triton path: full budgets == dense Triton DCA (O7); with Qwen-like budgets every
+    """Sparse DCA prefill on the Triton path: full budgets == dense Triton DCA (O7 (docs/algorithms.md#oracle-full-budget)); with Qwen-like budgets every
     row's LSE lies between the reference exact-mask LSE and the dense LSE (covered pairs include the exact mask
-    and are a subset of the causal keys, O7/O8)."""
+    and are a subset of the causal keys, O7/O8, docs/algorithms.md#oracles)."""
     from longserve.kernels.dca import dual_chunk_attention_triton
     from longserve.kernels.sparse_config import SparseHeadBudgets
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LongServe GPU kernel check: one run, under 8 minutes on one H200 (testing.md §9).
+# LongServe GPU kernel check: one run, under 8 minutes on one H200 (docs/testing.md#gpu-check).
 #
 # Exact commands (from the repository root):
 #   here, before the lease:   .venv/bin/pip wheel --no-deps --no-build-isolation -w dist .   # ~180 kB, offline

@@ -6,7 +6,7 @@
   uniformly at random. ``random_pattern`` draws slashes uniformly (the worst case: bands rarely merge).
 - ``sample_rows``: first, random and last query rows, so fp64 truths at 128K tokens stay small.
 - ``two_x_rule``: kernel error vs fp64 truth must be <= 2x the reference's own error in the same precision
-  plus a floor (testing.md §3).
+  plus a floor (docs/testing.md#tolerance-rule).
 """
 from __future__ import annotations
 

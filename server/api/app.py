@@ -1,4 +1,4 @@
-"""Build the HTTP and gRPC servers around one `EngineClient`, on one asyncio loop (architecture.md §3).
+"""Build the HTTP and gRPC servers around one `EngineClient`, on one asyncio loop (docs/architecture.md#request-path).
 
 `ServingStack` opens both ports at once in the *loading* phase (health 503 / NOT_SERVING), goes
 ready when `set_engine` is called, and drains on request. `BackgroundServer` runs a stack on its

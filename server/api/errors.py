@@ -1,4 +1,4 @@
-"""API errors as values: one class per row of serving.md §1.6, shared by HTTP and gRPC.
+"""API errors as values: one class per row of the table in docs/serving.md#errors, shared by HTTP and gRPC.
 
 Request handling raises `APIError`; the HTTP layer renders `envelope()` with `status`, the gRPC
 interceptor maps `grpc_code` (a `grpc.StatusCode` name, so this module stays import-light).

@@ -1,4 +1,4 @@
-"""Server lifecycle (serving.md intro): loading -> ready -> draining -> exit, or dead on engine failure.
+"""Server lifecycle (docs/serving.md#lifecycle): loading -> ready -> draining -> exit, or dead on engine failure.
 
 One `ServerState` per server, shared by HTTP, gRPC and health. Phase changes notify listeners
 (the gRPC health servicer) so every surface flips together.

@@ -1,4 +1,4 @@
-"""Prometheus metrics (serving.md §3): `longserve_*` series plus vLLM-compatible `vllm:*` exports.
+"""Prometheus metrics (docs/serving.md#metrics): `longserve_*` series plus vLLM-compatible `vllm:*` exports.
 
 One plain registry per server. Counters are declared without `_total` (the client appends it).
 Queue gauges are read from `EngineClient.load_stats()` at scrape time, so they are never stale.
@@ -256,7 +256,7 @@ class Metrics:
             self.v_tpot.observe(t.decode_seconds / (longest - 1))
 
     def _attention_kind(self, context_tokens: int) -> str:
-        """Sparse prefill runs once the context passes the engine's threshold (serving.md §3.1)."""
+        """Sparse prefill runs once the context passes the engine's threshold (docs/algorithms.md#sparse-threshold)."""
         threshold = self.attention_threshold
         return "sparse" if threshold is not None and context_tokens > threshold else "dense"
 

@@ -1,8 +1,8 @@
-"""Kernel-test helpers: seeded fp64 inputs and error measures (testing.md §3 tolerance pattern)."""
+"""Kernel-test helpers: seeded fp64 inputs and error measures (docs/testing.md#tolerance-rule)."""
 import pytest
 import torch
 
-# fp64 references agree with fp64 truths to rounding; fp32 paths to ~1e-5 (algorithms.md §6)
+# fp64 references agree with fp64 truths to rounding; fp32 paths to ~1e-5 (docs/algorithms.md#oracles)
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""attention_with_lse, merge_lse (O3) and RoPE against naive float64 formulas."""
+"""attention_with_lse, merge_lse (O3 (docs/algorithms.md#oracle-lse-merge)) and RoPE against naive float64 formulas."""
 import math
 
 import pytest

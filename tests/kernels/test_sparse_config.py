@@ -1,4 +1,4 @@
-"""sparse_attention_config.json loading/validation, SparseHeadBudgets, and recall-based refinement (§3.4, §4.2)."""
+"""sparse_attention_config.json loading/validation, SparseHeadBudgets, and recall-based refinement (docs/algorithms.md#refinement, docs/algorithms.md#sparse-config)."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""Vertical-slash / dense Triton attention (interpreted) vs the references, 2x rule (testing.md §3, O7)."""
+"""Vertical-slash / dense Triton attention (interpreted) vs the references, 2x rule (docs/testing.md#tolerance-rule, O7 (docs/algorithms.md#oracle-full-budget))."""
 import math
 
 import pytest
@@ -72,7 +72,7 @@ def test_dense_matches_reference(dtype, n_q, n_k, H, G, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_full_lists_equal_dense(causal):
-    """O7 for the list path: full block lists reproduce dense attention."""
+    """O7 (docs/algorithms.md#oracle-full-budget) for the list path: full block lists reproduce dense attention."""
     q, k, v = (t.float() for t in _qkv(100, 130, 4, 2, 32, seed=1))
     lists = full_block_lists(100, 130, 4, causal=causal)
     o_l, l_l = tri.vertical_slash_attention(q, k, v, *lists, scale=0.2, causal=causal)

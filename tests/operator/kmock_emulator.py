@@ -1,4 +1,4 @@
-"""A Kubernetes API emulator for running the real kopf operator in tests (testing.md §5).
+"""A Kubernetes API emulator for running the real kopf operator in tests (docs/testing.md#kmock).
 
 KMock's `KubernetesEmulator` (pinned: kmock==0.8, this subclass overrides private behaviour) with
 five fixes that kopf needs: the namespace comes from the URL on create; uid, creationTimestamp and

@@ -1,5 +1,5 @@
 """End to end: the real kopf operator against the KMock-based API emulator over HTTP, driven with
-the real kubernetes client (testing.md §5). Each test starts a fresh emulator and operator."""
+the real kubernetes client (docs/testing.md#kmock). Each test starts a fresh emulator and operator."""
 import copy
 import json
 import time

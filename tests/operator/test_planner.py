@@ -1,4 +1,4 @@
-"""Planner tables (issue acceptance, operator.md §4.3 worked plans) and the memory arithmetic (O16)."""
+"""Planner tables (issue acceptance, docs/operator.md#worked-plans) and the memory arithmetic (O16 (docs/algorithms.md#oracle-memory-arithmetic))."""
 import json
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""One place that maps exceptions to gRPC status codes (serving.md §1.6), plus bearer-token auth.
+"""One place that maps exceptions to gRPC status codes (docs/serving.md#errors), plus bearer-token auth.
 
 Handlers raise `APIError`; this interceptor turns it into the matching status with the same
 human-readable message as HTTP. Only `longserve.v1.Generation` is guarded: health and reflection

@@ -1,4 +1,4 @@
-"""`longserve.v1.Generation`: pb <-> domain conversion over `GenerationCore` (serving.md §2).
+"""`longserve.v1.Generation`: pb <-> domain conversion over `GenerationCore` (docs/serving.md#grpc).
 
 Errors are raised as `APIError` and mapped to status codes by the interceptor; a request the engine
 fails ends with INTERNAL, or RESOURCE_EXHAUSTED when it ran out of memory. Cancelling the

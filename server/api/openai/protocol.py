@@ -1,4 +1,4 @@
-"""OpenAI-compatible request models (serving.md §1.2) and their conversion to sampling fields.
+"""OpenAI-compatible request models (docs/serving.md#request-parameters) and their conversion to sampling fields.
 
 Unknown fields are accepted (`extra="allow"`) and reported by `ignored_fields()` so the route
 can log them; v1-unsupported options are rejected with 400 here, before any tokenization.

@@ -1,4 +1,4 @@
-"""FastAPI routes: thin glue from HTTP to `OpenAIServing` (serving.md §1.1).
+"""FastAPI routes: thin glue from HTTP to `OpenAIServing` (docs/serving.md#routes).
 
 Bodies are read here with the 64 MiB cap (413) and parsed by hand, so malformed JSON, schema
 errors and engine rejections all leave as the same error envelope; nothing but a genuine bug
