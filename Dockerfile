@@ -32,14 +32,6 @@ sys.exit(0 if cuda == want else 'torch %s does not match VARIANT=${VARIANT}' % t
     /opt/longserve/bin/longserve --help > /dev/null
 
 FROM ${BASE_IMAGE} AS runtime
-ARG VERSION=0.0.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="longserve" \
-      org.opencontainers.image.description="Serve 1M-token-context LLMs: the LongServe engine and weights downloader" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="https://github.com/longserve/longserve" \
-      org.opencontainers.image.licenses="Apache-2.0"
 # A fixed non-root uid/gid: the rendered pods run as 10001:10001 (runAsNonRoot with a numeric user).
 RUN groupadd --gid 10001 longserve \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin longserve
@@ -49,12 +41,21 @@ ENV PATH=/opt/longserve/bin:$PATH \
     HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    TRITON_CACHE_DIR=/tmp/triton \
-    LONGSERVE_IMAGE_VERSION=${VERSION}
+    TRITON_CACHE_DIR=/tmp/triton
 USER 10001:10001
 WORKDIR /tmp
 ENTRYPOINT ["longserve"]
 CMD ["--help"]
+# Last, so that a new revision leaves every layer above in the build cache.
+ARG VERSION=0.0.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="longserve" \
+      org.opencontainers.image.description="Serve 1M-token-context LLMs: the LongServe engine and weights downloader" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/longserve/longserve" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV LONGSERVE_IMAGE_VERSION=${VERSION}
 
 FROM runtime AS cpu
 

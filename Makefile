@@ -48,7 +48,7 @@ IMAGE_ARGS = -f Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VARI
 image: $(STAMP)
 	PYTHON=$(BIN)/python bash tools/wheelhouse.sh $(VARIANT)
 	@if docker info > /dev/null 2>&1; then set -x; docker build $(IMAGE_ARGS); \
-	elif command -v buildah > /dev/null; then set -x; buildah bud --layers $(IMAGE_ARGS); \
+	elif command -v buildah > /dev/null; then set -x; buildah bud --isolation $${BUILDAH_ISOLATION:-chroot} --layers $(IMAGE_ARGS); \
 	else echo "make image: neither a docker daemon nor buildah here" >&2; exit 1; fi
 
 # Regenerate golden files (review the diff like code).
