@@ -113,4 +113,6 @@ if ! $PY tools/image_smoke.py "$HTTP_PORT" --wait 240; then
   tail -n 40 "$ST/serve.log" >&2
   exit 1
 fi
+# The weights Job's command is in the image too (its behaviour is tested in tests/server/test_download.py).
+"${B[@]}" run --isolation chroot --user 10001:10001 "$ctr" -- longserve download --help | grep -c -- '--dest DIR' > /dev/null
 step "passed"
