@@ -90,9 +90,8 @@ def bench_length(tokens: int, *, heads: int = 4, kv_heads: int = 1, head_dim: in
     """One row of the table: dense and sparse DCA prefill of the same inputs."""
     import torch
 
-    from longserve.kernels import SparseHeadBudgets, dual_chunk_attention
+    from longserve.kernels import PairStats, SparseHeadBudgets, dual_chunk_attention
     from longserve.kernels.reference.attention import tiled_math_only
-    from longserve.kernels import PairStats
 
     v_budget, s_budget = scaled_budgets(tokens, vertical, slash)
     q, k, v = synthetic_qkv(tokens, heads, kv_heads, head_dim, rope_theta=rope_theta, seed=seed, device=device)

@@ -9,7 +9,16 @@ from __future__ import annotations
 from longserve.operator import sizing_rules
 from longserve.operator.sizing_rules import MODES, OBJECTIVES, TENSOR_PARALLEL_SIZES
 from longserve.operator.types import (
-    DEFAULTS, GROUP, KIND, MAX_NAME_LENGTH, MAX_NODES, PLURAL, SHORT_NAMES, SINGULAR, VERSION)
+    DEFAULTS,
+    GROUP,
+    KIND,
+    MAX_NAME_LENGTH,
+    MAX_NODES,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+)
 from longserve.server.config import RUNTIMES
 
 CRD_NAME = f"{PLURAL}.{GROUP}"

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from longserve.operator.render import HASH_LABEL, RETAIN_LABEL
 
-
 CREATE_ONLY = {"PersistentVolumeClaim"}
 RECREATE = {"Job"}
 

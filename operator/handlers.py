@@ -25,10 +25,18 @@ from typing import Any
 import kopf
 from prometheus_client import Counter, Histogram
 
-from longserve.operator import capacity as capacity_mod, k8s_apply, rollout, status as status_mod
+from longserve.operator import capacity as capacity_mod
+from longserve.operator import k8s_apply, rollout
+from longserve.operator import status as status_mod
 from longserve.operator.diff import diff
 from longserve.operator.render import (
-    CONFIG_HASH_ANNOTATION, DEFAULT_IMAGE, HASH_LABEL, desired, download_job_name, engine_pod_labels)
+    CONFIG_HASH_ANNOTATION,
+    DEFAULT_IMAGE,
+    HASH_LABEL,
+    desired,
+    download_job_name,
+    engine_pod_labels,
+)
 from longserve.operator.render_lws import LWS_API_VERSION, LWS_KIND, ROLE_LABEL
 from longserve.operator.types import GROUP, PLURAL, VERSION, SpecError
 

@@ -48,8 +48,15 @@ import math
 from dataclasses import dataclass
 
 from longserve.operator.catalog import ModelEntry
-from longserve.server.memory_model import (CHUNK_CANDIDATES, DEFAULT_SPARSE_THRESHOLD, KV_BLOCK_SIZE,
-                                           chunk_candidates, effective_margin, native_sizing, overhead_bytes)
+from longserve.server.memory_model import (
+    CHUNK_CANDIDATES,
+    DEFAULT_SPARSE_THRESHOLD,
+    KV_BLOCK_SIZE,
+    chunk_candidates,
+    effective_margin,
+    native_sizing,
+    overhead_bytes,
+)
 
 __all__ = ["CHUNK_CANDIDATES", "KV_BLOCK_SIZE", "GB", "MemoryBreakdown", "chunk_candidates", "memory_breakdown",
            "minimum_memory_per_gpu", "minimum_total_vram", "valid_tensor_parallel_sizes"]

@@ -18,10 +18,15 @@ from dataclasses import dataclass, field, replace
 
 from longserve.operator.catalog import GpuSpec, ModelEntry
 from longserve.operator.memory import (
-    GB, KV_BLOCK_SIZE, MemoryBreakdown, chunk_candidates, memory_breakdown, valid_tensor_parallel_sizes)
+    GB,
+    KV_BLOCK_SIZE,
+    MemoryBreakdown,
+    chunk_candidates,
+    memory_breakdown,
+    valid_tensor_parallel_sizes,
+)
 from longserve.operator.sizing_rules import MAX_TENSOR_PARALLEL_SIZE, MODES, OBJECTIVES, manual_sizing_errors
 from longserve.server.config import RUNTIMES, EngineConfig
-
 
 
 @dataclass(frozen=True, slots=True)

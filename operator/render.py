@@ -13,15 +13,22 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from longserve.operator import render_lws, runtimes, security
-from longserve.operator import autoscaling, rollout
+from longserve.operator import autoscaling, render_lws, rollout, runtimes, security
 from longserve.operator.catalog import GiB, GpuSpec, ModelEntry, lookup_gpu, lookup_model
 from longserve.operator.memory import valid_tensor_parallel_sizes
+from longserve.operator.options import SecretKey
 from longserve.operator.planner import Plan, SizingRequest, engine_config_for, plan
 from longserve.operator.podtemplate import apply_to_template, merged_resources
-from longserve.operator.options import SecretKey
 from longserve.operator.types import (
-    API_VERSION, KIND, AUTO, LongContextModel, SpecError, gib_quantity, parse, parse_quantity)
+    API_VERSION,
+    AUTO,
+    KIND,
+    LongContextModel,
+    SpecError,
+    gib_quantity,
+    parse,
+    parse_quantity,
+)
 from longserve.server.config import EngineConfig
 
 DEFAULT_IMAGE = "ghcr.io/longserve/longserve:0.1.0"

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 
 from longserve.operator import options
+from longserve.operator.autoscaling import AutoscalingOptions, autoscaling_options
 from longserve.operator.errors import SpecError
 from longserve.operator.options import DownloadOptions, NetworkPolicyOptions, PodOptions, SecretKey
-from longserve.operator.autoscaling import AutoscalingOptions, autoscaling_options
 from longserve.operator.rollout import RolloutOptions, rollout_options
 from longserve.operator.sizing_rules import MODES, OBJECTIVES, manual_sizing_errors
 from longserve.server.config import RUNTIMES

@@ -21,8 +21,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-from longserve.server.download_cli import (EXIT_NETWORK, EXIT_NO_SPACE, EXIT_NOT_FOUND, EXIT_UNAUTHORIZED,
-                                           EXIT_UNEXPECTED, EXIT_VERIFY, MARKER, SPACE_HEADROOM, DownloadError)
+from longserve.server.download_cli import (
+    EXIT_NETWORK,
+    EXIT_NO_SPACE,
+    EXIT_NOT_FOUND,
+    EXIT_UNAUTHORIZED,
+    EXIT_UNEXPECTED,
+    EXIT_VERIFY,
+    MARKER,
+    SPACE_HEADROOM,
+    DownloadError,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

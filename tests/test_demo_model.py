@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from longserve.bench import demo_prompts as dp

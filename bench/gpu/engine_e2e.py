@@ -63,6 +63,7 @@ def smoke_setup(args) -> Setup:
 
 def full_setup(args) -> Setup:
     import torch
+
     from longserve.operator.catalog import lookup_model
     from longserve.operator.planner import SizingRequest, plan
     entry = lookup_model("Qwen/Qwen2.5-7B-Instruct-1M")
@@ -158,6 +159,7 @@ class Runner:
 
     def engine_for(self, mode: str):
         import torch
+
         from longserve.server.engine.llm_engine import LLMEngine
         if self.mode == mode:
             return self.engine
@@ -176,6 +178,7 @@ class Runner:
     def prompt(self, length: int, decode_tokens: int) -> dict:
         """One request of `length` random tokens; times every step. Returns TTFT, decode ms/token, peak bytes."""
         import torch
+
         from longserve.server.sampling import SamplingParams
         engine, cuda = self.engine, self.s.device == "cuda"
         self.seed += 1                            # a fresh prompt each time: no prefix shared with earlier ones

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Protocol, Sequence
 
-from longserve.server.engine.protocol import (CompletionDelta, EngineDeadError, FailureCause, FinishReason,
-                                              GenerationEvent, LoadStats, ModelInfo, PrefillProgress, PromptLogprobs,
-                                              RequestFailed,
-                                              RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
+from longserve.server.engine.protocol import (
+    CompletionDelta,
+    EngineDeadError,
+    FailureCause,
+    FinishReason,
+    GenerationEvent,
+    LoadStats,
+    ModelInfo,
+    PrefillProgress,
+    PromptLogprobs,
+    RequestFailed,
+    RequestFinished,
+    RequestRejected,
+    RequestTimings,
+    TokenLogprob,
+)
 from longserve.server.sampling import SamplingParams
 
 __all__ = ["CompletionDelta", "EngineClient", "EngineDeadError", "FailureCause", "FinishReason", "GenerationEvent",

@@ -18,10 +18,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from longserve.server.api.engine_client import (CompletionDelta, EngineDeadError, FinishReason, PrefillProgress,
-                                                 RequestFailed, RequestFinished, RequestRejected)
-from longserve.server.api.errors import (APIError, BadRequest, EngineFailure, EngineOutOfMemory, NotFound, Overloaded,
-                                         Unavailable, model_not_found)
+from longserve.server.api.engine_client import (
+    CompletionDelta,
+    EngineDeadError,
+    FinishReason,
+    PrefillProgress,
+    RequestFailed,
+    RequestFinished,
+    RequestRejected,
+)
+from longserve.server.api.errors import (
+    APIError,
+    BadRequest,
+    EngineFailure,
+    EngineOutOfMemory,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    model_not_found,
+)
 from longserve.server.api.lifecycle import ServerState
 from longserve.server.api.metrics import Metrics, RequestRecorder
 from longserve.server.config import EngineConfig

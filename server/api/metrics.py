@@ -18,8 +18,15 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from longserve.server.api.engine_client import (CompletionDelta, FailureCause, FinishReason, LoadStats,
-                                                 PrefillProgress, RequestFailed, RequestFinished)
+from longserve.server.api.engine_client import (
+    CompletionDelta,
+    FailureCause,
+    FinishReason,
+    LoadStats,
+    PrefillProgress,
+    RequestFailed,
+    RequestFinished,
+)
 from longserve.server.config import EngineConfig
 
 log = logging.getLogger("longserve.server.api")

@@ -18,8 +18,16 @@ from collections import deque
 
 from longserve.server.config import EngineConfig
 from longserve.server.engine.llm_engine import LLMEngine
-from longserve.server.engine.protocol import (TERMINAL_EVENTS, AbortRequest, AddRequest, EngineCommand,
-                                              EngineDeadError, LoadStats, ModelInfo, RequestRejected)
+from longserve.server.engine.protocol import (
+    TERMINAL_EVENTS,
+    AbortRequest,
+    AddRequest,
+    EngineCommand,
+    EngineDeadError,
+    LoadStats,
+    ModelInfo,
+    RequestRejected,
+)
 from longserve.server.sampling import SamplingParams
 
 log = logging.getLogger("longserve.engine")

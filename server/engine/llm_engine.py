@@ -34,13 +34,24 @@ from longserve.server.engine.admission import resolve_max_tokens as resolve_cont
 from longserve.server.engine.block_manager import BlockManager
 from longserve.server.engine.model_runner import ModelRunner, StepResult
 from longserve.server.engine.prompt_logprobs import PromptLogprobJob, PromptScores, wanted_positions
-from longserve.server.engine.protocol import (CompletionDelta, EngineDeadError, FailureCause, FinishReason,
-                                              GenerationEvent, LoadStats, PrefillProgress, PromptLogprobs,
-                                              RequestFailed,
-                                              RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
+from longserve.server.engine.protocol import (
+    CompletionDelta,
+    EngineDeadError,
+    FailureCause,
+    FinishReason,
+    GenerationEvent,
+    LoadStats,
+    PrefillProgress,
+    PromptLogprobs,
+    RequestFailed,
+    RequestFinished,
+    RequestRejected,
+    RequestTimings,
+    TokenLogprob,
+)
 from longserve.server.engine.scheduler import ScheduledBatch, Scheduler
-from longserve.server.engine.structured import Constraint, GrammarCompiler, GrammarError
 from longserve.server.engine.sequence import Sequence
+from longserve.server.engine.structured import Constraint, GrammarCompiler, GrammarError
 from longserve.server.hf_config import load_checkpoint
 from longserve.server.sampling import SamplingParams
 from longserve.server.tokenizer import IncrementalDetokenizer, Tokenizer

@@ -7,8 +7,14 @@ from dataclasses import dataclass, field
 
 from longserve.server.config import EngineConfig
 from longserve.server.engine.llm_engine import LLMEngine
-from longserve.server.engine.protocol import (CompletionDelta, FinishReason, PromptLogprobs, RequestFailed,
-                                              RequestFinished, TokenLogprob)
+from longserve.server.engine.protocol import (
+    CompletionDelta,
+    FinishReason,
+    PromptLogprobs,
+    RequestFailed,
+    RequestFinished,
+    TokenLogprob,
+)
 from longserve.server.sampling import SamplingParams
 
 

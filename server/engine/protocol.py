@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
 from longserve.server.sampling import SamplingParams
 
 

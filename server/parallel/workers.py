@@ -216,8 +216,8 @@ def run_follower(config, topology: Topology) -> int:
 def main() -> int:
     """Entry of a local worker process started by `LocalWorkers` (everything comes in the environment)."""
     from longserve.server.config import EngineConfig
-    from longserve.server.parallel.topology import resolve
     from longserve.server.jsonlog import configure_logging
+    from longserve.server.parallel.topology import resolve
 
     die_with_parent(int(os.environ["LONGSERVE_PARENT_PID"]))
     configure_logging(os.environ.get("LONGSERVE_LOG_LEVEL", "info"))

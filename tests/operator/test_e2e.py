@@ -290,8 +290,9 @@ LWS = "leaderworkerset.x-k8s.io/v1/leaderworkersets"
 
 
 def test_tp_example_renders_a_deployment_with_tp_args_and_shm(cluster):
-    import yaml
     from pathlib import Path
+
+    import yaml
     body = yaml.safe_load((Path(__file__).resolve().parents[2] / "manifests/examples/qwen25-7b-1m-a100x4.yaml")
                           .read_text())
     body["metadata"]["namespace"] = "default"

@@ -9,8 +9,13 @@ import pytest
 import yaml
 
 from longserve.operator.render import (
-    DOWNLOAD_PERMANENT_EXIT_CODES, MODEL_REVISION_ANNOTATION, desired, download_job_name, model_path,
-    revision_slug)
+    DOWNLOAD_PERMANENT_EXIT_CODES,
+    MODEL_REVISION_ANNOTATION,
+    desired,
+    download_job_name,
+    model_path,
+    revision_slug,
+)
 from longserve.operator.types import SpecError, parse
 
 ROOT = Path(__file__).resolve().parents[2]

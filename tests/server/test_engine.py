@@ -1,6 +1,6 @@
 """The engine against transformers (independent oracle) and against the reference DCA forward."""
-import torch
 import pytest
+import torch
 
 from longserve.kernels.reference.dca import dual_chunk_attention_reference
 from longserve.server.engine import LLM, SamplingParams

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from longserve.server.engine import LLM, SamplingParams
-from longserve.server.engine.protocol import (CompletionDelta, FailureCause, FinishReason, RequestFailed,
-                                              RequestFinished)
+from longserve.server.engine.protocol import CompletionDelta, FailureCause, FinishReason, RequestFailed, RequestFinished
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = {"a": list(range(3, 40)), "b": list(range(50, 120)), "c": list(range(7, 19))}

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from longserve.server.engine import LLM, SamplingParams
-from longserve.server.hf_config import CheckpointError, load_checkpoint
+from longserve.server.hf_config import load_checkpoint
 from longserve.server.tokenizer import Tokenizer
 
 

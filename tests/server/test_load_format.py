@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+
 from longserve.server.config import EngineConfig
 from longserve.server.engine import LLM, SamplingParams
 

@@ -164,5 +164,6 @@ def test_serve_model_on_a_cpu_keeps_the_documented_default(tmp_path, monkeypatch
 
 def test_gpu_memory_utilization_is_documented_as_a_fraction_of_total_memory():
     import inspect
+
     from longserve.server import config
     assert "fraction of the GPU's *total* memory" in inspect.getsource(config.EngineConfig)

@@ -1,7 +1,7 @@
 """Prompt log-probabilities (SamplingParams.prompt_logprobs) against independent oracles: transformers' log-softmax
 on short prompts, the fp64 reference DCA forward on longer ones, and the engine's own sparse forward."""
-import torch
 import pytest
+import torch
 
 from longserve.server.engine import LLM, SamplingParams
 from longserve.server.engine.prompt_logprobs import wanted_positions

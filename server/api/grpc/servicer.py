@@ -11,8 +11,13 @@ import time
 import uuid
 
 from longserve.server.api import accounting
-from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
-                                                RequestFinished)
+from longserve.server.api.engine_client import (
+    CompletionDelta,
+    FinishReason,
+    PrefillProgress,
+    PromptLogprobs,
+    RequestFinished,
+)
 from longserve.server.api.errors import APIError, BadRequest
 from longserve.server.api.generation import END, TIMEOUT, GenerationCore
 from longserve.server.api.grpc.pb import generation_pb2 as pb

@@ -13,14 +13,23 @@ import uuid
 from typing import AsyncIterator
 
 from longserve.server.api import accounting
-from longserve.server.api.engine_client import (CompletionDelta, FinishReason, PrefillProgress, PromptLogprobs,
-                                                RequestFinished)
+from longserve.server.api.engine_client import (
+    CompletionDelta,
+    FinishReason,
+    PrefillProgress,
+    PromptLogprobs,
+    RequestFinished,
+)
 from longserve.server.api.errors import APIError, BadRequest, model_not_found
 from longserve.server.api.generation import END, TIMEOUT, EngineRequest, EventStream, GenerationCore
 from longserve.server.api.openai import responses as R
 from longserve.server.api.openai import tools as T
-from longserve.server.api.openai.protocol import (ChatCompletionRequest, CompletionRequest,
-                                                  DetokenizeRequest, TokenizeRequest)
+from longserve.server.api.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 log = logging.getLogger("longserve.server.api")
 

@@ -14,8 +14,17 @@ import time
 import pytest
 
 from longserve.server.api.app import BackgroundServer, ServingStack
-from longserve.server.api.engine_client import (CompletionDelta, FinishReason, LoadStats, ModelInfo, PrefillProgress,
-                                                 RequestFinished, RequestRejected, RequestTimings, TokenLogprob)
+from longserve.server.api.engine_client import (
+    CompletionDelta,
+    FinishReason,
+    LoadStats,
+    ModelInfo,
+    PrefillProgress,
+    RequestFinished,
+    RequestRejected,
+    RequestTimings,
+    TokenLogprob,
+)
 from longserve.server.config import EngineConfig
 
 VOCAB = 65536
