@@ -166,7 +166,7 @@ def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, mask: tor
 def merge_lse(parts):
     """Merge partial attentions over disjoint key sets: list of (O ``[n, H, D]``, LSE ``[n, H]``) -> (O, LSE).
 
-    Equals one softmax over the union of the parts' keys (algorithms.md §1.4 step 3). Runs in fp32 (fp64 if any
+    Equals one softmax over the union of the parts' keys (docs/algorithms.md#lse-merge). Runs in fp32 (fp64 if any
     input is fp64); parts with ``LSE = -inf`` get weight exactly 0 and all-empty rows give ``O = 0, LSE = -inf``.
     """
     parts = list(parts)
