@@ -7,7 +7,7 @@ export PYTHONSAFEPATH := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo plan-demo test venv goldens clean image
+.PHONY: demo plan-demo test lint venv goldens clean image
 
 # The demo: serve the committed passkey model (models/demo-passkey) on this machine's CPU.
 # tests/test_demo_serving.py starts the server with exactly these arguments and sends the README's requests.
@@ -34,6 +34,10 @@ plan-demo: $(STAMP)
 
 # The whole test suite (what CI runs through .ci/run), with the image check (tools/image_check.sh: needs root;
 # LONGSERVE_SKIP_IMAGE=1 skips it).
+# Style and static checks (ruff, configured in pyproject.toml); tools/check.sh runs it too.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 test: $(STAMP)
 	TRITON_INTERPRET=1 bash tools/check.sh
 

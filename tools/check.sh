@@ -8,6 +8,8 @@ if [ -x proto/generate.sh ]; then
   echo "== gRPC stubs are fresh"
   proto/generate.sh --check
 fi
+echo "== lint (ruff)"
+$BIN/ruff check .
 if [ -f .importlinter ]; then
   echo "== import contracts"
   $BIN/lint-imports
