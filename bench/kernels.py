@@ -25,8 +25,8 @@ QWEN_TOKENS = 32768
 QWEN_VERTICAL = 1000
 QWEN_SLASH = 6096
 FIELDS = ("tokens", "heads", "kv_heads", "head_dim", "vertical", "slash", "dense_s", "sparse_s", "dense_fused_s",
-          "speedup", "dense_cpu_s", "sparse_cpu_s", "cpu_speedup", "computed_frac", "selected_frac", "recall_mean", "recall_min",
-          "max_abs_diff")
+          "speedup", "dense_cpu_s", "sparse_cpu_s", "cpu_speedup", "computed_frac", "selected_frac", "recall_mean",
+          "recall_min", "max_abs_diff")
 
 
 def add_arguments(parser) -> None:

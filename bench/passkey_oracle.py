@@ -5,8 +5,8 @@ on our engine (an independent check of it, and usable before it exists). The Hug
 called with all position ids 0, so its own rotary is the identity, and an attention function rotates
 q/k at the DCA-remapped positions of docs/algorithms.md#dca-positions (or at absolute positions for plain RoPE),
 concatenates the inter / successive / intra key ranges of each query sub-block and takes one softmax
-over them (equal to the LSE merge, docs/algorithms.md#lse-merge). Scoring is exact match of the answer digits under teacher
-forcing, which equals greedy decoding's exact match on those digits when the answer prefix is right.
+over them (equal to the LSE merge, docs/algorithms.md#lse-merge). Scoring is exact match of the answer digits under
+teacher forcing, which equals greedy decoding's exact match on those digits when the answer prefix is right.
 """
 from __future__ import annotations
 

@@ -90,7 +90,8 @@ def paged_dca_decode(q, k_cache, v_cache, block_tables, seq_lens, *, rope_theta,
 
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *, scale, causal):
-    """Sparse attention over work lists (docs/algorithms.md#index-building) (from ``convert_vertical_slash_indexes``) -> (O, LSE)."""
+    """Sparse attention over work lists (docs/algorithms.md#index-building) (from ``convert_vertical_slash_indexes``) ->
+    (O, LSE)."""
     return dispatch.vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index,
                                              scale=scale, causal=causal)
 

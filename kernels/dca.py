@@ -134,8 +134,8 @@ def paged_dual_chunk_attention_triton(q, kv, *, rope_theta, chunk_size, local_si
 
 
 def sparse_regions(q_rows, kv, *, b, e, P, cl, chunk_size, rope_theta, tau, budgets):
-    """Sparse DCA (docs/algorithms.md#sparse-dca) for one sub-block: estimation over the source's keys (bounded blocks), then the split into the
-    intra / succ / inter ``RegionIndices`` (region-local verticals and slashes)."""
+    """Sparse DCA (docs/algorithms.md#sparse-dca) for one sub-block: estimation over the source's keys (bounded blocks),
+    then the split into the intra / succ / inter ``RegionIndices`` (region-local verticals and slashes)."""
     sel = estimate_dca_selection(q_rows, kv, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
                                  rope_theta=rope_theta, tau=tau, budgets=budgets)
     return split_regions(sel, b=b, e=e, P=P, cl=cl)

@@ -1,6 +1,6 @@
 """Paged DCA decode composed from the Triton kernels: three paged-attention calls per step (intra, succ, inter,
-each with its own query rotation and key range) and one LSE merge (docs/algorithms.md#paged-decode). Keys are stored rotated
-at ``j mod cl``; the YaRN factor is per sequence."""
+each with its own query rotation and key range) and one LSE merge (docs/algorithms.md#paged-decode). Keys are stored
+rotated at ``j mod cl``; the YaRN factor is per sequence."""
 from __future__ import annotations
 
 import math

@@ -70,7 +70,8 @@ def key_positions(positions: torch.Tensor, cl) -> torch.Tensor:
 
 
 def query_positions(positions: torch.Tensor, cl, chunk_size):
-    """(intra, succ, inter) RoPE positions for absolute query positions (docs/algorithms.md#dca-positions); succ/inter None when DCA is off."""
+    """(intra, succ, inter) RoPE positions for absolute query positions (docs/algorithms.md#dca-positions); succ/inter
+    None when DCA is off."""
     if cl is None:
         return positions, None, None
     o = positions % cl

@@ -1,4 +1,5 @@
-"""Qwen's ``sparse_attention_config.json`` (docs/algorithms.md#sparse-config): loading, validation, per-call budgets, refinement.
+"""Qwen's ``sparse_attention_config.json`` (docs/algorithms.md#sparse-config): loading, validation, per-call budgets,
+refinement.
 
 The file is a list with one dict per layer mapping the *global* query-head index (a string) to
 ``[pattern_type, vertical_size, slash_size, score]``. Only ``vertical_and_slash`` is served (as in the deployed
@@ -68,14 +69,16 @@ class SparseHeadBudgets:
         return SparseHeadBudgets(self.vertical[start:stop], self.slash[start:stop], self.threshold, self.last_q)
 
     def for_rank(self, rank: int, tp: int) -> "SparseHeadBudgets":
-        """The slice TP rank ``rank`` of ``tp`` owns: heads ``[rank*H/tp, (rank+1)*H/tp)`` (docs/algorithms.md#gqa-and-tp)."""
+        """The slice TP rank ``rank`` of ``tp`` owns: heads ``[rank*H/tp, (rank+1)*H/tp)``
+        (docs/algorithms.md#gqa-and-tp)."""
         if tp < 1 or not 0 <= rank < tp or self.num_heads % tp:
             raise ValueError(f"cannot give rank {rank} of tp={tp} a slice of {self.num_heads} heads")
         per = self.num_heads // tp
         return self.heads(rank * per, (rank + 1) * per)
 
     def effective_vertical(self) -> tuple[int, ...]:
-        """Vertical budgets as the estimator uses them: a configured 30 becomes 130 (a parity quirk, docs/algorithms.md#vs-estimation)."""
+        """Vertical budgets as the estimator uses them: a configured 30 becomes 130 (a parity quirk,
+        docs/algorithms.md#vs-estimation)."""
         return tuple(v + 100 if v == 30 else v for v in self.vertical)
 
 
@@ -159,20 +162,20 @@ def load_sparse_attention_config(path_or_list, num_layers: int, num_heads: int) 
     if len(data) != num_layers:
         raise ValueError(f"sparse attention config has {len(data)} layers, the model has {num_layers}")
     layers = []
-    for l, layer in enumerate(data):
+    for li, layer in enumerate(data):
         if not isinstance(layer, dict):
-            raise ValueError(f"layer {l}: expected a dict of head index -> entry, got {type(layer).__name__}")
+            raise ValueError(f"layer {li}: expected a dict of head index -> entry, got {type(layer).__name__}")
         heads: dict[int, HeadPattern] = {}
         for key, entry in layer.items():
             if not isinstance(key, str) or not key.isdigit() or str(int(key)) != key:
-                raise ValueError(f"layer {l}: head key {key!r} is not a decimal head index string")
+                raise ValueError(f"layer {li}: head key {key!r} is not a decimal head index string")
             h = int(key)
             if h >= num_heads:
-                raise ValueError(f"layer {l} head {key!r}: index outside [0, {num_heads})")
-            heads[h] = _parse_entry(entry, f"layer {l} head {key!r}")
+                raise ValueError(f"layer {li} head {key!r}: index outside [0, {num_heads})")
+            heads[h] = _parse_entry(entry, f"layer {li} head {key!r}")
         missing = sorted(set(range(num_heads)) - set(heads))
         if missing:
-            raise ValueError(f"layer {l}: missing heads {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ValueError(f"layer {li}: missing heads {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         layers.append(tuple(heads[h] for h in range(num_heads)))
     return SparseAttentionConfig(tuple(layers))
 

@@ -9,9 +9,9 @@ Shapes: q ``[n_q, H, D]``, k/v ``[n_k, G, D]``; work lists per (head, 64-row que
 aligned to 64), ``column_count [H, R]``, ``column_index [H, R, NC]``, ``R = ceil(n_q / 64)``.
 Phase 1 attends keys ``[b, b + 64)`` of each listed block start ``b`` (causal mask ``key <= off + row`` with
 ``off = n_k - n_q``, and ``key < n_k``); phase 2 gathers the listed columns 64 at a time. Columns get the same
-causal mask (a no-op for lists built as in docs/algorithms.md#index-building, whose causal columns lie before the block's first row).
-Limits: any head dim (padded to a power of two internally, >= 16); fp32 / fp16 / bf16 inputs, softmax in
-fp32, base-2 exponentials internally; the dense path (``dense_attention``) walks all causal key blocks itself
+causal mask (a no-op for lists built as in docs/algorithms.md#index-building, whose causal columns lie before the
+block's first row). Limits: any head dim (padded to a power of two internally, >= 16); fp32 / fp16 / bf16 inputs,
+softmax in fp32, base-2 exponentials internally; the dense path (``dense_attention``) walks all causal key blocks itself
 and may use larger query tiles.
 
 Key sources (``*_kv`` entries): the kernel's key range ``[0, n_k)`` is keys ``[lo, hi)`` of one sequence, read
@@ -96,7 +96,7 @@ def _tile(k_base, v_base, cols, col_ok, d_ok, BLOCK_TABLE, key_start,
 
 @triton.jit
 def _vs_attn_fwd_kernel(
-    Q, K, V, O, LSE,                                        # q [n_q, H, D]; k, v [n, G, D] or [blocks, PAGE, G, D]
+    Q, K, V, Out, LSE,                                      # q [n_q, H, D]; k, v [n, G, D] or [blocks, PAGE, G, D]
     BLOCK_COUNT, BLOCK_OFFSET, COLUMN_COUNT, COLUMN_INDEX,  # [H, R], [H, R, NB], [H, R], [H, R, NC]
     BLOCK_TABLE, PAIRS,                                     # int32 [pages] (paged mode); int32 [H, R] (COUNT)
     stride_qm, stride_qh, stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
@@ -192,8 +192,8 @@ def _vs_attn_fwd_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    tl.store(O + rows64[:, None] * stride_om + head * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Out + rows64[:, None] * stride_om + head * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + offs_m * stride_lm + head * stride_lh, lse, mask=row_ok)
     if COUNT:
         tl.store(PAIRS + head * stride_ph + pid_m, pairs)
@@ -343,7 +343,8 @@ def vertical_slash_attention_kv(q, kv, lo: int, hi: int, block_count, block_offs
 
 def vertical_slash_attention(q, k, v, block_count, block_offset, column_count, column_index, *,
                              scale: float, causal: bool, out=None, lse_out=None, pair_count=None):
-    """Sparse attention over work lists (docs/algorithms.md#index-building); returns (O like q, LSE fp32 [n_q, H], natural log)."""
+    """Sparse attention over work lists (docs/algorithms.md#index-building); returns (O like q, LSE fp32 [n_q, H],
+    natural log)."""
     _check_qkv(q, k, v)
     return vertical_slash_attention_kv(q, (k, v), 0, k.shape[0], block_count, block_offset, column_count,
                                        column_index, scale=scale, causal=causal, out=out, lse_out=lse_out,

@@ -71,7 +71,8 @@ def autoscaling_options(spec: dict, runtime: str) -> AutoscalingOptions | None:
         raise SpecError("InvalidSpec", "spec.autoscaling must be an object")
     provider = value.get("provider", "keda")
     if provider not in PROVIDERS:
-        raise SpecError("InvalidSpec", f"spec.autoscaling.provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+        raise SpecError("InvalidSpec",
+                        f"spec.autoscaling.provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     low = _count(value.get("minReplicas", 1), "spec.autoscaling.minReplicas", 0)
     high = _count(value.get("maxReplicas"), "spec.autoscaling.maxReplicas", 1)
     if low > high:

@@ -39,8 +39,9 @@ vLLM. `minimum_total_vram` searches every valid t and chunk for the smallest t·
 plan feasible: M ≥ (1 + m)·max(pool/u, pool + outside), plus up to 1 % for the floored fraction
 (found exactly by bisection). For 7B at 1,010,000 tokens: t = 1,
 C = 8192, pool = 15.23 + 57.92 + 1.11 = 74.26 GB, outside = 0.65 + 31.0 + 2.37 = 34.0 GB → 119.1 GB,
-120.1 GB with the floored fraction (published 120). For 14B: t = 1, C = 8192, pool = 29.54 + 198.57 + 0.93, outside = 0.92 + 45.5 +
-3.09 → 306 GB, 307.3 GB floored (published 320; at t = 8 and C = 16384 it is 325 GB). Both within ±10 %.
+120.1 GB with the floored fraction (published 120). For 14B: t = 1, C = 8192, pool = 29.54 + 198.57 + 0.93,
+outside = 0.92 + 45.5 + 3.09 → 306 GB, 307.3 GB floored (published 320; at t = 8 and C = 16384 it is 325 GB).
+Both within ±10 %.
 """
 from __future__ import annotations
 

@@ -296,7 +296,8 @@ def plan(model: ModelEntry, gpu: GpuSpec | None, request: SizingRequest) -> Plan
         why_tp = "the smallest TP that fits"
     else:
         why_tp = "the largest valid TP within one node" if across else "the largest valid TP"
-    explanation = (f"{intro} TP={tp} ({why_tp}) fits with chunk {chunk} ({why_chunk}): {_describe(bd, request.runtime)}.")
+    explanation = (f"{intro} TP={tp} ({why_tp}) fits with chunk {chunk} ({why_chunk}): "
+                   f"{_describe(bd, request.runtime)}.")
     if pods == 1:
         explanation += f" Layout: one pod with {per_pod} GPU(s) per replica."
     else:

@@ -412,7 +412,8 @@ def _prometheus_rule(lcm: LongContextModel, startup_seconds: int) -> dict:
     ]
     if series.get("preemptions"):
         rules.append(rule("LongServePreemptions", f"sum(rate({series['preemptions']}{{{sel}}}[5m])) > 0", "5m",
-                          "warning", f"{lcm.name}: requests are preempted (mis-sized for maxNumSeqs {lcm.max_num_seqs})"))
+                          "warning",
+                          f"{lcm.name}: requests are preempted (mis-sized for maxNumSeqs {lcm.max_num_seqs})"))
     rules += [
         rule("LongServeReplicasNotReady", f"kube_deployment_status_replicas_available{{{deploy}}} < "
              f"kube_deployment_spec_replicas{{{deploy}}}", f"{max(1, startup_seconds // 60)}m", "critical",

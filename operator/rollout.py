@@ -70,7 +70,8 @@ def rollout_options(spec: dict) -> RolloutOptions:
     surge = _int_or_percent(value.get("maxSurge", 0), "spec.rollout.maxSurge")
     unavailable = _int_or_percent(value.get("maxUnavailable", 1), "spec.rollout.maxUnavailable")
     if str(surge).rstrip("%") == "0" and str(unavailable).rstrip("%") == "0":
-        raise SpecError("InvalidSpec", "spec.rollout.maxSurge and maxUnavailable cannot both be 0 (no rollout could progress)")
+        raise SpecError("InvalidSpec",
+                        "spec.rollout.maxSurge and maxUnavailable cannot both be 0 (no rollout could progress)")
     drain = _seconds(value.get("drainSeconds"), "spec.rollout.drainSeconds", 0, 86400)
     grace = _seconds(value.get("terminationGracePeriodSeconds"), "spec.rollout.terminationGracePeriodSeconds", 1, 86400)
     if drain is not None and grace is not None and grace <= drain:

@@ -125,7 +125,8 @@ def multi_node_command(runtime: str, command: list[str], *, leader: bool, pods: 
                           "--dist-init-addr", f"$(LWS_LEADER_ADDRESS):{RENDEZVOUS_PORT}"]
     if runtime == "vllm":
         if not leader:
-            return ["sh", "-c", f"exec ray start --address=$LWS_LEADER_ADDRESS:{RAY_PORT} --block --disable-usage-stats"]
+            return ["sh", "-c",
+                    f"exec ray start --address=$LWS_LEADER_ADDRESS:{RAY_PORT} --block --disable-usage-stats"]
         serve = shlex.join(command + ["--distributed-executor-backend", "ray"])
         return ["sh", "-c", f"ray start --head --port={RAY_PORT} --disable-usage-stats && exec {serve}"]
     raise ValueError(f"unknown runtime {runtime!r}")

@@ -108,7 +108,8 @@ def build_status(d: Desired, *, namespace: str, deployment: dict | None, cache_s
                                f"{lcm.model.uri}@{lcm.model.revision}"))
     available, current, ready = workload(deployment, lcm.replicas, layout(d)["workload"]["kind"])
     if cache_state in ("Downloading", "DownloadFailed") and deployment is None:
-        available = condition("WorkloadAvailable", False, "WaitingForCache", "the engine starts once the cache is filled")
+        available = condition("WorkloadAvailable", False, "WaitingForCache",
+                              "the engine starts once the cache is filled")
     elif workload_api_missing:        # the plan spans nodes and the cluster has no LeaderWorkerSet API
         available = condition("WorkloadAvailable", False, "LeaderWorkerSetUnavailable",
                               f"a replica spans {p.pods_per_replica} nodes: install the LeaderWorkerSet "

@@ -346,5 +346,6 @@ def _cpu(value) -> str:
     if text == AUTO:
         return text
     if not re.match(r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$", text):
-        raise SpecError("InvalidSpec", f"spec.resources.cpu: {value!r} is not 'auto' or a CPU quantity such as 8 or 500m")
+        raise SpecError("InvalidSpec",
+                        f"spec.resources.cpu: {value!r} is not 'auto' or a CPU quantity such as 8 or 500m")
     return text

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="PATH",
                    help="read the access token from this file (a mounted Secret); default: the HF_TOKEN variable")
     p.add_argument("--include", action="append", metavar="GLOB",
-                   help=f"download only repository files matching GLOB (repeatable); default: {' '.join(DEFAULT_INCLUDE)}")
+                   help="download only repository files matching GLOB (repeatable); "
+                        f"default: {' '.join(DEFAULT_INCLUDE)}")
     p.add_argument("--max-workers", type=int, default=8, help="files fetched in parallel (default 8)")
     p.add_argument("--verify-sha256", action="store_true",
                    help="also check every large (LFS) file's SHA-256 against the Hub's (reads all the bytes once)")

@@ -1,7 +1,7 @@
 """One memory model for the planner and the engine: per-GPU bytes of one tensor-parallel rank (standard library
 only, so the operator can import it without torch).
 
-Terms, for a rank holding H/t query heads, G/t KV heads and I/t MLP columns (t = tensor parallelism), with b the
+Terms, for a rank holding H/t query heads, G/t KV heads and F/t MLP columns (t = tensor parallelism), with b the
 bytes of the weights' dtype, C the prefill chunk, L the context a step attends to, N = max_model_len and
 S = max_num_seqs:
 
@@ -261,7 +261,7 @@ def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int 
     index lists as wide as the budgets allow."""
     if chunk < 1 or context < chunk:
         raise ValueError(f"need 1 <= chunk <= context, got chunk={chunk}, context={context}")
-    b, h, I, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
+    b, h, F, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
     C, cl = chunk, s.dca_chunk_len
     if worst_case:
         blocks = [(C if cl is None else min(C, cl), context, _regions(cl, (context - 1) // cl * cl) if cl else 1)]
@@ -279,8 +279,8 @@ def prefill_transients(s: RankShapes, chunk: int, context: int, prompt_len: int 
         # and the fp32 square
         "norm": {"activations": 2 * x + 2 * C * h * FP32, "metadata": meta},
         # the layer's input (still held by the model's loop), the new residual, the normed input, and the MLP's
-        # silu(gate), up and their product [C, I/t]
-        "mlp": {"activations": 3 * x + 3 * C * I * b, "metadata": meta},
+        # silu(gate), up and their product [C, F/t]
+        "mlp": {"activations": 3 * x + 3 * C * F * b, "metadata": meta},
     }
 
     def offer(name: str, **parts) -> None:
@@ -325,14 +325,14 @@ def decode_transients(s: RankShapes, num_seqs: int, context: int) -> Transients:
     sequence; the three DCA parts [3, B, H, D] fp32, filled one after the other by a split-KV decode whose fp32
     partials [splits, B, H, D] use about 512 / (B·G) splits of at least 256 keys (kernels/paged_attention.py);
     and the logits [B, vocab] (the LM head's output and its fp32 copy)."""
-    b, h, I, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
+    b, h, F, H, G, D = s.dtype_bytes, s.hidden_size, s.intermediate_size, s.num_heads, s.num_kv_heads, s.head_dim
     B = num_seqs
     wanted = max(1, min(_cdiv(512, max(B * G, 1)), _cdiv(context, 256)))
     per_split = max(DECODE_BLOCK, _cdiv(_cdiv(context, wanted), DECODE_BLOCK) * DECODE_BLOCK)
     splits = _cdiv(context, per_split)
     parts = 3 * B * H * (D + 1) * FP32 + splits * B * H * (D + 1) * FP32 + B * H * D * b
     meta = _metadata(s, B, context, decodes=B)
-    phases = {"mlp": {"activations": 3 * B * h * b + 3 * B * I * b, "metadata": meta},
+    phases = {"mlp": {"activations": 3 * B * h * b + 3 * B * F * b, "metadata": meta},
               "logits": {"activations": B * h * b + B * s.vocab_size * (b + FP32), "metadata": meta},
               "attention": {"activations": 2 * B * h * b + B * (H + 2 * G) * D * b, "attention": parts,
                             "metadata": meta}}

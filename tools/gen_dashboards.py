@@ -99,16 +99,19 @@ def long_context() -> dict:
             "short", 12, 16),
         _panel(7, "Prompt length", _quantiles("longserve_request_prompt_tokens"), "short", 0, 24),
         _panel(8, "Request body size by protocol", [
-            (f"histogram_quantile(0.99, sum by (le, protocol) (rate(longserve_request_prompt_bytes_bucket{{{SEL}}}[15m])))",
+            ("histogram_quantile(0.99, sum by (le, protocol) "
+             f"(rate(longserve_request_prompt_bytes_bucket{{{SEL}}}[15m])))",
              "p99 {{protocol}}")], "bytes", 12, 24),
         _panel(9, "Request outcomes", [
             (f"sum by (model_name, outcome) (rate(longserve_request_outcomes_total{{{SEL}}}[5m]))",
              "{{outcome}} {{model_name}}")], "reqps", 0, 32),
         _panel(10, "Prefill chunk tokens (planned chunk in use)", [
-            (f"histogram_quantile(0.5, sum by (le, model_name) (rate(longserve_prefill_chunk_tokens_bucket{{{SEL}}}[15m])))",
+            ("histogram_quantile(0.5, sum by (le, model_name) "
+             f"(rate(longserve_prefill_chunk_tokens_bucket{{{SEL}}}[15m])))",
              "median {{model_name}}")], "short", 12, 32),
         _panel(11, "Autoscaling signals per pod (spec.autoscaling targets these)", [
-            (f"avg by (model_name) (longserve_prefill_tokens_pending{{{SEL}}})", "pending prefill tokens {{model_name}}"),
+            (f"avg by (model_name) (longserve_prefill_tokens_pending{{{SEL}}})",
+             "pending prefill tokens {{model_name}}"),
             (f"avg by (model_name) (vllm:num_requests_waiting{{{SEL}}})", "waiting requests {{model_name}}"),
             (f"avg by (model_name) (vllm:kv_cache_usage_perc{{{SEL}}})", "KV usage {{model_name}}")],
             "short", 0, 40, w=12),

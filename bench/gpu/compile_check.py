@@ -37,7 +37,7 @@ def _variants(dtype: str):
     from longserve.kernels import merge, paged_attention, sparse_index, vertical_slash
 
     vs = vertical_slash._vs_attn_fwd_kernel
-    vs_ptrs = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "fp32", "BLOCK_COUNT": "i32",
+    vs_ptrs = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "LSE": "fp32", "BLOCK_COUNT": "i32",
                "BLOCK_OFFSET": "i32", "COLUMN_COUNT": "i32", "COLUMN_INDEX": "i32", "BLOCK_TABLE": "i32",
                "PAIRS": "i32"}
     ieee = dtype == "fp32"

@@ -1,4 +1,5 @@
-"""GPU check, section 2: every Triton kernel against its reference twin with the 2x rule (docs/testing.md#tolerance-rule, docs/testing.md#gpu-check).
+"""GPU check, section 2: every Triton kernel against its reference twin with the 2x rule
+(docs/testing.md#tolerance-rule, docs/testing.md#gpu-check).
 
 Each check builds inputs, computes an fp64 truth (on a row sample at long lengths), runs the reference in the
 working precision and the Triton kernel, and returns a JSON-able record. Sizes come from ``Sizes`` so the same
@@ -110,7 +111,8 @@ def check_sparse(sizes: Sizes, dtype, device, n, pattern="qwen", seed=0):
 
 
 def check_full_budget(sizes: Sizes, dtype, device, n, seed=0):
-    """O7 (docs/algorithms.md#oracle-full-budget): work lists built from every vertical and slash reproduce dense attention."""
+    """O7 (docs/algorithms.md#oracle-full-budget): work lists built from every vertical and slash reproduce dense
+    attention."""
     from longserve.kernels.sparse_index import convert_vertical_slash_indexes
     from longserve.kernels.vertical_slash import dense_attention, vertical_slash_attention
 
@@ -207,8 +209,8 @@ def check_merge(sizes: Sizes, device, seed=0):
         o[drop] = float("nan") if p == 0 else o[drop]
         parts.append((o.to(device), lse.to(device)))
     o_k, l_k = merge_lse_triton(parts)
-    clean = [(torch.nan_to_num(o), l) for o, l in parts]
-    o_r, l_r = merge_lse([(o.double(), l.double()) for o, l in clean])
+    clean = [(torch.nan_to_num(o), lse) for o, lse in parts]
+    o_r, l_r = merge_lse([(o.double(), lse.double()) for o, lse in clean])
     err = max(float((o_k.double() - o_r).abs().max()), float((l_k.double() - l_r).nan_to_num(0.0).abs().max()))
     ok = err < 1e-5 and not bool(torch.isnan(o_k).any()) and torch.equal(torch.isinf(l_k), torch.isinf(l_r))
     return {"check": "lse_merge", "max_err": err, "ok": bool(ok)}
@@ -232,9 +234,10 @@ def check_dca(sizes: Sizes, dtype, device, seed=0):
 
 
 def check_dca_sparse(sizes: Sizes, dtype, device, seed=0):
-    """Sparse DCA prefill on the Triton path: full budgets == dense Triton DCA (O7 (docs/algorithms.md#oracle-full-budget)); with Qwen-like budgets every
-    row's LSE lies between the reference exact-mask LSE and the dense LSE (covered pairs include the exact mask
-    and are a subset of the causal keys, O7/O8, docs/algorithms.md#oracles)."""
+    """Sparse DCA prefill on the Triton path: full budgets == dense Triton DCA (O7
+    (docs/algorithms.md#oracle-full-budget)); with Qwen-like budgets every row's LSE lies between the reference
+    exact-mask LSE and the dense LSE (covered pairs include the exact mask and are a subset of the causal keys, O7/O8,
+    docs/algorithms.md#oracles)."""
     from longserve.kernels.dca import dual_chunk_attention_triton
     from longserve.kernels.sparse_config import SparseHeadBudgets
 
@@ -375,11 +378,11 @@ def plan(sizes: Sizes, device, dtypes):
               ("lse_merge", lambda: check_merge(sizes, device))]
     for causal in (True, False):
         checks.append((f"index causal={causal}", lambda c=causal: check_index(sizes, device, c)))
+    qn, kn = sizes.chunk_shape
     for i, dtype in enumerate(dtypes):
         lengths = sizes.dense_lengths if i == 0 else sizes.dense_lengths[:1]
         for n in lengths:
             checks.append((f"dense {n} {dtype}", lambda n=n, d=dtype: check_dense(sizes, d, device, n, n, True)))
-        qn, kn = sizes.chunk_shape
         checks.append((f"dense chunk {dtype}", lambda d=dtype: check_dense(sizes, d, device, qn, kn, True)))
         checks.append((f"dense noncausal {dtype}", lambda d=dtype: check_dense(sizes, d, device, qn, kn, False)))
         for n in (sizes.sparse_lengths if i == 0 else sizes.sparse_lengths[:1]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import torch
 
@@ -106,12 +107,12 @@ def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True,
     pairs = causal_pairs(n, n)
     flops = 4.0 * H * D * pairs
     rec = {"n": n, "heads": H, "kv_heads": G, "head_dim": D, "dtype": str(dtype).replace("torch.", "")}
-    dense = time_call(lambda: dense_attention(q, k, v, scale=scale, causal=True, config=dense_cfg), device,
+    dense = time_call(partial(dense_attention, q, k, v, scale=scale, causal=True, config=dense_cfg), device,
                       budget_s=budget_s)
     rec["dense_triton"] = {**dense, "tflops": flops / (dense["ms"] * 1e-3) / 1e12}
     if with_sdpa:
         try:
-            sd = time_call(lambda: sdpa_flash(q, k, v, scale), device, budget_s=budget_s)
+            sd = time_call(partial(sdpa_flash, q, k, v, scale), device, budget_s=budget_s)
             rec["sdpa_flash"] = {**sd, "tflops": flops / (sd["ms"] * 1e-3) / 1e12}
             rec["dense_over_sdpa"] = dense["ms"] / sd["ms"]
         except Exception as exc:  # e.g. no flash backend for this GPU / dtype
@@ -121,9 +122,10 @@ def time_length(n, shape, dtype, device, dense_cfg, *, budget_s, with_sdpa=True,
                     budget_s=budget_s / 4, max_reps=3)
     lists = convert_vertical_slash_indexes(*sel, n, n, causal=True)
     computed = min(1.0, listed_pairs(lists[0], lists[2]) / (pairs * H))
-    sp = time_call(lambda: vertical_slash_attention(q, k, v, *lists, scale=scale, causal=True), device,
+    sp = time_call(partial(vertical_slash_attention, q, k, v, *lists, scale=scale, causal=True), device,
                    budget_s=budget_s)
-    rec["sparse"] = {"budgets": list(budgets), "index_ms": idx["ms"], "attn_ms": sp["ms"], "computed_fraction": computed,
+    rec["sparse"] = {"budgets": list(budgets), "index_ms": idx["ms"], "attn_ms": sp["ms"],
+                     "computed_fraction": computed,
                      "effective_tflops": flops / (sp["ms"] * 1e-3) / 1e12,
                      "actual_tflops": flops * computed / (sp["ms"] * 1e-3) / 1e12}
     rec["dense_over_sparse"] = dense["ms"] / (sp["ms"] + idx["ms"])

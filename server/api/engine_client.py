@@ -27,8 +27,8 @@ from longserve.server.engine.protocol import (
 from longserve.server.sampling import SamplingParams
 
 __all__ = ["CompletionDelta", "EngineClient", "EngineDeadError", "FailureCause", "FinishReason", "GenerationEvent",
-           "LoadStats", "ModelInfo", "PrefillProgress", "PromptLogprobs", "RequestFailed", "RequestFinished", "RequestRejected",
-           "RequestTimings", "TokenLogprob"]
+           "LoadStats", "ModelInfo", "PrefillProgress", "PromptLogprobs", "RequestFailed", "RequestFinished",
+           "RequestRejected", "RequestTimings", "TokenLogprob"]
 
 
 class EngineClient(Protocol):

@@ -3,9 +3,9 @@
 Prompt resolution (tokenization off the event loop), the engine's admission rules run early (so a
 bad request gets a 400 before admission), sampling defaults (request -> generation_config.json ->
 OpenAI), and `EventStream`: engine requests pumped into one queue, with keep-alive ticks, metrics,
-and abort-on-close so a client that goes away frees its KV at once. A request the engine could not run (`RequestFailed`) reaches
-the reader as its choices' last deltas (finish reason "error") followed by an `APIError`: 503 when it
-ran out of memory, 500 otherwise.
+and abort-on-close so a client that goes away frees its KV at once. A request the engine could not run (`RequestFailed`)
+reaches the reader as its choices' last deltas (finish reason "error") followed by an `APIError`: 503 when it ran out of
+memory, 500 otherwise.
 """
 from __future__ import annotations
 

@@ -164,8 +164,8 @@ class ModelRunner:
             raise ValueError(f"the KV cache ({kv / 1e9:.1f} GB) and the step reserve ({reserve / 1e9:.1f} GB) "
                              f"exceed the {free / 1e9:.1f} GB free on the GPU ({terms}): another process holds "
                              "GPU memory; lower gpu_memory_utilization")
-        logging.getLogger("longserve.engine").info("KV cache: %d blocks (%d tokens, %.1f GB) from %s", blocks, blocks * c.kv_block_size,
-                 kv / 1e9, terms)
+        logging.getLogger("longserve.engine").info("KV cache: %d blocks (%d tokens, %.1f GB) from %s",
+                                                   blocks, blocks * c.kv_block_size, kv / 1e9, terms)
         return blocks
 
     def enable_sparse(self) -> int | None:

@@ -44,7 +44,8 @@ def wanted_positions(start: int, num_tokens: int, prompt_len: int, next_needed: 
 
 def score_rows(hidden: torch.Tensor, lm_head, targets: torch.Tensor, k: int, block_rows: int) -> torch.Tensor:
     """[m, 2 + 2k] float64 on the device: per row the target's log-probability and rank, then the top-k
-    log-probabilities, then their token ids. `hidden` [m, H]; `lm_head(rows) -> [rows, V]` fp32 logits; `targets` [m] int64."""
+    log-probabilities, then their token ids. `hidden` [m, H]; `lm_head(rows) -> [rows, V]` fp32 logits; `targets` [m]
+    int64."""
     m = hidden.shape[0]
     out = torch.empty(m, 2 + 2 * k, dtype=torch.float64, device=hidden.device)
     for b in range(0, m, block_rows):

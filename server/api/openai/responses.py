@@ -1,4 +1,5 @@
-"""Response bodies and SSE framing for the OpenAI routes (docs/serving.md#responses, docs/serving.md#streaming), as plain dicts.
+"""Response bodies and SSE framing for the OpenAI routes (docs/serving.md#responses, docs/serving.md#streaming), as
+plain dicts.
 
 `Choice` accumulates one choice's output; the same state feeds the non-streaming body and the
 stream's chunks, so usage and finish reasons cannot disagree between the two.
