@@ -63,7 +63,8 @@ def test_chat_template_matches_training_format(tokenizer):
 def test_oracle_dca_equals_plain_within_training_length(dca):
     from longserve.bench import passkey_oracle as po
     model, _ = po.load(str(MODEL))
-    ids = torch.randint(0, model.config.vocab_size, (1, dca["chunk_size"] + 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, dca["chunk_size"] + 1),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
         po._SETTINGS.update(chunk_size=dca["chunk_size"], local_size=dca["local_size"])

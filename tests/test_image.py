@@ -14,7 +14,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 def _instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in DOCKERFILE.splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in DOCKERFILE.splitlines() if not ln.lstrip().startswith("#")))
     return [(m.group(1).upper(), m.group(2)) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)]
 
 
@@ -48,7 +48,7 @@ def test_runs_as_a_fixed_non_root_user_with_the_longserve_entry_point():
 
 
 def test_dockerignore_sends_only_the_wheelhouses():
-    lines = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     assert {"!build/wheelhouse-cpu", "!build/wheelhouse-gpu"} <= set(lines)
 

@@ -15,8 +15,11 @@ for _name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 lm_eval = pytest.importorskip("lm_eval")
 
+import tests.test_demo_serving as demo_serving  # noqa: E402
 from longserve.bench.demo_prompts import chat_prompt, passkey_sample, random_digits  # noqa: E402
-from tests.test_demo_serving import ROOT, demo_server  # noqa: E402,F401  (the module's server fixture)
+
+ROOT = demo_serving.ROOT
+demo_server = demo_serving.demo_server  # the demo server fixture, shared by name (module scope: one server here)
 
 MODEL = ROOT / "models" / "demo-passkey"
 

@@ -1,5 +1,6 @@
 """Repository rules: package list vs folder tree, the operator/ stdlib-shadowing guard, torch-free
-operator and planner, module size budget (docs/architecture.md#layout, docs/architecture.md#import-rules, docs/architecture.md#habits)."""
+operator and planner, module size budget (docs/architecture.md#layout, docs/architecture.md#import-rules,
+docs/architecture.md#habits)."""
 import os
 import subprocess
 import sys

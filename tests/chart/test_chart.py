@@ -88,7 +88,8 @@ def test_chart_rbac_matches_the_plain_install(helm):
     install = [d for d in yaml.safe_load_all((ROOT / "manifests" / "install" / "operator.yaml").read_text()) if d]
     chart = [d for d in yaml.safe_load_all(_template(helm).stdout) if d]
     plain_rules = next(d["rules"] for d in install if d["kind"] == "ClusterRole")
-    chart_rules = next(d["rules"] for d in chart if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "t-longserve")
+    chart_rules = next(d["rules"] for d in chart
+                       if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "t-longserve")
     assert chart_rules == plain_rules
 
 

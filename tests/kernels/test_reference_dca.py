@@ -1,4 +1,5 @@
-"""Dense DCA reference vs a per-pair float64 oracle, and oracles O1, O2, O4, O5, O6, O15 (docs/algorithms.md#oracles)."""
+"""Dense DCA reference vs a per-pair float64 oracle, and oracles O1, O2, O4, O5, O6, O15
+(docs/algorithms.md#oracles)."""
 import math
 
 import pytest
@@ -251,7 +252,8 @@ def test_invalid_shapes_raise(kit):
 
 @pytest.mark.parametrize("layers,kv_heads,want", [(28, 4, 57_344), (48, 8, 196_608)])
 def test_o16_kv_bytes_per_token_of_the_cache_layout(kit, layers, kv_heads, want):
-    """Kernel part of O16 (docs/algorithms.md#oracle-memory-arithmetic): a bf16 paged cache [blocks, block_size, G, D] holds 2*G*D*2 bytes/token/layer."""
+    """Kernel part of O16 (docs/algorithms.md#oracle-memory-arithmetic): a bf16 paged cache [blocks, block_size, G, D]
+    holds 2*G*D*2 bytes/token/layer."""
     page, D = 16, 128
     k_cache = torch.zeros((2, page, kv_heads, D), dtype=torch.bfloat16)
     per_token_layer = 2 * k_cache[0, 0].numel() * k_cache.element_size()        # K and V

@@ -1,5 +1,6 @@
-"""Sparse references: estimation (oracles O10, O11), index conversion (O9 b-d; docs/algorithms.md#oracles), sparse DCA with the kernel's tile semantics
-(oracles O7, O8, O12, O13, O14 of docs/algorithms.md#oracles) against dense attention masked to the work lists' tiles, pair counts, pattern masks."""
+"""Sparse references: estimation (oracles O10, O11), index conversion (O9 b-d; docs/algorithms.md#oracles), sparse DCA
+with the kernel's tile semantics (oracles O7, O8, O12, O13, O14 of docs/algorithms.md#oracles) against dense attention
+masked to the work lists' tiles, pair counts, pattern masks."""
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
-"""sparse_attention_config.json loading/validation, SparseHeadBudgets, and recall-based refinement (docs/algorithms.md#refinement, docs/algorithms.md#sparse-config)."""
+"""sparse_attention_config.json loading/validation, SparseHeadBudgets, and recall-based refinement
+(docs/algorithms.md#refinement, docs/algorithms.md#sparse-config)."""
 import json
 
 import pytest

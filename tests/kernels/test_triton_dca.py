@@ -1,4 +1,5 @@
-"""DCA on the Triton kernels (interpreted) vs the reference: prefill and paged decode, 2x rule (docs/testing.md#tolerance-rule)."""
+"""DCA on the Triton kernels (interpreted) vs the reference: prefill and paged decode, 2x rule
+(docs/testing.md#tolerance-rule)."""
 import math
 
 import pytest
@@ -90,7 +91,8 @@ def test_paged_decode_matches_reference(dtype, H, G):
 
 
 def test_decode_equals_last_prefill_row():
-    """O5 (docs/algorithms.md#oracle-decode-equals-prefill) on the Triton path: a decode step over the cache equals the last row of the prefill."""
+    """O5 (docs/algorithms.md#oracle-decode-equals-prefill) on the Triton path: a decode step over the cache equals the
+    last row of the prefill."""
     L, H, G, D, page = 77, 4, 2, 16, 8
     q, k, v = (t.float() for t in _qkv(L, L, H, G, D, seed=4))
     from longserve.kernels.dca_math import apply_rope
@@ -170,14 +172,17 @@ def test_sparse_prefill_matches_reference_twin(dtype, n_q):
     out = dual_chunk_attention_triton(*low_in, sparse=budgets, return_lse=True, **SPARSE_TOY)
     _two_x(out, low, truth, dtype)
     dense = dual_chunk_attention_reference(*(t.double() for t in low_in), return_lse=True, **SPARSE_TOY)
-    assert torch.all(out[1].double() <= dense[1] + 1e-3)         # a subset of the keys: recall <= 1 (O8 (docs/algorithms.md#oracle-recall-bound))
+    # a subset of the keys: recall <= 1 (O8 (docs/algorithms.md#oracle-recall-bound))
+    assert torch.all(out[1].double() <= dense[1] + 1e-3)
     if dtype == F32:                                              # same inputs => same selection as the kernel's
         exact = dual_chunk_attention_reference(*low_in, sparse=budgets, return_lse=True, **SPARSE_TOY)
-        assert torch.all(out[1] >= exact[1] - 1e-4)              # covered pairs include the exact mask (O7 (docs/algorithms.md#oracle-full-budget))
+        # covered pairs include the exact mask (O7 (docs/algorithms.md#oracle-full-budget))
+        assert torch.all(out[1] >= exact[1] - 1e-4)
 
 
 def test_sparse_full_budget_equals_dense_and_threshold_is_strict():
-    """O7 (docs/algorithms.md#oracle-full-budget) through the whole sparse DCA path; O12 (docs/algorithms.md#oracle-threshold-switch): prompt length == threshold stays dense."""
+    """O7 (docs/algorithms.md#oracle-full-budget) through the whole sparse DCA path; O12
+    (docs/algorithms.md#oracle-threshold-switch): prompt length == threshold stays dense."""
     from longserve.kernels.sparse_config import SparseHeadBudgets
 
     L, H, G = 140, 2, 1

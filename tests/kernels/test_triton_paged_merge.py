@@ -1,4 +1,5 @@
-"""Paged split-KV decode and the Triton LSE merge (interpreted) vs their references (O3 (docs/algorithms.md#oracle-lse-merge), empty parts)."""
+"""Paged split-KV decode and the Triton LSE merge (interpreted) vs their references (O3
+(docs/algorithms.md#oracle-lse-merge), empty parts)."""
 import math
 
 import pytest

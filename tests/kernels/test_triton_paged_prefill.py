@@ -243,7 +243,7 @@ def test_dispatch_tracing_picks_the_paged_triton_path_at_1m_without_copies_or_sy
             out = paged_dual_chunk_attention_triton(q, paged, sparse=sparse, stats=stats, **qwen)
         assert out.shape == q.shape and t.report.num_syncs == 0
         # per-query-head tensors ([.., H, D]) scale with the chunk; anything else this large is a K/V copy
-        for nbytes, _, site, shape in t.report.largest:
+        for _nbytes, _, site, shape in t.report.largest:
             numel = math.prod(shape)
             assert numel < L * G * D or (len(shape) >= 2 and shape[-2] == H), (site, shape)
         assert not any(len(s) >= 2 and tuple(s[-2:]) == (G, D) and math.prod(s) >= L * G * D // 4

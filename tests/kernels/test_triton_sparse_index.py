@@ -1,4 +1,5 @@
-"""Device index builder (Triton, interpreted) == reference convert_vertical_slash_indexes (docs/algorithms.md#index-building, O9 (docs/algorithms.md#oracle-index-lists))."""
+"""Device index builder (Triton, interpreted) == reference convert_vertical_slash_indexes
+(docs/algorithms.md#index-building, O9 (docs/algorithms.md#oracle-index-lists))."""
 import pytest
 import torch
 
@@ -68,7 +69,8 @@ def test_unsorted_input_and_padding_are_handled(causal):
 
 
 def test_invariants_causal():
-    """O9 (b, c) (docs/algorithms.md#oracle-index-lists): no column twice or inside an emitted block; causal columns precede the block's first row."""
+    """O9 (b, c) (docs/algorithms.md#oracle-index-lists): no column twice or inside an emitted block; causal columns
+    precede the block's first row."""
     q_len = kv_len = 203
     gen = torch.Generator().manual_seed(3)
     sel = _selection(gen, 4, kv_len, q_len, nv=40, ns=30, causal=True)

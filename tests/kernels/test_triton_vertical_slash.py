@@ -1,4 +1,5 @@
-"""Vertical-slash / dense Triton attention (interpreted) vs the references, 2x rule (docs/testing.md#tolerance-rule, O7 (docs/algorithms.md#oracle-full-budget))."""
+"""Vertical-slash / dense Triton attention (interpreted) vs the references, 2x rule (docs/testing.md#tolerance-rule, O7
+(docs/algorithms.md#oracle-full-budget))."""
 import math
 
 import pytest

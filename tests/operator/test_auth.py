@@ -53,7 +53,7 @@ def test_secrets_never_reach_arguments_or_config_maps():
             argv = " ".join(container.get("command", []) + container.get("args", []))
             for name, data in secrets().items():
                 assert name not in argv and name not in text_of_configs
-                for key, value in data.items():
+                for _key, value in data.items():
                     assert value not in argv and value not in text_of_configs
             for env in container["env"]:
                 if "valueFrom" in env:
@@ -118,7 +118,7 @@ class PodFiles:
         for mount in container["volumeMounts"]:
             self.mounts.append((mount["mountPath"], sources[mount["name"]][0]))
         self.mounts.sort(key=lambda m: -len(m[0]))
-        for name, (where, volume) in sources.items():      # config files, with pod paths mapped
+        for _name, (where, volume) in sources.items():      # config files, with pod paths mapped
             if "configMap" in volume:
                 for key, text in config_maps[volume["configMap"]["name"]].items():
                     (where / key).write_text(self.map_text(text))

@@ -70,13 +70,15 @@ def test_hpa_on_a_pods_metric_validates_strictly():
     hpa = autoscaler(provider="hpa", minReplicas=2, maxReplicas=6, metric="waitingRequests", target=2)
     kubernetes_validate.validate(hpa, "1.34.0", strict=True)
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "LongContextModel"
-    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "vllm_num_requests_waiting"},
-                                                                "target": {"type": "AverageValue", "averageValue": "2"}}}]
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "vllm_num_requests_waiting"},
+        "target": {"type": "AverageValue", "averageValue": "2"}}}]
     assert hpa["spec"]["behavior"]["scaleDown"]["policies"][0]["value"] == 1
 
 
 def test_runtimes_scale_on_their_own_series():
-    so = autoscaler(maxReplicas=2, metric="waitingRequests", runtime={**VLLM, "name": "sglang", "image": "lmsysorg/sglang:v0.4"})
+    so = autoscaler(maxReplicas=2, metric="waitingRequests",
+                    runtime={**VLLM, "name": "sglang", "image": "lmsysorg/sglang:v0.4"})
     assert "sglang:num_queue_reqs" in so["spec"]["triggers"][0]["metadata"]["query"]
     hpa = autoscaler(provider="hpa", maxReplicas=2, metric="kvCacheUsage", runtime=VLLM)
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_kv_cache_usage_perc"

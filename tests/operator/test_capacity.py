@@ -10,8 +10,8 @@ from longserve.operator import capacity
 NATIVE_METRICS = """# TYPE longserve_kv_cache_capacity_tokens gauge
 longserve_kv_cache_capacity_tokens{model_name="m"} 1.2e+06
 # TYPE longserve_engine_config_info gauge
-longserve_engine_config_info{model_name="m",runtime="native",tp="1",max_model_len="1010000",prefill_chunk_tokens="131072",dca="true",sparse_prefill="true"} 1.0
-"""
+""" + ('longserve_engine_config_info{model_name="m",runtime="native",tp="1",max_model_len="1010000",'
+       'prefill_chunk_tokens="131072",dca="true",sparse_prefill="true"} 1.0\n')
 VLLM_METRICS = """# TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="16",num_gpu_blocks="40000",model_name="m"} 1.0
 """

@@ -35,8 +35,8 @@ def test_crd_identity_subresources_and_columns():
                                                 "statusReplicasPath": ".status.replicas",
                                                 "labelSelectorPath": ".status.selector"}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Ready", "Runtime", "TP", "Pods/Replica", "GPUs/Pod", "Chunk", "MaxLen", "Replicas", "Phase", "Age",
-                       "Endpoint"]
+    assert columns == ["Ready", "Runtime", "TP", "Pods/Replica", "GPUs/Pod", "Chunk", "MaxLen", "Replicas", "Phase",
+                       "Age", "Endpoint"]
     rules = [r["rule"] for r in SCHEMA["properties"]["spec"]["x-kubernetes-validations"]]
     assert any("oldSelf" in r for r in rules) and len(rules) == 8
 

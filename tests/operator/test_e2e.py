@@ -55,7 +55,8 @@ def test_create_renders_children_with_planned_gpus_and_owner_refs(cluster):
     engine = deployment["spec"]["template"]["spec"]["containers"][0]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for path, name in [(DEPLOYMENTS, "qwen"), (SERVICES, "qwen"), (PDBS, "qwen"), (CONFIGMAPS, None)]:
-        obj = cluster.wait(lambda: cluster.children(path).get(name) if name else config_map(cluster), path)
+        obj = cluster.wait(
+            lambda path=path, name=name: cluster.children(path).get(name) if name else config_map(cluster), path)
         owner = obj["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == \
             ("LongContextModel", "qwen", uid, True)
@@ -117,7 +118,8 @@ def test_deleted_child_is_recreated(cluster):
 
 
 def test_infeasible_spec_sets_sized_false_and_deploys_nothing(cluster):
-    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"}, "sizing": {"mode": "Manual", "tensorParallelSize": 1}}
+    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"},
+            "sizing": {"mode": "Manual", "tensorParallelSize": 1}}
     cluster.create(resource("big", **spec))
     cluster.wait(lambda: conditions(cluster.get("big")).get("Sized", ("",))[0] == "False", "Sized=False")
     st = status_of(cluster, "big")
@@ -304,7 +306,8 @@ def test_tp_example_renders_a_deployment_with_tp_args_and_shm(cluster):
     engine = pod["containers"][0]
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert {e["name"]: e.get("value") for e in engine["env"]}["OMP_NUM_THREADS"] == "3"
-    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     assert engine_config(cluster, name)["tensor_parallel_size"] == 4
     st = cluster.wait(lambda: status_of(cluster, name).get("layout") and status_of(cluster, name), "status.layout")
     assert st["layout"] == {"gpusPerReplica": 4, "gpusPerPod": 4, "podsPerReplica": 1, "nodesPerReplica": 1,
@@ -365,7 +368,8 @@ def test_plan_spanning_nodes_without_the_leader_worker_set_api_says_so(cluster):
     spec = {"model": {"uri": "hf://Qwen/Qwen2.5-14B-Instruct-1M"},
             "accelerator": {"gpuProduct": "NVIDIA-L40S", "gpusPerNode": 4, "nodes": 2}}
     cluster.create(resource("big", **spec))
-    cluster.wait(lambda: conditions(cluster.get("big")).get("WorkloadAvailable", ("", ""))[1] == "LeaderWorkerSetUnavailable",
+    cluster.wait(lambda: (conditions(cluster.get("big")).get("WorkloadAvailable", ("", ""))[1]
+                          == "LeaderWorkerSetUnavailable"),
                  "WorkloadAvailable=False LeaderWorkerSetUnavailable")
     assert status_of(cluster, "big")["phase"] == "Starting"
     assert conditions(cluster.get("big"))["Ready"] == ("False", "LeaderWorkerSetUnavailable")

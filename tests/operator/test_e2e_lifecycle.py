@@ -121,7 +121,8 @@ def scale(cluster, name: str, replicas: int, manager: str) -> None:
 def test_autoscaler_writes_replicas_and_the_operator_follows(cluster, provider, path):
     cluster.create(resource(autoscaling={"provider": provider, "minReplicas": 1, "maxReplicas": 4,
                                          "metric": "waitingRequests"}))
-    target = cluster.wait(lambda: cluster.children(path).get("qwen"), f"the {provider} autoscaler")["spec"]["scaleTargetRef"]
+    autoscaler = cluster.wait(lambda: cluster.children(path).get("qwen"), f"the {provider} autoscaler")
+    target = autoscaler["spec"]["scaleTargetRef"]
     assert target == {"apiVersion": "longserve.io/v1alpha1", "kind": "LongContextModel", "name": "qwen"}
     cluster.wait(lambda: cluster.children(DEPLOYMENTS).get("qwen"), "the Deployment")
     cluster.wait(lambda: status_of(cluster).get("selector"), "status.selector for the scale subresource")

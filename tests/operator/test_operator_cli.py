@@ -43,5 +43,6 @@ def test_connection_info_mirrors_the_client_configuration():
     cfg.api_key_prefix = {"BearerToken": "Bearer"}
     cfg.verify_ssl = False
     info = connection_info(cfg)
-    assert (info.server, info.scheme, info.token, info.insecure) == ("https://k8s.example:6443", "Bearer", "secret", True)
+    assert (info.server, info.scheme, info.token, info.insecure) == \
+        ("https://k8s.example:6443", "Bearer", "secret", True)
 

@@ -1,4 +1,5 @@
-"""Planner tables (issue acceptance, docs/operator.md#worked-plans) and the memory arithmetic (O16 (docs/algorithms.md#oracle-memory-arithmetic))."""
+"""Planner tables (issue acceptance, docs/operator.md#worked-plans) and the memory arithmetic (O16
+(docs/algorithms.md#oracle-memory-arithmetic))."""
 import json
 import subprocess
 import sys
@@ -44,7 +45,8 @@ TABLE = [
 ]
 
 
-@pytest.mark.parametrize("case,expected", TABLE, ids=[f"{c[0].split('/')[1]}-{c[1]}-{i}" for i, (c, _) in enumerate(TABLE)])
+@pytest.mark.parametrize("case,expected", TABLE,
+                         ids=[f"{c[0].split('/')[1]}-{c[1]}-{i}" for i, (c, _) in enumerate(TABLE)])
 def test_planner_table(case, expected):
     model, gpu, kw = case
     p = run_plan(model, gpu, **kw)

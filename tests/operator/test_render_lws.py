@@ -165,7 +165,8 @@ def test_upstream_runtimes_render_their_multi_node_launch(runtime):
     assert "LONGSERVE_MASTER_PORT" not in env_of(lead) and "ports" not in work
     assert [p["name"] for p in lead["ports"]] == ["http", "rendezvous"]
     if runtime == "sglang":
-        flags = ["--nnodes", "2", "--node-rank", "$(LWS_WORKER_INDEX)", "--dist-init-addr", "$(LWS_LEADER_ADDRESS):29500"]
+        flags = ["--nnodes", "2", "--node-rank", "$(LWS_WORKER_INDEX)",
+                 "--dist-init-addr", "$(LWS_LEADER_ADDRESS):29500"]
         for c in (lead, work):
             assert c["command"][c["command"].index("--tp") + 1] == "8"      # TP is the whole group's
             assert c["command"][-len(flags):] == flags

@@ -87,11 +87,13 @@ def test_pod_knobs_are_rendered_without_touching_ours():
     template = objs["Deployment"]["spec"]["template"]
     meta, spec = template["metadata"], template["spec"]
     assert meta["labels"]["team"] == "research" and meta["labels"]["app.kubernetes.io/component"] == "engine"
-    assert meta["annotations"]["example.com/owner"] == "ml-platform" and "longserve.io/config-hash" in meta["annotations"]
+    assert meta["annotations"]["example.com/owner"] == "ml-platform"
+    assert "longserve.io/config-hash" in meta["annotations"]
     assert spec["imagePullSecrets"] == [{"name": "registry"}]
     assert (spec["serviceAccountName"], spec["priorityClassName"], spec["runtimeClassName"]) == \
         ("engine-sa", "inference-high", "nvidia")
-    assert spec["affinity"] == KNOBS["affinity"] and spec["topologySpreadConstraints"] == KNOBS["topologySpreadConstraints"]
+    assert spec["affinity"] == KNOBS["affinity"]
+    assert spec["topologySpreadConstraints"] == KNOBS["topologySpreadConstraints"]
     assert spec["volumes"][-1]["name"] == "adapters"
     assert spec["containers"][0]["volumeMounts"][-1] == KNOBS["volumeMounts"][0]
     assert spec["automountServiceAccountToken"] is False

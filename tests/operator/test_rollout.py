@@ -79,7 +79,8 @@ def test_config_map_name_follows_its_content():
     a, b = desired(body()), desired(body(context={"maxModelLen": 524288}))
     cm_a, cm_b = kind(a.objects, "ConfigMap"), kind(b.objects, "ConfigMap")
     assert cm_a["metadata"]["name"] != cm_b["metadata"]["name"] and cm_a["immutable"]
-    assert kind(a.objects, "ConfigMap")["metadata"]["name"] == kind(desired(body()).objects, "ConfigMap")["metadata"]["name"]
+    want = kind(desired(body()).objects, "ConfigMap")["metadata"]["name"]
+    assert kind(a.objects, "ConfigMap")["metadata"]["name"] == want
 
 
 def live_of(objects, **status):

@@ -52,5 +52,6 @@ def test_full_run_without_gpu_exits_with_a_message(tmp_path):
     if torch.cuda.is_available():
         return                                         # a GPU is present: the full run is bench/gpu/engine.sh's job
     proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "x.json")], cwd=ROOT,
-                          env=dict(os.environ, PYTHONSAFEPATH="1"), capture_output=True, text=True, timeout=120, check=False)
+                          env=dict(os.environ, PYTHONSAFEPATH="1"), capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr

@@ -65,7 +65,8 @@ def test_weights_inconsistent_with_config_are_reported(tmp_path, tiny_model_dir)
 
 
 def test_sparse_prefill_switches_on_strictly_above_the_threshold(tmp_path):
-    """O12 (docs/algorithms.md#oracle-threshold-switch) at the model level: threshold -> dense (equal to a dense engine), threshold + 1 -> sparse."""
+    """O12 (docs/algorithms.md#oracle-threshold-switch) at the model level: threshold -> dense (equal to a dense
+    engine), threshold + 1 -> sparse."""
     from longserve.server.tiny_checkpoint import build_tiny_checkpoint
     sparse = [{str(h): ["vertical_and_slash", 2, 2, 0.9] for h in range(4)} for _ in range(2)]
     d = build_tiny_checkpoint(str(tmp_path / "sp"), dca={"chunk_size": 96, "local_size": 32,

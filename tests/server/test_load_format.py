@@ -29,7 +29,8 @@ def test_dummy_engine_generates_without_weight_files(config_only_dir):
     llm = LLM(config_only_dir, load_format="dummy", kv_capacity_tokens=512)
     params = dict(llm.engine.runner.model.named_parameters())
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in params.values())
-    assert torch.all(params["model.norm.weight"] == 1) and torch.all(params["model.layers.0.self_attn.q_proj.bias"] == 0)
+    assert torch.all(params["model.norm.weight"] == 1)
+    assert torch.all(params["model.layers.0.self_attn.q_proj.bias"] == 0)
     assert 0.01 < params["model.embed_tokens.weight"].std().item() < 0.03       # std 0.02, not torch's defaults
     tokens = _greedy(llm)
     assert len(tokens) == 6 and all(0 <= t < 1000 for t in tokens)

@@ -136,7 +136,7 @@ class FakeEngine:
         counts = [0] * params.n
         reasons: list[FinishReason | None] = [None] * params.n
         total = 0
-        for step in range(params.max_tokens):
+        for _step in range(params.max_tokens):
             for i in range(params.n):
                 if reasons[i] is not None:
                     continue

@@ -52,7 +52,8 @@ def test_counters_equal_the_workload(server, engine):
     base = server.stack.http_url
     workload = [("p" * 600, 5), ("q" * 10, 7), ("r" * 300, 3)]     # chunks: 256+256+88, 10, 256+44
     for prompt, max_tokens in workload:
-        assert httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}).status_code == 200
+        resp = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens})
+        assert resp.status_code == 200
     assert httpx.post(base + "/v1/completions", json={"prompt": "x" * 5000}).status_code == 400
     assert httpx.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"}).status_code == 404
     assert httpx.post(base + "/v1/completions", content=b"{").status_code == 400

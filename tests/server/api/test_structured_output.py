@@ -162,7 +162,8 @@ def test_required_tool_call_from_random_weights(real, stream):
     schemas = {"get_weather": WEATHER["function"]["parameters"],
                "get_time": {"type": "object", "properties": {}, "additionalProperties": False}}
     jsonschema.validate(json.loads(calls[0]["arguments"]), schemas[calls[0]["name"]])
-    named = c.chat.completions.create(**{**kwargs, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    tool_choice = {"type": "function", "function": {"name": "get_weather"}}
+    named = c.chat.completions.create(**{**kwargs, "tool_choice": tool_choice})
     call = named.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])

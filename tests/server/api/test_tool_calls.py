@@ -201,7 +201,8 @@ def test_history_with_tool_calls_and_results_is_accepted(tool_server, scripted):
     scripted.script = "It is 18 degrees in Paris."
     history = MSG + [
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'}]
     r = _client(tool_server).chat.completions.create(model="fake-model", messages=history, tools=TOOLS, max_tokens=200)
     assert r.choices[0].message.content == "It is 18 degrees in Paris." and r.choices[0].finish_reason == "stop"
