@@ -122,8 +122,8 @@ def dual_chunk_attention_reference(q, k, v, *, rope_theta, chunk_size, local_siz
 
     Returns O ``[n_q, H, D]`` in q's dtype (and LSE ``[n_q, H]`` in fp32, fp64 for fp64 inputs). ``sparse`` (a
     ``SparseHeadBudgets``) switches to vertical-slash attention with the kernel's tile semantics when the prompt
-    length exceeds its threshold (docs/algorithms.md#sparse-threshold); ``keys_rotated`` means k already carries the cache rotation; ``stats``
-    (a ``PairStats``) receives the sparse pair counts. Same computation as the paged entry.
+    length exceeds its threshold (docs/algorithms.md#sparse-threshold); ``keys_rotated`` means k already carries the
+    cache rotation; ``stats`` (a ``PairStats``) receives the sparse pair counts. Same computation as the paged entry.
     """
     from longserve.kernels.kv_source import ContiguousKV
 
@@ -142,8 +142,8 @@ def paged_dca_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, *, r
                                original_max_position_embeddings=0, scale=None, return_lse=False,
                                max_seq_len: int | None = None, scales=None):
     """One decode step per sequence: the prefill math for its last position over keys ``[0, seq_len)`` read from the
-    paged cache (stored rotated at ``j mod cl``) a bounded key block at a time, with ``m(seq_len)`` (docs/algorithms.md#paged-decode).
-    O ``[B, H, D]``.
+    paged cache (stored rotated at ``j mod cl``) a bounded key block at a time, with ``m(seq_len)``
+    (docs/algorithms.md#paged-decode). O ``[B, H, D]``.
 
     ``max_seq_len`` and ``scales`` as in the Triton composition: a host bound on ``seq_lens`` and ``[B]`` full
     softmax scales (replacing ``scale`` and the YaRN factor). The reference reads the lengths back once per call.

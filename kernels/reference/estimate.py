@@ -71,7 +71,8 @@ def select(vertical_scores, diagonal_scores, vertical_budget, slash_budget) -> S
 
 
 def estimate_vertical_slash(q_last, keys, *, scale: float, vertical_size, slash_size) -> Selection:
-    """Standalone MInference estimation (docs/algorithms.md#vs-estimation): q_len = kv_len = N, q_last rotated rows ``[N - n, N)``.
+    """Standalone MInference estimation (docs/algorithms.md#vs-estimation): q_len = kv_len = N, q_last rotated rows
+    ``[N - n, N)``.
 
     Budgets are per head (or scalars): ``k_v = min(N, max(v, 30))``, ``k_s = min(N, max(s, 50))``.
     """

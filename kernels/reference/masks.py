@@ -1,4 +1,5 @@
-"""Dense boolean masks of sparse patterns (docs/algorithms.md#vertical-slash, docs/algorithms.md#index-building, docs/algorithms.md#region-split): the oracle side of every sparse test.
+"""Dense boolean masks of sparse patterns (docs/algorithms.md#vertical-slash, docs/algorithms.md#index-building,
+docs/algorithms.md#region-split): the oracle side of every sparse test.
 
 All masks are ``[H or 1, n_q, n_k]`` bools of allowed (query, key) pairs, bottom-right aligned like the kernels
 (row r is query ``(n_k - n_q) + r`` in causal regions), ready for ``attention_with_lse(..., mask=...)``.
@@ -38,7 +39,8 @@ def vs_region_mask(n_q: int, kv: int, vertical, vertical_count, slash, slash_cou
 
 
 def subblock_selected_mask(regions, b: int, e: int) -> torch.Tensor:
-    """Global exact selection ``[H, e - b, e]`` of one DCA sub-block from its ``RegionIndices`` (docs/algorithms.md#region-split)."""
+    """Global exact selection ``[H, e - b, e]`` of one DCA sub-block from its ``RegionIndices``
+    (docs/algorithms.md#region-split)."""
     H = regions[0].vertical.shape[0]
     mask = torch.zeros((H, e - b, e), dtype=torch.bool, device=regions[0].vertical.device)
     for reg in regions:

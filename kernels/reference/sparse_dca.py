@@ -112,8 +112,9 @@ def tile_attention(q, src, lo: int, hi: int, lists, *, scale: float, causal: boo
 
 def sparse_subblock(q_rows, src, *, b: int, e: int, P: int, cl, chunk_size, rope_theta, tau: float, budgets,
                     stats: PairStats | None = None):
-    """Estimate (docs/algorithms.md#vs-estimation, docs/algorithms.md#region-split), build the work lists and run the regions of sub-block ``[b, e)``; LSE-merged
-    (O, LSE). ``src`` holds the keys (stored rotated) and values of positions ``[0, e)`` at least."""
+    """Estimate (docs/algorithms.md#vs-estimation, docs/algorithms.md#region-split), build the work lists and run the
+    regions of sub-block ``[b, e)``; LSE-merged (O, LSE). ``src`` holds the keys (stored rotated) and values of
+    positions ``[0, e)`` at least."""
     sel = estimate_dca_selection(q_rows, src, b=b, e=e, P=P, cl=cl, chunk_size=chunk_size,
                                  rope_theta=rope_theta, tau=tau, budgets=budgets)
     parts = []

@@ -1,4 +1,5 @@
-"""(verticals, slashes) -> sparse-kernel work lists, the scalar merge of docs/algorithms.md#index-building, one query block at a time.
+"""(verticals, slashes) -> sparse-kernel work lists, the scalar merge of docs/algorithms.md#index-building, one query
+block at a time.
 
 This is the readable truth for the device index builder (``longserve.kernels.sparse_index``); it loops in Python
 and is meant for test-sized inputs. Conventions: a slash value ``s`` maps query row ``r`` to key ``off + r - s``
