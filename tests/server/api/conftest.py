@@ -7,6 +7,7 @@ so tests can assert that an aborted request frees its KV through `load_stats()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -200,6 +201,28 @@ def start_server(config, engine=None, **kwargs) -> BackgroundServer:
     kwargs.setdefault("grpc_port", 0)
     stack = ServingStack(config, host="127.0.0.1", **kwargs)
     return BackgroundServer(stack).start(engine)
+
+
+@contextlib.contextmanager
+def _real_engine_server(checkpoint: str, **overrides):
+    """The real engine on a checkpoint behind the whole serving stack on 127.0.0.1: yields (server, engine)."""
+    from longserve.server.engine.async_engine import AsyncEngine
+    config = make_config(model_path=checkpoint, served_model_name="tiny", max_model_len=2048, max_num_seqs=16,
+                         max_output_tokens=256, prefill_chunk_tokens=64, kv_capacity_tokens=8192, dtype="float32")
+    config = config.replace(**overrides)
+    engine = AsyncEngine(config)
+    srv = start_server(config, engine)
+    try:
+        yield srv, engine
+    finally:
+        srv.stop()
+        engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_engine_server():
+    """`with real_engine_server(checkpoint, **config_overrides) as (srv, engine)`: for module-scoped fixtures."""
+    return _real_engine_server
 
 
 @pytest.fixture

@@ -21,27 +21,17 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from longserve.server.api.app import BackgroundServer, ServingStack
 from longserve.server.api.grpc.pb import generation_pb2 as pb
 from longserve.server.api.grpc.pb import generation_pb2_grpc as pb_grpc
-from longserve.server.config import EngineConfig
 
 PROMPTS = ["The sky is blue and the grass is", "Once upon a time, in a land far away,", "Numbers: 1 2 3 4 5"]
 OTHERS = dict(max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
 
 
 @pytest.fixture(scope="module")
-def real(tiny_checkpoint):
-    from longserve.server.engine.async_engine import AsyncEngine
-    config = EngineConfig(schema_version=1, runtime="native", model_path=tiny_checkpoint, served_model_name="tiny",
-                          tensor_parallel_size=1, max_model_len=2048, max_num_seqs=16, max_output_tokens=256,
-                          prefill_chunk_tokens=64, gpu_memory_utilization=0.9, kv_capacity_tokens=8192,
-                          dtype="float32")
-    engine = AsyncEngine(config)
-    srv = BackgroundServer(ServingStack(config, http_port=0, grpc_port=0)).start(engine)
-    yield srv, engine
-    srv.stop()
-    engine.shutdown()
+def real(tiny_checkpoint, real_engine_server):
+    with real_engine_server(tiny_checkpoint) as (srv, engine):
+        yield srv, engine
 
 
 class Fault:

@@ -8,22 +8,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from longserve.server.api.app import BackgroundServer, ServingStack
-from longserve.server.config import EngineConfig
-
 
 @pytest.fixture(scope="module")
-def real(tiny_checkpoint):
-    from longserve.server.engine.async_engine import AsyncEngine
-    config = EngineConfig(schema_version=1, runtime="native", model_path=tiny_checkpoint, served_model_name="tiny",
-                          tensor_parallel_size=1, max_model_len=2048, max_num_seqs=8, max_output_tokens=1024,
-                          prefill_chunk_tokens=64, gpu_memory_utilization=0.9, kv_capacity_tokens=16384,
-                          dtype="float32")
-    engine = AsyncEngine(config)
-    srv = BackgroundServer(ServingStack(config, http_port=0, grpc_port=0)).start(engine)
-    yield srv, engine
-    srv.stop()
-    engine.shutdown()
+def real(tiny_checkpoint, real_engine_server):
+    sizes = dict(max_num_seqs=8, max_output_tokens=1024, kv_capacity_tokens=16384)
+    with real_engine_server(tiny_checkpoint, **sizes) as (srv, engine):
+        yield srv, engine
 
 
 def _scrape(srv) -> dict:

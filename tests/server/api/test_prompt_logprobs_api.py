@@ -9,25 +9,16 @@ import httpx
 import openai
 import pytest
 
-from longserve.server.api.app import BackgroundServer, ServingStack
-from longserve.server.config import EngineConfig
 from longserve.server.engine import LLM, SamplingParams
 
 PROMPTS = [[5, 17, 300, 42, 9, 77, 120, 3, 64, 8, 11, 900] * 6, [7, 8, 9, 10]]
 
 
 @pytest.fixture(scope="module")
-def real(tiny_checkpoint):
-    from longserve.server.engine.async_engine import AsyncEngine
-    config = EngineConfig(schema_version=1, runtime="native", model_path=tiny_checkpoint, served_model_name="tiny",
-                          tensor_parallel_size=1, max_model_len=1024, max_num_seqs=8, max_output_tokens=256,
-                          prefill_chunk_tokens=32, gpu_memory_utilization=0.9, kv_capacity_tokens=8192,
-                          dtype="float32")
-    engine = AsyncEngine(config)
-    srv = BackgroundServer(ServingStack(config, http_port=0, grpc_port=0)).start(engine)
-    yield srv
-    srv.stop()
-    engine.shutdown()
+def real(tiny_checkpoint, real_engine_server):
+    sizes = dict(max_model_len=1024, max_num_seqs=8, prefill_chunk_tokens=32)
+    with real_engine_server(tiny_checkpoint, **sizes) as (srv, engine):
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -14,26 +14,17 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from longserve.server.api.app import BackgroundServer, ServingStack
 from longserve.server.api.grpc.pb import generation_pb2 as pb
 from longserve.server.api.grpc.pb import generation_pb2_grpc as pb_grpc
-from longserve.server.config import EngineConfig
 
 MSG = [{"role": "user", "content": "Hello, what is the pass key?"}]
 
 
 @pytest.fixture(scope="module")
-def real(tiny_checkpoint):
-    from longserve.server.engine.async_engine import AsyncEngine
-    config = EngineConfig(schema_version=1, runtime="native", model_path=tiny_checkpoint, served_model_name="tiny",
-                          tensor_parallel_size=1, max_model_len=2048, max_num_seqs=32, max_output_tokens=1024,
-                          prefill_chunk_tokens=64, gpu_memory_utilization=0.9, kv_capacity_tokens=32768,
-                          dtype="float32")
-    engine = AsyncEngine(config)
-    srv = BackgroundServer(ServingStack(config, http_port=0, grpc_port=0)).start(engine)
-    yield srv, engine
-    srv.stop()
-    engine.shutdown()
+def real(tiny_checkpoint, real_engine_server):
+    sizes = dict(max_num_seqs=32, max_output_tokens=1024, kv_capacity_tokens=32768)
+    with real_engine_server(tiny_checkpoint, **sizes) as (srv, engine):
+        yield srv, engine
 
 
 def _idle(engine, timeout=10.0) -> bool:

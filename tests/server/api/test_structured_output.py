@@ -14,8 +14,6 @@ import jsonschema
 import openai
 import pytest
 
-from longserve.server.api.app import BackgroundServer, ServingStack
-from longserve.server.config import EngineConfig
 from longserve.server.qwen_chat import render
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok"],
@@ -33,17 +31,10 @@ TIME = {"type": "function", "function": {"name": "get_time"}}
 
 
 @pytest.fixture(scope="module")
-def real(tiny_checkpoint):
-    from longserve.server.engine.async_engine import AsyncEngine
-    config = EngineConfig(schema_version=1, runtime="native", model_path=tiny_checkpoint, served_model_name="tiny",
-                          tensor_parallel_size=1, max_model_len=2048, max_num_seqs=32, max_output_tokens=1024,
-                          prefill_chunk_tokens=64, gpu_memory_utilization=0.9, kv_capacity_tokens=32768,
-                          dtype="float32")
-    engine = AsyncEngine(config)
-    srv = BackgroundServer(ServingStack(config, http_port=0, grpc_port=0)).start(engine)
-    yield srv, engine
-    srv.stop()
-    engine.shutdown()
+def real(tiny_checkpoint, real_engine_server):
+    sizes = dict(max_num_seqs=32, max_output_tokens=1024, kv_capacity_tokens=32768)
+    with real_engine_server(tiny_checkpoint, **sizes) as (srv, engine):
+        yield srv, engine
 
 
 def _client(srv) -> openai.OpenAI:
