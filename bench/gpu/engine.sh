@@ -3,18 +3,8 @@
 # sparse at 128K / 512K / 1M tokens, peak memory against the planner's terms, decode ms/token at 1M. Stops by itself
 # (420 s budget inside the script, a hard timeout of 470 s here). See bench/gpu/README.md for packaging.
 #   bash bench/gpu/engine.sh [OUT_DIR]        # default bench/results/engine-<UTC time>
-set -euo pipefail
-cd "$(dirname "$0")/../.."
 OUT="${1:-bench/results/engine-$(date -u +%Y%m%dT%H%M%SZ)}"
-PY="${PYTHON:-python}"
-unset TRITON_INTERPRET
-export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p "$OUT"
-"$PY" - <<'PYEOF'
-import importlib.util, sys
-if importlib.util.find_spec("longserve") is None:
-    sys.exit("longserve is not installed: pip install --no-deps dist/longserve-*.whl (or -e .) first")
-PYEOF
+source "$(dirname "$0")/_common.sh"
 status=0
 timeout --signal=TERM --kill-after=10 470 "$PY" bench/gpu/engine_e2e.py --out "$OUT/engine.json" "${@:2}" 2>&1 \
     | tee "$OUT/log.txt" || status=$?

@@ -13,18 +13,8 @@
 # each one, so a timeout still leaves data. The ratio table lands in OUT_DIR/table.md for bench/RESULTS.md.
 # Optional first step without a GPU: `PYTHONSAFEPATH=1 python bench/gpu/compile_check.py` compiles every kernel
 # for sm_90 on the CPU machine.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
 OUT="${1:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
-PY="${PYTHON:-python}"
-unset TRITON_INTERPRET
-export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p "$OUT"
-"$PY" - <<'PYEOF'
-import importlib.util, sys
-if importlib.util.find_spec("longserve") is None:
-    sys.exit("longserve is not installed: pip install --no-deps dist/longserve-*.whl (or -e .) first")
-PYEOF
+source "$(dirname "$0")/_common.sh"
 status=0
 timeout --signal=TERM --kill-after=10 470 "$PY" bench/gpu/check.py --out "$OUT" 2>&1 | tee "$OUT/log.txt" \
     || status=$?
