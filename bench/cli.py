@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "benchmarks: kernels, prefill, serve, passkey, memory, host, ppl"
+HELP = "benchmarks: kernels, prefill, serve, passkey, memory, host, ppl, ruler"
 
 BENCHES = {
     "kernels": "longserve.bench.kernels",
     "prefill": "longserve.bench.prefill",
     "serve": "longserve.bench.serve_load",
     "passkey": "longserve.bench.passkey",
+    "ruler": "longserve.bench.ruler",
     "memory": "longserve.bench.memory",
     "host": "longserve.bench.host",
     "ppl": "longserve.bench.ppl",

@@ -1,8 +1,10 @@
 """Synthetic long-context retrieval prompts shared by the demo model's trainer and the passkey bench.
 
-Two tasks, both in the style of the Qwen2.5-1M passkey example: (1) a pass key hidden at a given depth
-inside irrelevant filler text, and (2) a key-value lookup where several "code for the <item>" records
-(the decoys) are scattered in the filler and the question asks for one of them. Prompts are sized in
+Three tasks, all in the style of the Qwen2.5-1M passkey example: (1) a pass key (digits, a word or a
+letters-and-digits code, in one of several wordings) hidden at a given depth inside irrelevant filler text,
+(2) a key-value lookup where several "code for the <item>" records (the decoys) are scattered in the filler
+and the question asks for one of them, and (3) the passkey prompt without a key, answered "There is no pass
+key in the text.". The fillers are in bench/haystacks.py. Prompts are sized in
 *tokens* of the caller's tokenizer (passed in as a counting function) so a length grid means what it
 says. Stdlib only: the bench CLI imports this at parse time.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Callable
+
+from longserve.bench import haystacks as hs
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -73,27 +77,79 @@ def random_digits(rng: random.Random, n: int) -> str:
 
 
 def filler_sentences(rng: random.Random, n: int, style: str) -> list[str]:
-    """n filler sentences: "qwen" repeats the seed block in order, "varied" samples the pool."""
+    """n filler sentences: "qwen" repeats the seed block in order, "varied" samples the pool; the other styles
+    are the haystacks of bench/haystacks.py (real prose, generated prose, a mix, and the held-out source)."""
     if style == "qwen":
         return [QWEN_FILLER[i % len(QWEN_FILLER)] for i in range(n)]
     if style == "varied":
         return [rng.choice(FILLER_SENTENCES) for _ in range(n)]
-    raise ValueError(f"unknown filler style {style!r} (expected 'qwen' or 'varied')")
+    if style in hs.PROSE_SOURCES:
+        return hs.contiguous(hs.prose(style), rng, n)
+    if style == "generated":
+        return hs.generated(rng, n)
+    if style == "mixed":
+        return hs.mixed(rng, n, FILLER_SENTENCES)
+    raise ValueError(f"unknown filler style {style!r} (expected one of {', '.join(hs.ALL_STYLES)})")
 
 
 def _join(sentences: list[str]) -> str:
     return "".join(s + " " for s in sentences)
 
 
-def passkey_sample(n_filler: int, depth: float, key: str, style: str, rng: random.Random) -> Sample:
-    """The seed-style passkey prompt with the key line after round(depth * n_filler) filler sentences."""
+# Needle wordings: the seed prompt's first; training draws among NEEDLES, the suite also asks with NEEDLE_UNSEEN.
+NEEDLES = [
+    "The pass key is {k}. Remember it. {k} is the pass key.\n",
+    "Remember this: the pass key is {k}.\n",
+    "Note well, the pass key is {k}. Keep it in mind.\n",
+    "Here is the important info: the pass key is {k}.\n",
+    "The secret pass key is {k}. Do not forget it.\n",
+    "Important: {k} is the pass key. Memorize it.\n",
+]
+NEEDLE_UNSEEN = "Listen carefully, because the pass key is {k} and you will need it later.\n"
+NO_KEY_ANSWER = "There is no pass key in the text."
+VALUE_KINDS = ("digits", "word", "mixed")
+VALUE_WORDS = [
+    "amber", "balloon", "cactus", "dolphin", "eclipse", "fountain", "glacier", "harbor", "iris", "jasmine",
+    "kayak", "lighthouse", "mango", "nectar", "orchid", "pebble", "quill", "raven", "sapphire", "thistle",
+    "umbrella", "volcano", "whistle", "yarn", "zephyr", "biscuit", "canyon", "dandelion", "emerald", "flamingo",
+    "gazelle", "hazel", "indigo", "juniper", "kiwi", "lavender", "magnet", "nutmeg", "olive", "penguin",
+    "raisin", "saffron", "tulip", "walrus", "cobalt", "pumpkin", "sparrow", "tangerine", "compass", "pretzel",
+]
+_MIXED_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def random_value(rng: random.Random, kind: str, digits: int = 5) -> str:
+    """A needle value: an n-digit number, a word, or a 5-7 character code of capitals and digits with at least
+    one of each."""
+    if kind == "digits":
+        return random_digits(rng, digits)
+    if kind == "word":
+        return rng.choice(VALUE_WORDS)
+    if kind == "mixed":
+        n = rng.randint(5, 7)
+        chars = [rng.choice(_MIXED_ALPHABET), str(rng.randint(0, 9))]
+        chars += [rng.choice(_MIXED_ALPHABET + "0123456789") for _ in range(n - 2)]
+        rng.shuffle(chars)
+        return "".join(chars)
+    raise ValueError(f"unknown value kind {kind!r} (expected one of {', '.join(VALUE_KINDS)})")
+
+
+def passkey_sample(n_filler: int, depth: float, key: str, style: str, rng: random.Random,
+                   needle: str = NEEDLES[0]) -> Sample:
+    """The seed-style passkey prompt with the key line after round(depth * n_filler) filler sentences;
+    `needle` is the key line's wording (a format string with {k})."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     sents = filler_sentences(rng, n_filler, style)
     cut = round(depth * n_filler)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
-    prompt = PASSKEY_INTRO + _join(sents[:cut]) + needle + _join(sents[cut:]) + PASSKEY_QUESTION
+    prompt = PASSKEY_INTRO + _join(sents[:cut]) + needle.format(k=key) + _join(sents[cut:]) + PASSKEY_QUESTION
     return Sample("passkey", prompt, f"The pass key is {key}.", key, depth)
+
+
+def no_key_sample(n_filler: int, style: str, rng: random.Random) -> Sample:
+    """The passkey prompt with no key in it: the answer says so (the target is the whole reply's core)."""
+    prompt = PASSKEY_INTRO + _join(filler_sentences(rng, n_filler, style)) + PASSKEY_QUESTION
+    return Sample("none", prompt, NO_KEY_ANSWER, "no pass key", 0.0)
 
 
 def kv_sample(n_filler: int, depth: float, rng: random.Random, style: str, n_records: int,
@@ -147,21 +203,29 @@ def fit_to_length(make: Callable[[int], Sample], count_tokens: Callable[[Sample]
     return best
 
 
-def sized_sample(count_tokens: Callable[[Sample], int], rng: random.Random, length: int, task: str,
-                 depth: float | None = None, key_digits: int | None = None, style: str | None = None) -> Sample:
-    """A random `task` sample ("passkey" or "kv") whose prompt fills at most `length` tokens.
+TASKS = ("passkey", "kv", "none")
 
-    Unset choices are drawn from `rng`: depth uniform, key length 3-8 digits, 2-6 records, and the
-    filler style ("qwen" 30%, "varied" 70%)."""
+
+def sized_sample(count_tokens: Callable[[Sample], int], rng: random.Random, length: int, task: str,
+                 depth: float | None = None, key_digits: int | None = None, style: str | None = None,
+                 value_kind: str = "digits", needle: str | None = NEEDLES[0], records: int | None = None) -> Sample:
+    """A random `task` sample ("passkey", "kv" or "none") whose prompt fills at most `length` tokens.
+
+    Unset choices are drawn from `rng`: depth uniform, key length 3-8 digits, 2-6 records, the filler style
+    ("qwen" 30%, "varied" 70%) and, with `needle=None`, the needle's wording (among NEEDLES; by default the seed
+    prompt's)."""
     depth = rng.random() if depth is None else depth
     style = style or ("qwen" if rng.random() < 0.3 else "varied")
     sub_seed = rng.getrandbits(32)
     if task == "passkey":
-        key = random_digits(rng, key_digits or rng.randint(3, 8))
-        return fit_to_length(lambda n: passkey_sample(n, depth, key, style, random.Random(sub_seed)),
+        key = random_value(rng, value_kind, key_digits or rng.randint(3, 8))
+        wording = needle or rng.choice(NEEDLES)
+        return fit_to_length(lambda n: passkey_sample(n, depth, key, style, random.Random(sub_seed), wording),
                              count_tokens, length)[0]
     if task == "kv":
-        n_rec = rng.randint(2, 6)
+        n_rec = records or rng.randint(2, 6)
         return fit_to_length(lambda n: kv_sample(n, depth, random.Random(sub_seed), style, n_rec),
                              count_tokens, length)[0]
-    raise ValueError(f"unknown task {task!r} (expected 'passkey' or 'kv')")
+    if task == "none":
+        return fit_to_length(lambda n: no_key_sample(n, style, random.Random(sub_seed)), count_tokens, length)[0]
+    raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")

@@ -41,6 +41,8 @@ def _fracs(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from longserve.bench import haystacks as hs
+
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
     p.add_argument("--lengths", type=_ints, required=True, help="prompt lengths in tokens, e.g. 512,2048,4096")
     p.add_argument("--depths", type=_fracs, default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -52,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the sparse prefill threshold in tokens (default: the model's config)")
     p.add_argument("--samples", type=int, default=5, help="prompts per cell (default 5)")
     p.add_argument("--key-digits", type=int, default=5, help="pass key length in digits (default 5)")
-    p.add_argument("--filler", choices=["qwen", "varied"], default="qwen",
-                   help="filler text: the seed prompt's repeated block, or a sampled sentence pool")
+    p.add_argument("--filler", choices=hs.ALL_STYLES, default="qwen",
+                   help="filler text: the seed prompt's repeated block (qwen), a sampled sentence pool (varied), "
+                        f"or a haystack of bench/haystacks.py ({hs.HELD_OUT}: the source the demo model never "
+                        "trained on)")
     p.add_argument("--backend", choices=["engine", "oracle"], default="engine",
                    help="engine: greedy generation through longserve's LLM; oracle: transformers, teacher-forced")
     p.add_argument("--kernels", choices=["auto", "reference", "triton"], default="auto",

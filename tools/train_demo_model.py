@@ -28,6 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from longserve.bench import demo_prompts as dp
+from longserve.bench import haystacks as hs
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -67,23 +68,61 @@ def build_tokenizer(seed: int, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 # ---------------------------------------------------------------- data
-class Tasks:
-    """Seeded generator of tokenised training / evaluation examples sized in tokens."""
+def weighted(text: str, known: tuple[str, ...], what: str) -> dict[str, float]:
+    """Parse "a:0.6,b:0.4" (or "a,b" for equal weights) into {name: weight}, names checked against `known`."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, w = part.partition(":")
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"unknown {what} {name!r} (expected one of {', '.join(known)})")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad weight in {part!r}") from None
+        if out[name] <= 0:
+            raise argparse.ArgumentTypeError(f"weights must be > 0 ({part!r})")
+    return out
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, kv_fraction: float, mask_ending: bool = True):
+
+class Tasks:
+    """Seeded generator of tokenised training / evaluation examples sized in tokens.
+
+    With no haystacks, value kinds or needle choice given, the data stream is the original one (seed-style and
+    pooled-sentence filler, digit keys, the seed prompt's needle), so the recipe's early stages replay exactly."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, kv_fraction: float, mask_ending: bool = True,
+                 haystacks: dict[str, float] | None = None, value_kinds: dict[str, float] | None = None,
+                 varied_needles: bool = False, none_fraction: float = 0.0):
         self.tok = tokenizer
         self.kv_fraction = kv_fraction
+        self.none_fraction = none_fraction
         self.mask_ending = mask_ending
+        self.haystacks = haystacks or {}
+        self.value_kinds = value_kinds or {}
+        self.varied_needles = varied_needles
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.newline = tokenizer.encode("\n", add_special_tokens=False)
 
     def count(self, s: dp.Sample) -> int:
         return len(self.tok.encode(chat_prompt(s.prompt), add_special_tokens=False))
 
+    @staticmethod
+    def _draw(rng: random.Random, weights: dict[str, float]) -> str:
+        return rng.choices(list(weights), weights=list(weights.values()))[0]
+
     def sample(self, rng: random.Random, length: int, task: str | None = None, depth: float | None = None,
-               key_digits: int | None = None) -> dp.Sample:
-        task = task or ("kv" if rng.random() < self.kv_fraction else "passkey")
-        return dp.sized_sample(self.count, rng, length, task, depth, key_digits)
+               key_digits: int | None = None, style: str | None = None) -> dp.Sample:
+        if task is None:
+            if self.none_fraction and rng.random() < self.none_fraction:
+                task = "none"
+            else:
+                task = "kv" if rng.random() < self.kv_fraction else "passkey"
+        if style is None and self.haystacks:
+            style = self._draw(rng, self.haystacks)
+        kind = self._draw(rng, self.value_kinds) if self.value_kinds and task == "passkey" else "digits"
+        needle = None if self.varied_needles else dp.NEEDLES[0]
+        return dp.sized_sample(self.count, rng, length, task, depth, key_digits, style, value_kind=kind,
+                               needle=needle)
 
     def encode(self, s: dp.Sample) -> tuple[list[int], list[int]]:
         """(ids, answer_mask): prompt ids, then answer + <|im_end|>; the mask marks the target digits and what
@@ -197,7 +236,9 @@ def _train(args) -> list[dict]:
     source = args.init_from or args.tokenizer
     tokenizer = (PreTrainedTokenizerFast.from_pretrained(source) if source
                  else build_tokenizer(args.seed, args.vocab_size))
-    tasks = Tasks(tokenizer, args.kv_fraction, mask_ending=args.answer_mask == "key+end")
+    tasks = Tasks(tokenizer, args.kv_fraction, mask_ending=args.answer_mask == "key+end",
+                  haystacks=args.haystacks, value_kinds=args.value_kinds, varied_needles=args.needles == "varied",
+                  none_fraction=args.none_fraction)
     model = make_model(args, tokenizer)
     if args.init_from:      # continue from a saved checkpoint (new optimiser; use a new --seed for fresh data)
         model.load_state_dict(Qwen2ForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).state_dict())
@@ -210,9 +251,15 @@ def _train(args) -> list[dict]:
     data_rng = random.Random(args.seed)
     eval_rng = random.Random(args.seed + 1_000_003)
     n_eval = args.eval_samples
-    eval_pk = [tasks.sample(eval_rng, args.seq_len, "passkey", depth=i / max(1, n_eval - 1), key_digits=5)
-               for i in range(n_eval)]
-    eval_kv = [tasks.sample(eval_rng, args.seq_len, "kv", depth=eval_rng.random()) for _ in range(n_eval // 2)]
+    eval_tasks = Tasks(tokenizer, 0.0, mask_ending=tasks.mask_ending)    # seed needle, 5-digit keys
+    eval_pk = [eval_tasks.sample(eval_rng, args.seq_len, "passkey", depth=i / max(1, n_eval - 1), key_digits=5,
+                                 style=args.eval_style) for i in range(n_eval)]
+    eval_kv = [eval_tasks.sample(eval_rng, args.seq_len, "kv", depth=eval_rng.random(), style=args.eval_style)
+               for _ in range(n_eval // 2)]
+    # the held-out haystack, reported only (never used to stop or select): training never reads its text
+    held_rng = random.Random(args.seed + 2_000_003)
+    eval_held = [eval_tasks.sample(held_rng, args.seq_len, "passkey", depth=i / max(1, n_eval - 1), key_digits=5,
+                                   style=hs.HELD_OUT) for i in range(n_eval)] if args.heldout_eval else []
     out = Path(args.out) if args.out else None
     loss_rows, eval_rows, streak, start = [], [], 0, time.time()
     model.train()
@@ -239,8 +286,10 @@ def _train(args) -> list[dict]:
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             pk = accuracy(model, tasks, eval_pk, args.eval_batch, args.autocast)
             kv = accuracy(model, tasks, eval_kv, args.eval_batch, args.autocast)
-            eval_rows.append({"step": step + 1, "passkey_acc": pk, "kv_acc": kv,
-                              "elapsed_s": round(time.time() - start, 1)})
+            row = {"step": step + 1, "passkey_acc": pk, "kv_acc": kv}
+            if eval_held:
+                row["heldout_passkey_acc"] = accuracy(model, tasks, eval_held, args.eval_batch, args.autocast)
+            eval_rows.append({**row, "elapsed_s": round(time.time() - start, 1)})
             print(json.dumps(eval_rows[-1]), flush=True)
             if out:
                 save(out, model, tokenizer, loss_rows, eval_rows, args)
@@ -274,6 +323,19 @@ def parse_args(argv=None):
     p.add_argument("--dca-local", type=int, default=64, help="DCA local_size written to config.json")
     p.add_argument("--sparse-threshold", type=int, default=0, help="0: 2 x seq-len")
     p.add_argument("--kv-fraction", type=float, default=0.35, help="share of key-value lookup examples")
+    p.add_argument("--haystacks", type=lambda t: weighted(t, hs.TRAINING_STYLES, "haystack"), default={},
+                   help="training filler styles with weights, e.g. pydoc:0.35,generated:0.2,mixed:0.25,qwen:0.1,"
+                        "varied:0.1 (default: the original qwen 30%% / varied 70%%); the held-out source is refused")
+    p.add_argument("--value-kinds", type=lambda t: weighted(t, dp.VALUE_KINDS, "value kind"), default={},
+                   help="pass key values with weights, e.g. digits:0.6,word:0.2,mixed:0.2 (default: digits)")
+    p.add_argument("--needles", choices=["seed", "varied"], default="seed",
+                   help="needle wording: the seed prompt's (default) or drawn among the training wordings")
+    p.add_argument("--none-fraction", type=float, default=0.0,
+                   help="share of prompts without a pass key, answered 'There is no pass key in the text.'")
+    p.add_argument("--eval-style", choices=hs.TRAINING_STYLES, default=None,
+                   help="filler of the evaluation prompts that can stop training (default: drawn as originally)")
+    p.add_argument("--heldout-eval", action="store_true",
+                   help="also report passkey accuracy at T on the held-out haystack (column heldout_passkey_acc)")
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
@@ -300,6 +362,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seq_len < 64 or args.min_len > args.seq_len:
         p.error("--seq-len must be >= 64 and --min-len <= --seq-len")
+    if not 0.0 <= args.none_fraction < 1.0 or args.kv_fraction + args.none_fraction >= 1.0:
+        p.error("--none-fraction must be in [0, 1) and leave room for passkey prompts with --kv-fraction")
     if args.stop_after_steps < 0:
         p.error("--stop-after-steps must be >= 0")
     if not 0 < args.dca_local < args.seq_len:
