@@ -224,3 +224,29 @@ def test_answer_mask_marks_the_key_and_the_reply_ending(tokenizer):
         ids, mask = train.Tasks(tokenizer, 0.0, mask_ending=mask_ending).encode(sample)
         assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == marked
         assert tokenizer.decode(ids[:mask.index(1)]).endswith("<|im_start|>assistant\nThe pass key is ")
+
+
+def test_finalize_continues_a_finalized_models_history(tmp_path):
+    """A new stage trained from the committed model merges after that model's own merged history: stage numbers
+    and global steps continue, and a column the new stage adds is kept (empty in the earlier rows)."""
+    finalize = _load_tool("demo_finalize")
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "out"
+    for d in (old, new, out):
+        d.mkdir()
+    (old / "loss.csv").write_text("stage,global_step,step,loss\n1,1,1,3.0\n1,2,2,2.0\n2,3,1,1.5\n")
+    (old / "evals.csv").write_text("stage,global_step,step,passkey_acc\n2,3,1,0.5\n")
+    (old / "train_args.json").write_text(json.dumps({"stages": [{"seed": 0}, {"seed": 1}]}))
+    (new / "loss.csv").write_text("step,loss\n1,1.0\n2,0.9\n")
+    (new / "evals.csv").write_text("step,passkey_acc,heldout_passkey_acc\n2,0.9,0.8\n")
+    (new / "train_args.json").write_text(json.dumps({"seed": 5}))
+    assert finalize.merge_stages([old, new], out) == 5
+    with open(out / "loss.csv", newline="") as f:
+        rows = [(r["stage"], r["global_step"], r["step"]) for r in csv.DictReader(f)]
+    assert rows == [("1", "1", "1"), ("1", "2", "2"), ("2", "3", "1"), ("3", "4", "1"), ("3", "5", "2")]
+    with open(out / "evals.csv", newline="") as f:
+        evals = list(csv.DictReader(f))
+    assert [(r["stage"], r["global_step"], r["heldout_passkey_acc"]) for r in evals] == [("2", "3", ""),
+                                                                                          ("3", "5", "0.8")]
+    assert json.loads((out / "train_args.json").read_text())["stages"] == [{"seed": 0}, {"seed": 1}, {"seed": 5}]
+    with pytest.raises(SystemExit):         # the merged model cannot be its own output: it would be overwritten
+        finalize.main(["--ckpt", str(new), "--out", str(old), "--local-size", "64", "--earlier-stages", str(old)])

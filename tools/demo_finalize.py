@@ -41,46 +41,60 @@ def copy_checkpoint(ckpt: Path, out: Path, local_size: int, threshold: int | Non
 def merge_stages(stage_dirs: list[Path], out: Path) -> int:
     """A model trained in stages (each `--init-from` the previous): writes one loss.csv and evals.csv over all
     stages (leading columns `stage` and `global_step`) and train_args.json as {"stages": [...]}, so the saved
-    curve is the whole training. Returns the total number of steps."""
+    curve is the whole training. A directory whose train_args.json already holds {"stages": [...]} (a finalized
+    model) brings its merged history as it is, and the next stage continues its numbering. Returns the total
+    number of steps."""
     curves: dict[str, list[dict]] = {"loss.csv": [], "evals.csv": []}
     stages, offset = [], 0
-    for number, stage in enumerate(stage_dirs, start=1):
+    for stage in stage_dirs:
         missing = [f for f in ("loss.csv", "evals.csv", "train_args.json") if not (stage / f).is_file()]
         if missing:
             raise ValueError(f"training stage {stage} lacks {', '.join(missing)}")
-        stages.append(json.loads((stage / "train_args.json").read_text()))
+        meta = json.loads((stage / "train_args.json").read_text())
+        merged = isinstance(meta, dict) and "stages" in meta
+        first = len(stages) + 1
+        stages += meta["stages"] if merged else [meta]
         last = offset
         for name, rows in curves.items():
             with open(stage / name, newline="") as f:
                 for row in csv.DictReader(f):
-                    step = int(row["step"])
-                    rows.append({"stage": number, "global_step": offset + step, **row})
-                    last = max(last, offset + step)
+                    if merged:
+                        row = {**row, "stage": first - 1 + int(row["stage"]),
+                               "global_step": offset + int(row["global_step"])}
+                        last = max(last, int(row["global_step"]))
+                    else:
+                        row = {"stage": first, "global_step": offset + int(row["step"]), **row}
+                        last = max(last, row["global_step"])
+                    rows.append(row)
         offset = last
     for name, rows in curves.items():
+        fields = list(dict.fromkeys(k for row in rows for k in row))     # later stages may add columns
         with open(out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
     (out / "train_args.json").write_text(json.dumps({"stages": stages}, indent=2) + "\n")
     return offset
 
 
-def calibration_prompts(tokenizer, lengths: list[int], per_length: int, seed: int) -> list[list[int]]:
-    """Seeded passkey prompts (both filler styles, depths spread) as token ids, for the recall calibration."""
+def calibration_prompts(tokenizer, lengths: list[int], per_length: int, seed: int,
+                        filler: str | None = None) -> list[list[int]]:
+    """Seeded passkey prompts (depths spread; filler drawn between the two seed styles unless `filler` names a
+    training haystack) as token ids, for the recall calibration."""
     from longserve.bench import demo_prompts as dp
     count = lambda s: len(tokenizer.encode(dp.chat_prompt(s.prompt), add_special_tokens=False))  # noqa: E731
     rng = random.Random(seed)
     prompts = []
     for length in lengths:
         for i in range(per_length):
-            s = dp.sized_sample(count, rng, length, "passkey", depth=(i + 0.5) / per_length, key_digits=5)
+            s = dp.sized_sample(count, rng, length, "passkey", depth=(i + 0.5) / per_length, key_digits=5,
+                               style=filler)
             prompts.append(tokenizer.encode(dp.chat_prompt(s.prompt), add_special_tokens=False))
     return prompts
 
 
 def refine(out: Path, dca: dict, lengths: list[int], per_length: int, seed: int, base: tuple[int, int],
-           increments) -> dict:
+           increments, filler: str | None = None) -> dict:
     """Captures each layer's un-rotated (q, k) in dense DCA prefills of the calibration prompts and refines a
     uniform base config layer by layer with longserve.kernels.refine_sparse_config; writes the JSON file."""
     import torch
@@ -94,7 +108,7 @@ def refine(out: Path, dca: dict, lengths: list[int], per_length: int, seed: int,
     po._SETTINGS.update(chunk_size=dca["chunk_size"], local_size=dca["local_size"], sparse=None, capture=captured)
     try:
         with torch.no_grad():
-            for ids in calibration_prompts(tok, lengths, per_length, seed):
+            for ids in calibration_prompts(tok, lengths, per_length, seed, filler):
                 t = torch.tensor([ids])
                 model.model(input_ids=t, position_ids=torch.zeros_like(t))
     finally:
@@ -113,7 +127,7 @@ def refine(out: Path, dca: dict, lengths: list[int], per_length: int, seed: int,
     config.save(out / "sparse_attention_config.json")
     return {"base": list(base), "increments": [[b if b > -1 else None, i] for b, i in increments],
             "calibration_lengths": lengths,
-            "per_length": per_length, "recall_history": recalls}
+            "per_length": per_length, "calibration_filler": filler or "qwen/varied", "recall_history": recalls}
 
 
 def main(argv=None) -> int:
@@ -125,22 +139,32 @@ def main(argv=None) -> int:
     p.add_argument("--calib-lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--calib-per-length", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-filler", default=None,
+                   help="filler of the calibration prompts: a training haystack of bench/haystacks.py (never the "
+                        "held-out one); default: the two seed styles")
     p.add_argument("--base-vertical", type=int, default=100, help="base vertical budget of every head")
     p.add_argument("--base-slash", type=int, default=120,
                    help="base slash budget (the 100 nearest diagonals are always forced)")
     p.add_argument("--increment-scale", type=int, default=64,
                    help="budget increments for recall buckets [0.8,0.9), [0.7,0.8), [0.6,0.7), below: 1x/2x/4x/6x this")
     p.add_argument("--earlier-stages", nargs="*", default=[], metavar="DIR",
-                   help="outputs of the earlier training stages, in order (--ckpt is the last): their loss.csv, "
-                        "evals.csv and train_args.json are merged with the checkpoint's into one history")
+                   help="outputs of the earlier training stages, in order (--ckpt is the last), or a finalized "
+                        "model they continue: their loss.csv, evals.csv and train_args.json are merged with the "
+                        "checkpoint's into one history")
     p.add_argument("--skip-sparse", action="store_true", help="only copy the files and set the DCA block")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    from longserve.bench import haystacks as hs
+    if args.calib_filler is not None and args.calib_filler not in hs.TRAINING_STYLES:
+        p.error(f"--calib-filler must be one of {', '.join(hs.TRAINING_STYLES)} (the held-out haystack stays unseen)")
+    if any(Path(d).resolve() == Path(args.out).resolve() for d in args.earlier_stages):
+        p.error("an --earlier-stages directory is --out itself: copy it elsewhere first (--out is overwritten)")
     try:
         dca = copy_checkpoint(Path(args.ckpt), Path(args.out), args.local_size, args.sparse_threshold)
         if args.earlier_stages:
             steps = merge_stages([Path(d) for d in args.earlier_stages] + [Path(args.ckpt)], Path(args.out))
-            print(f"training history: {len(args.earlier_stages) + 1} stages, {steps} steps")
+            n = len(json.loads((Path(args.out) / "train_args.json").read_text())["stages"])
+            print(f"training history: {n} stages, {steps} steps")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -152,7 +176,7 @@ def main(argv=None) -> int:
     inc = args.increment_scale
     increments = ((0.9, 0), (0.8, inc), (0.7, 2 * inc), (0.6, 4 * inc), (float("-inf"), 6 * inc))
     report = refine(Path(args.out), dca, args.calib_lengths, args.calib_per_length, args.seed,
-                    (args.base_vertical, args.base_slash), increments)
+                    (args.base_vertical, args.base_slash), increments, args.calib_filler)
     (Path(args.out) / "sparse_refinement.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
