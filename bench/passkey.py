@@ -4,8 +4,9 @@ Why: DCA's claim is that a model reads far past its training length without retr
 prefill's claim is that it keeps that accuracy while computing fewer (query, key) pairs; both are only
 worth anything measured. Prompts follow the Qwen2.5-1M passkey example (bench/demo_prompts.py), sized
 in the model's own tokens with its chat template, and go through our engine (greedy, `--backend engine`)
-or through the transformers oracle (`--backend oracle`, teacher-forced, engine-independent). A cell is
-correct when the first number in the answer equals the key. Output: a table on stdout, plus
+or through the transformers oracle (`--backend oracle`, teacher-forced, engine-independent). A reply is
+correct when it is exactly the trained answer ("The pass key is 28884."; `--match number`: when its first number
+is the key). Output: a table on stdout, plus
 `passkey.csv`, `passkey.png` (heatmap in the style of the Qwen passkey figure) and `summary.json` in --out.
 """
 from __future__ import annotations
@@ -63,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["auto", "reference", "triton"], default="auto",
                    help="kernel path (sets LONGSERVE_KERNELS); triton on a CPU runs the Triton interpreter "
                         "(TRITON_INTERPRET=1, set here before Triton is imported; fp32; slow)")
+    p.add_argument("--match", choices=["exact", "number"], default="exact",
+                   help="a reply counts when it is exactly the trained answer 'The pass key is <key>.' (default), or "
+                        "when its first number is the key (lenient: 'The pass key is 28884Q.' counts)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (keys, filler)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default bench/results/passkey-<time>)")
@@ -71,6 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def first_number(text: str) -> str | None:
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
+
+
+def reply_correct(reply: str, sample, match: str = "exact") -> bool:
+    """`exact`: the reply is the trained answer, nothing more; `number`: its first number is the key."""
+    if match == "exact":
+        return reply.strip() == sample.answer
+    return first_number(reply) == sample.target
 
 
 def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed):
@@ -176,7 +187,7 @@ def evaluate(args) -> dict:
                                               for n in args.lengths})
         texts = {n: iter(t) for n, t in texts.items()}
         answers = {k: [next(texts[k[0]]) for _ in grid[k]] for k in keys}
-        verdicts = {k: [first_number(a) == s.target for a, (s, _) in zip(answers[k], grid[k])] for k in keys}
+        verdicts = {k: [reply_correct(a, s, args.match) for a, (s, _) in zip(answers[k], grid[k])] for k in keys}
     else:
         from longserve.bench.passkey_oracle import load
         model, _ = load(args.model)
@@ -242,7 +253,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(args)
     cells = result["cells"]
-    mode = f"dca={args.dca} sparse={args.sparse} backend={args.backend} kernels={args.kernels}"
+    mode = (f"dca={args.dca} sparse={args.sparse} backend={args.backend} kernels={args.kernels} filler={args.filler}"
+            + (f" match={args.match}" if args.backend == "engine" else ""))
     print(f"passkey accuracy ({mode}, {args.samples} prompts per cell, {args.key_digits}-digit keys)")
     print(format_table(cells, args.lengths, args.depths))
     pairs = result["sparse_pairs"]
@@ -259,7 +271,7 @@ def run(args) -> int:
                     f"{c['mean_prompt_tokens']}\n")
     save_heatmap(out / "passkey.png", cells, args.lengths, args.depths, f"passkey: {Path(args.model).name}, {mode}")
     summary = {"model": args.model, "dca": args.dca, "sparse": args.sparse, "backend": args.backend,
-               "kernels": args.kernels, "depths": args.depths,
+               "kernels": args.kernels, "filler": args.filler, "match": args.match, "depths": args.depths,
                "answers": {f"{c['length']}/{c['depth']}": c["answers"] for c in cells if c["answers"]},
                "samples": args.samples, "seed": args.seed, "seconds": result["seconds"],
                "sparse_pairs": result["sparse_pairs"],

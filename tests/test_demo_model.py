@@ -7,7 +7,6 @@ import csv
 import importlib.util
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -153,31 +152,37 @@ def test_bench_passkey_writes_table_csv_heatmap_and_pair_counts(tmp_path, capsys
         parser.parse_args(["--model", str(MODEL), "--lengths", "0"])
 
 
-def test_engine_with_dca_answers_passkeys_at_twice_the_training_length(tokenizer, dca):
-    """Twenty seed-style prompts of 2T tokens (four per depth, 0-100%) through the engine, greedy, DCA on, from a
-    prompt seed the bench grids do not use. Every reply must have the trained form and at least 85% must be exactly
-    right. The model answers 94% of 2T prompts (113 of 120 over three prompt seeds, bench/RESULTS.md; its misses are
-    single-digit copy slips), so the bar is the model's measured accuracy less sampling noise, not "all". Without
-    DCA the same prompts must mostly fail (about 20% in the bench), which shows DCA is what answers them."""
+def _heldout_replies(tokenizer, length: int, dca_on: bool):
+    """(replies, samples): twenty held-out-haystack passkey prompts of `length` tokens (four per depth 0-100%, a
+    prompt seed the bench grids do not use) through the engine, greedy, DCA on or off."""
     from longserve.bench.passkey import build_prompts
     from longserve.server.engine import LLM, SamplingParams
 
-    length = 2 * dca["chunk_size"]
     grid = build_prompts(tokenizer, [length], [0.0, 0.25, 0.5, 0.75, 1.0], samples=4, key_digits=5,
-                         filler="qwen", seed=2026)
-    samples = [x for cell in grid.values() for x in cell]
-    assert all(length - 12 <= len(ids) <= length for _, ids in samples)
-    def replies(dca_on: bool) -> list[str]:
-        llm = LLM(str(MODEL), max_model_len=length + 32, dtype="float32", dca=dca_on)
-        outputs = llm.generate([ids for _, ids in samples], SamplingParams(temperature=0.0, max_tokens=16))
-        return [o.outputs[0].text for o in outputs]
+                         filler="stdlib", seed=2026)
+    samples = [s for cell in grid.values() for s, _ in cell]
+    prompts = [ids for cell in grid.values() for _, ids in cell]
+    assert all(length - 120 <= len(ids) <= length for ids in prompts)     # whole sentences of prose
+    llm = LLM(str(MODEL), max_model_len=length + 32, dtype="float32", dca=dca_on)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
+    return [o.outputs[0].text for o in outputs], samples
 
-    with_dca = replies(True)
-    assert all(re.fullmatch(r"The pass key is \d+\.", r) for r in with_dca), with_dca
-    correct = sum(r == s.answer for r, (s, _) in zip(with_dca, samples))
-    assert correct >= 0.85 * len(samples), list(zip(with_dca, [s.target for s, _ in samples]))
-    without = sum(r == s.answer for r, (s, _) in zip(replies(False), samples))
-    assert without <= 0.5 * len(samples), without
+
+def test_engine_with_dca_answers_passkeys_at_twice_the_training_length_on_unseen_text(tokenizer, dca):
+    """Twenty passkey prompts of 2T tokens whose filler is the held-out haystack (standard-library docstrings, text no
+    training prompt contained), through the engine with DCA. At least 85% must be exactly right: the bench answers
+    40 of 40 held-out 2T prompts (bench/RESULTS.md), so the bar is the model's accuracy less sampling noise."""
+    replies, samples = _heldout_replies(tokenizer, 2 * dca["chunk_size"], dca_on=True)
+    correct = sum(r == s.answer for r, s in zip(replies, samples))
+    assert correct >= 0.85 * len(samples), list(zip(replies, [s.target for s in samples]))
+
+
+def test_without_dca_the_model_fails_past_twice_the_training_length(tokenizer, dca):
+    """The ablation: the same kind of prompts at 4T without DCA must mostly fail (at most half right; the bench
+    measures 0 of 40), while DCA answers 95% of them (bench/RESULTS.md). At 2T this model reads plain RoPE
+    positions too (87.5% in the bench), so the ablation shows from 4T on."""
+    replies, samples = _heldout_replies(tokenizer, 4 * dca["chunk_size"], dca_on=False)
+    assert sum(r == s.answer for r, s in zip(replies, samples)) <= 0.5 * len(samples), replies
 
 
 def test_finalize_merges_training_stages_into_one_history(tmp_path):
