@@ -84,13 +84,18 @@ def reply_correct(reply: str, sample, match: str = "exact") -> bool:
     return first_number(reply) == sample.target
 
 
+def chat_ids(tokenizer, sample) -> list[int]:
+    """The token ids of `sample`'s prompt as one user turn in the model's chat template, ready for generation."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed):
     """{(length, depth): [(Sample, prompt_token_ids)]}; the same seed gives the same prompts."""
     from longserve.bench import demo_prompts as dp
 
     def ids_of(sample):
-        return tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
-                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+        return chat_ids(tokenizer, sample)
 
     grid = {}
     for length in lengths:

@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from longserve.bench.passkey import _ints, select_kernels
+from longserve.bench.passkey import _ints, chat_ids, select_kernels
 
 HELP = "RULER-style retrieval suite (task x length) on a chosen haystack, DCA and sparse prefill on or off"
 
@@ -86,8 +86,7 @@ def task_sample(task: str, count, rng: random.Random, length: int, depth: float,
 def build_suite(tokenizer, tasks, lengths, samples, haystack, seed) -> dict:
     """{(task, length): [(Sample, prompt_ids)]}, the same for the same arguments (and for every mode)."""
     def ids_of(sample):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
+        return chat_ids(tokenizer, sample)
 
     suite = {}
     for task in tasks:
