@@ -195,8 +195,23 @@ def run(args) -> int:
         log.info("follower pod %d of %d: running ranks %d..%d, serving nothing", topology.node_rank, topology.nnodes,
                  topology.global_rank(0), topology.global_rank(topology.gpus_per_node - 1),
                  extra={"event": "tp_follower", "node_rank": topology.node_rank})
-        return run_follower(config, topology)
-    return _serve(config, args, api_key, topology)
+        return _leave_without_teardown(run_follower(config, topology))
+    code = _serve(config, args, api_key, topology)
+    return code if topology is None else _leave_without_teardown(code)
+
+
+def _leave_without_teardown(code: int) -> int:
+    """A tensor-parallel process exits here, skipping interpreter teardown: the group is already closed and our
+    threads stopped, but gloo's C++ threads can still be joinable when Python finalizes, which aborts the process
+    ("terminate called without an active exception", exit -6) after a clean stop and turns a drain into a crash for
+    the kubelet. Logs and streams are flushed first."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resolve_topology(config, args):
