@@ -348,6 +348,17 @@ class EmulatorThread:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kmock-emulator", daemon=True)
 
+    def write_kubeconfig(self, path):
+        """A kubeconfig at `path` that logs in to this emulator with a bearer token; returns `path`."""
+        import yaml
+
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}]}))
+        return path
+
     def __enter__(self) -> "EmulatorThread":
         self._thread.start()
         if not self._ready.wait(10) or self._error:
@@ -390,3 +401,4 @@ class EmulatorThread:
             if resource == kmock.resource(path) and ns == namespace and not obj.deleted:
                 out[name] = copy.deepcopy(obj.raw)
         return out
+

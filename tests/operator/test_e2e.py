@@ -205,14 +205,8 @@ def test_longserve_operator_command_runs_against_the_emulator(emulator, tmp_path
     import urllib.request
 
     import kubernetes
-    import yaml
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": emulator.url}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}]}))
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "longserve.server.cli", "operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),

@@ -212,14 +212,8 @@ def operator_process(emulator, tmp_path, *flags):
     import subprocess
     import sys
 
-    import yaml
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": emulator.url}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}]}))
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
     return subprocess.Popen(
         [sys.executable, "-m", "longserve.server.cli", "operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),
          "--liveness-port=0", "--metrics-port=0", "--timer-interval=0.3", "--log-format=plain", *flags],
