@@ -5,8 +5,11 @@ on our engine (an independent check of it, and usable before it exists). The Hug
 called with all position ids 0, so its own rotary is the identity, and an attention function rotates
 q/k at the DCA-remapped positions of docs/algorithms.md#dca-positions (or at absolute positions for plain RoPE),
 concatenates the inter / successive / intra key ranges of each query sub-block and takes one softmax
-over them (equal to the LSE merge, docs/algorithms.md#lse-merge). Scoring is exact match of the answer digits under
-teacher forcing, which equals greedy decoding's exact match on those digits when the answer prefix is right.
+over them (equal to the LSE merge, docs/algorithms.md#lse-merge). With DCA on, the YaRN attention scale of the
+model's ``original_max_position_embeddings`` applies as in the engine (docs/algorithms.md#yarn-scale): prompt rows
+at the prompt's length, rows after it (teacher-forced answer tokens) at their own length, as decode sees them.
+Scoring is exact match of the answer digits under teacher forcing, which equals greedy decoding's exact match on
+those digits when the answer prefix is right.
 """
 from __future__ import annotations
 
@@ -14,13 +17,16 @@ import torch
 from transformers import AttentionInterface, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
 from longserve.bench import demo_prompts as dp
+from longserve.kernels.dca_math import yarn_mscale
 
 ATTN_NAME = "longserve_dca_oracle"
 # chunk_size/local_size: DCA (None: plain RoPE); sparse: None or (SparseAttentionConfig, threshold), which
 # routes attention through longserve.kernels' sparse DCA; capture: None or a list that receives
 # (layer, q [L,H,D], k [L,G,D], v [L,G,D]) un-rotated, per layer (refinement input); stats: None or a
-# kernels.PairStats the sparse calls add their pair counts to.
-_SETTINGS: dict = {"chunk_size": None, "local_size": None, "sparse": None, "capture": None, "stats": None}
+# kernels.PairStats the sparse calls add their pair counts to; prompt_len: the prompt's length N of the YaRN
+# scale (None: the whole input is the prompt).
+_SETTINGS: dict = {"chunk_size": None, "local_size": None, "sparse": None, "capture": None, "stats": None,
+                   "prompt_len": None}
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -46,8 +52,8 @@ def dca_attention(module, query, key, value, attention_mask, scaling=None, dropo
     g = H // key.shape[1]
     k = key.repeat_interleave(g, dim=1)
     v = value.repeat_interleave(g, dim=1)
-    scale = scaling if scaling is not None else D ** -0.5
     chunk, local = _SETTINGS["chunk_size"], _SETTINGS["local_size"]
+    scale = row_scales(module.config, L, scaling if scaling is not None else D ** -0.5, dca=chunk is not None)
     blk = 512 if chunk is None else chunk - local        # query block: a DCA chunk, or a memory bound
     pos = torch.arange(L)
     k = rope(k, pos if chunk is None else pos % blk, theta)
@@ -71,19 +77,41 @@ def dca_attention(module, query, key, value, attention_mask, scaling=None, dropo
         scores = torch.cat(parts, -1)
         scores[..., b0:e].masked_fill_(torch.ones(e - b0, e - b0, dtype=torch.bool).triu(1), float("-inf"))
         work = torch.promote_types(scores.dtype, torch.float32)
-        probs = torch.softmax(scores.to(work) * scale, dim=-1).to(v.dtype)
+        probs = torch.softmax(scores.to(work) * scale[b0:e, None].to(work), dim=-1).to(v.dtype)
         out[:, :, b0:e] = probs @ v[:, :, :e]
     return out.transpose(1, 2).contiguous(), None
 
 
+def original_max(config) -> int:
+    """The model's YaRN ``original_max_position_embeddings`` (0: no scale)."""
+    dca = getattr(config, "dual_chunk_attention_config", None) or {}
+    return int(dca.get("original_max_position_embeddings", 0) or 0)
+
+
+def row_scales(config, L: int, base: float, *, dca: bool) -> torch.Tensor:
+    """Softmax scale of each query row [L] (fp64): ``base * m(N)^2`` with N the prompt length for prompt rows
+    and ``row + 1`` after it; ``base`` alone without DCA or with the scale off."""
+    M = original_max(config) if dca else 0
+    n_prompt = min(_SETTINGS["prompt_len"] or L, L)
+    scales = torch.full((L,), float(base) * yarn_mscale(n_prompt, M) ** 2, dtype=torch.float64)
+    for row in range(n_prompt, L):
+        scales[row] = float(base) * yarn_mscale(row + 1, M) ** 2
+    return scales
+
+
 def _kernels_sparse(module, query, key, value, theta, scaling):
-    """Sparse (vertical-slash) DCA through longserve.kernels for prompts above the threshold."""
+    """Sparse (vertical-slash) DCA through longserve.kernels for prompts above the threshold. The kernels take one
+    YaRN length for all rows, the whole input's N + a (a teacher-forced answer tokens after the N-token prompt):
+    the factor m^2 is then off from the engine's by less than 0.2 * a / N relative (5e-4 for a 10-token answer
+    at 4096 tokens)."""
     from longserve.kernels import dual_chunk_attention
     config, threshold = _SETTINGS["sparse"]
     budgets = config.budgets(module.layer_idx, threshold=threshold)
     outs = [dual_chunk_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), rope_theta=theta,
                                  chunk_size=_SETTINGS["chunk_size"], local_size=_SETTINGS["local_size"],
-                                 sparse=budgets, scale=scaling, stats=_SETTINGS["stats"])
+                                 original_max_position_embeddings=original_max(module.config),
+                                 sparse=budgets, scale=scaling,
+                                 stats=_SETTINGS["stats"])
             for q, k, v in zip(query, key, value)]
     return torch.stack(outs)
 
@@ -103,13 +131,16 @@ def answer_correct(model, tok, sample: dp.Sample, chunk_size: int | None, local_
                    sparse=None, stats=None) -> bool:
     """True iff every target digit is the argmax given the prompt and the correct answer prefix; ``stats`` (a
     ``kernels.PairStats``) gets the sparse calls' pair counts added."""
-    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size, sparse=sparse, stats=stats)
     prompt = tok.encode(dp.chat_prompt(sample.prompt), add_special_tokens=False)
+    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size, sparse=sparse, stats=stats, prompt_len=len(prompt))
     head = sample.answer.rpartition(sample.target)[0]
     head_ids = tok.encode(head, add_special_tokens=False)
     digits = tok.encode(sample.target, add_special_tokens=False)
     ids = torch.tensor([prompt + head_ids + digits])
-    hidden = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
+    try:
+        hidden = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
+    finally:
+        _SETTINGS["prompt_len"] = None
     first = len(prompt) + len(head_ids) - 1
     logits = model.lm_head(hidden[0, first: first + len(digits)])
     return bool((logits.argmax(-1) == torch.tensor(digits)).all())

@@ -60,9 +60,10 @@ def test_chat_template_matches_training_format(tokenizer):
 
 
 def test_oracle_dca_equals_plain_within_training_length(dca):
+    """Up to T tokens DCA positions are plain RoPE positions and the YaRN factor m(T) is exactly 1."""
     from longserve.bench import passkey_oracle as po
     model, _ = po.load(str(MODEL))
-    ids = torch.randint(0, model.config.vocab_size, (1, dca["chunk_size"] + 1),
+    ids = torch.randint(0, model.config.vocab_size, (1, dca["chunk_size"]),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
@@ -91,6 +92,35 @@ def test_oracle_attention_matches_reference_dca(chunk_size, local_size):
     want = dual_chunk_attention_reference(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                           rope_theta=100.0, chunk_size=chunk_size, local_size=local_size)
     assert torch.allclose(got[0], want, atol=1e-10)
+
+
+def test_oracle_yarn_scale_matches_reference_prefill_and_decode():
+    """The oracle's YaRN scale: prompt rows at the prompt's length (the reference's ``prompt_len``), teacher-forced
+    rows after the prompt at their own length, as the engine's decode applies it."""
+    from types import SimpleNamespace
+
+    from longserve.bench import passkey_oracle as po
+    from longserve.kernels.reference.dca import dual_chunk_attention_reference
+
+    g = torch.Generator().manual_seed(2)
+    L, n_prompt, H, G, D = 45, 40, 4, 2, 8
+    q, k, v = (torch.randn(1, n, L, D, generator=g, dtype=torch.float64) * 3 for n in (H, G, G))
+    config = SimpleNamespace(rope_parameters={"rope_theta": 100.0},
+                             dual_chunk_attention_config={"original_max_position_embeddings": 12})
+    toy = dict(rope_theta=100.0, chunk_size=16, local_size=4, original_max_position_embeddings=12)
+    po._SETTINGS.update(chunk_size=16, local_size=4, prompt_len=n_prompt)
+    try:
+        got, _ = po.dca_attention(SimpleNamespace(config=config), q, k, v, None, scaling=D ** -0.5)
+    finally:
+        po._SETTINGS.update(chunk_size=None, local_size=None, prompt_len=None)
+    qs, ks, vs = (x[0].transpose(0, 1) for x in (q, k, v))
+    prefill = dual_chunk_attention_reference(qs[:n_prompt], ks[:n_prompt], vs[:n_prompt], **toy)
+    unscaled = dual_chunk_attention_reference(qs, ks, vs, **dict(toy, original_max_position_embeddings=0))
+    assert torch.allclose(got[0, :n_prompt], prefill[:n_prompt], atol=1e-10)
+    assert (got[0] - unscaled).abs().max() > 1e-3          # the scale is really on
+    for row in range(n_prompt, L):
+        decode = dual_chunk_attention_reference(qs[: row + 1], ks[: row + 1], vs[: row + 1], **toy)
+        assert torch.allclose(got[0, row], decode[row], atol=1e-10), row
 
 
 def _first_number(text: str):
