@@ -94,9 +94,6 @@ def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed)
     """{(length, depth): [(Sample, prompt_token_ids)]}; the same seed gives the same prompts."""
     from longserve.bench import demo_prompts as dp
 
-    def ids_of(sample):
-        return chat_ids(tokenizer, sample)
-
     grid = {}
     for length in lengths:
         for depth in depths:
@@ -107,8 +104,8 @@ def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed)
                 sub = rng.getrandbits(32)
                 sample, _ = dp.fit_to_length(
                     lambda n: dp.passkey_sample(n, depth, key, filler, random.Random(sub)),  # noqa: B023
-                    lambda s: len(ids_of(s)), length)
-                cell.append((sample, list(ids_of(sample))))
+                    lambda s: len(chat_ids(tokenizer, s)), length)
+                cell.append((sample, chat_ids(tokenizer, sample)))
             grid[(length, depth)] = cell
     return grid
 

@@ -85,9 +85,6 @@ def task_sample(task: str, count, rng: random.Random, length: int, depth: float,
 
 def build_suite(tokenizer, tasks, lengths, samples, haystack, seed) -> dict:
     """{(task, length): [(Sample, prompt_ids)]}, the same for the same arguments (and for every mode)."""
-    def ids_of(sample):
-        return chat_ids(tokenizer, sample)
-
     suite = {}
     for task in tasks:
         for length in lengths:
@@ -95,8 +92,8 @@ def build_suite(tokenizer, tasks, lengths, samples, haystack, seed) -> dict:
             cell = []
             for i in range(samples):
                 depth = i / (samples - 1) if samples > 1 else 0.5
-                sample = task_sample(task, lambda s: len(ids_of(s)), rng, length, depth, haystack)
-                cell.append((sample, ids_of(sample)))
+                sample = task_sample(task, lambda s: len(chat_ids(tokenizer, s)), rng, length, depth, haystack)
+                cell.append((sample, chat_ids(tokenizer, sample)))
             suite[(task, length)] = cell
     return suite
 

@@ -401,4 +401,3 @@ class EmulatorThread:
             if resource == kmock.resource(path) and ns == namespace and not obj.deleted:
                 out[name] = copy.deepcopy(obj.raw)
         return out
-

@@ -212,7 +212,6 @@ def operator_process(emulator, tmp_path, *flags):
     import subprocess
     import sys
 
-
     kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
     return subprocess.Popen(
         [sys.executable, "-m", "longserve.server.cli", "operator", "--all-namespaces", "--kubeconfig", str(kubeconfig),
