@@ -10,8 +10,10 @@ says. Stdlib only: the bench CLI imports this at parse time.
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from longserve.bench import haystacks as hs
@@ -62,6 +64,13 @@ class Sample:
     answer: str        # the assistant reply the model is trained to give
     target: str        # the digits that must appear (exact match)
     depth: float       # fraction of the filler placed before the needle
+
+
+def training_length(model_dir) -> int:
+    """The training length T of a model made by tools/train_demo_model.py: the last stage's ``seq_len`` in its
+    train_args.json. (DCA's chunk_size is a separate, measured choice and may be below T.)"""
+    meta = json.loads((Path(model_dir) / "train_args.json").read_text())
+    return int((meta["stages"][-1] if "stages" in meta else meta)["seq_len"])
 
 
 def chat_prompt(user: str) -> str:

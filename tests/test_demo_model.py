@@ -59,8 +59,12 @@ def test_chat_template_matches_training_format(tokenizer):
                                                                    for c in "28884"]
 
 
-def test_oracle_dca_equals_plain_within_training_length(dca):
-    """Up to T tokens DCA positions are plain RoPE positions and the YaRN factor m(T) is exactly 1."""
+def test_training_length_is_read_from_the_recipe():
+    assert dp.training_length(MODEL) == 512
+
+
+def test_oracle_dca_equals_plain_up_to_the_chunk_size(dca):
+    """Up to chunk_size tokens DCA positions are plain RoPE positions and the YaRN factor m is exactly 1."""
     from longserve.bench import passkey_oracle as po
     model, _ = po.load(str(MODEL))
     ids = torch.randint(0, model.config.vocab_size, (1, dca["chunk_size"]),
@@ -142,6 +146,58 @@ def test_training_is_reproducible(tmp_path):
     assert [r["loss"] for r in other] != [r["loss"] for r in first]
 
 
+def test_dca_training_steps_are_seeded_and_leave_the_data_stream_alone(tmp_path):
+    """--dca-train runs a share of the steps with DCA positions at a chunk below T: the same data (its own random
+    stream), a different forward (prompts of 200-256 tokens span several 64-token chunks), reproducible, and the
+    model's own attention implementation is back after each DCA step."""
+    train = _load_tool("train_demo_model")
+    argv = ["--tokenizer", str(MODEL), "--seed", "3", "--layers", "1", "--hidden", "32", "--heads", "2",
+            "--kv-heads", "1", "--intermediate", "64", "--seq-len", "256", "--min-len", "200",
+            "--tokens-per-step", "512", "--max-steps", "2", "--eval-every", "0", "--warmup", "2", "--threads", "1"]
+    plain = train.train(train.parse_args(argv))
+    dca_argv = argv + ["--dca-train", "1.0", "--dca-train-chunks", "64"]
+    first = train.train(train.parse_args(dca_argv))
+    assert [r["dca_chunk"] for r in first] == [64, 64]
+    assert [r["tokens"] for r in first] == [r["tokens"] for r in plain]
+    assert first[0]["loss"] != plain[0]["loss"]
+    assert [r["loss"] for r in first] == [r["loss"] for r in train.train(train.parse_args(dca_argv))]
+    for bad in (["--dca-train", "1.5"], ["--dca-train", "0.5", "--dca-train-chunks", "30"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv + bad)
+
+
+def test_dca_loss_restores_the_attention_implementation(tokenizer):
+    train = _load_tool("train_demo_model")
+    from transformers import Qwen2ForCausalLM
+    model = Qwen2ForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    before = model.config._attn_implementation
+    tasks = train.Tasks(tokenizer, 0.0)
+    s = tasks.sample(random.Random(0), 300, "passkey", depth=0.5, key_digits=5, style="pydoc")
+    ids, valid, answer = train.collate([tasks.encode(s)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = train.losses(model, ids, valid, answer, False)[0]
+        same = train.losses(model, ids, valid, answer, False, (512, 128))[0]       # one chunk: plain positions
+        chunked = train.losses(model, ids, valid, answer, False, (64, 16))[0]
+    assert model.config._attn_implementation == before
+    assert abs(plain.item() - same.item()) < 1e-4 and abs(plain.item() - chunked.item()) > 1e-4
+
+
+def test_finalize_sets_a_measured_chunk_size(tmp_path):
+    finalize = _load_tool("demo_finalize")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (ckpt / name).write_bytes((MODEL / name).read_bytes())
+    (ckpt / "model.safetensors").write_bytes(b"")
+    dca = finalize.copy_checkpoint(ckpt, tmp_path / "out", 96, 1024, chunk_size=384)
+    assert (dca["chunk_size"], dca["local_size"], dca["sparse_attention_threshold"]) == (384, 96, 1024)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dual_chunk_attention_config"] == dca
+    with pytest.raises(ValueError, match="local-size"):
+        finalize.copy_checkpoint(ckpt, tmp_path / "bad", 400, None, chunk_size=384)
+    with pytest.raises(ValueError, match="chunk-size"):
+        finalize.copy_checkpoint(ckpt, tmp_path / "bad", 96, None, chunk_size=10**6)
+
+
 def test_prompts_fit_length_and_place_the_needle(tokenizer):
     count = lambda s: len(tokenizer.encode(dp.chat_prompt(s.prompt), add_special_tokens=False))  # noqa: E731
     rng = random.Random(0)
@@ -198,20 +254,20 @@ def _heldout_replies(tokenizer, length: int, dca_on: bool):
     return [o.outputs[0].text for o in outputs], samples
 
 
-def test_engine_with_dca_answers_passkeys_at_twice_the_training_length_on_unseen_text(tokenizer, dca):
+def test_engine_with_dca_answers_passkeys_at_twice_the_training_length_on_unseen_text(tokenizer):
     """Twenty passkey prompts of 2T tokens whose filler is the held-out haystack (standard-library docstrings, text no
     training prompt contained), through the engine with DCA. At least 85% must be exactly right: the bench answers
     40 of 40 held-out 2T prompts (bench/RESULTS.md), so the bar is the model's accuracy less sampling noise."""
-    replies, samples = _heldout_replies(tokenizer, 2 * dca["chunk_size"], dca_on=True)
+    replies, samples = _heldout_replies(tokenizer, 2 * dp.training_length(MODEL), dca_on=True)
     correct = sum(r == s.answer for r, s in zip(replies, samples))
     assert correct >= 0.85 * len(samples), list(zip(replies, [s.target for s in samples]))
 
 
-def test_without_dca_the_model_fails_past_twice_the_training_length(tokenizer, dca):
+def test_without_dca_the_model_fails_past_twice_the_training_length(tokenizer):
     """The ablation: the same kind of prompts at 4T without DCA must mostly fail (at most half right; the bench
     measures 0 of 40), while DCA answers 95% of them (bench/RESULTS.md). At 2T this model reads plain RoPE
     positions too (87.5% in the bench), so the ablation shows from 4T on."""
-    replies, samples = _heldout_replies(tokenizer, 4 * dca["chunk_size"], dca_on=False)
+    replies, samples = _heldout_replies(tokenizer, 4 * dp.training_length(MODEL), dca_on=False)
     assert sum(r == s.answer for r, s in zip(replies, samples)) <= 0.5 * len(samples), replies
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from longserve.bench import demo_prompts as dp
+
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER = "The pass key is 28884."
 
@@ -66,8 +68,7 @@ def test_readme_curl_request_is_answered(demo_server):
 
     base = srv.stack.http_url
     count = httpx.post(base + "/tokenize", json={"messages": request["messages"]}).json()["count"]
-    training_length = json.loads((ROOT / "models/demo-passkey/config.json").read_text())[
-        "dual_chunk_attention_config"]["chunk_size"]                # chunk_size = T for the demo model
+    training_length = dp.training_length(ROOT / "models/demo-passkey")
     assert 1.5 * training_length <= count <= 2.5 * training_length, count     # "about twice the training length"
     reply = httpx.post(re.sub(r"^(https?://)?localhost:\d+", base, url), content=body, headers=headers, timeout=120)
     assert reply.status_code == 200, reply.text

@@ -19,8 +19,10 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
          "generation_config.json", "loss.csv", "evals.csv", "train_args.json")
 
 
-def copy_checkpoint(ckpt: Path, out: Path, local_size: int, threshold: int | None) -> dict:
-    """Copies the checkpoint files and rewrites the DCA block of config.json; returns that block."""
+def copy_checkpoint(ckpt: Path, out: Path, local_size: int, threshold: int | None,
+                    chunk_size: int | None = None) -> dict:
+    """Copies the checkpoint files and rewrites the DCA block of config.json (``chunk_size`` None keeps the
+    checkpoint's, which the trainer sets to T); returns that block."""
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (ckpt / f).is_file()]
     if missing:
         raise ValueError(f"{ckpt} is not a training checkpoint (missing {', '.join(missing)})")
@@ -30,6 +32,10 @@ def copy_checkpoint(ckpt: Path, out: Path, local_size: int, threshold: int | Non
             shutil.copyfile(ckpt / name, out / name)
     cfg = json.loads((out / "config.json").read_text())
     dca = cfg["dual_chunk_attention_config"]
+    if chunk_size is not None:
+        if chunk_size > cfg["max_position_embeddings"] or chunk_size < 2:
+            raise ValueError(f"--chunk-size must be in [2, {cfg['max_position_embeddings']}]")
+        dca["chunk_size"] = chunk_size
     if not 0 < local_size < dca["chunk_size"]:
         raise ValueError(f"--local-size must be in (0, {dca['chunk_size']})")
     dca["local_size"] = local_size
@@ -94,7 +100,7 @@ def calibration_prompts(tokenizer, lengths: list[int], per_length: int, seed: in
 
 
 def refine(out: Path, dca: dict, lengths: list[int], per_length: int, seed: int, base: tuple[int, int],
-           increments, filler: str | None = None) -> dict:
+           increments, filler: str | None = None, max_rounds: int = 3) -> dict:
     """Captures each layer's un-rotated (q, k) in dense DCA prefills of the calibration prompts and refines a
     uniform base config layer by layer with longserve.kernels.refine_sparse_config; writes the JSON file."""
     import torch
@@ -121,11 +127,12 @@ def refine(out: Path, dca: dict, lengths: list[int], per_length: int, seed: int,
         samples = [(q, k) for l_, q, k, _ in captured if l_ == layer]
         config, history = refine_sparse_config(
             config, layer, samples, rope_theta=float(cfg.rope_parameters["rope_theta"]),
-            chunk_size=dca["chunk_size"], local_size=dca["local_size"], increments=increments)
+            chunk_size=dca["chunk_size"], local_size=dca["local_size"], increments=increments, max_rounds=max_rounds)
         recalls[layer] = [[round(x, 4) for x in row] for row in history.tolist()]
         print(f"layer {layer}: recall per round {recalls[layer]}", flush=True)
     config.save(out / "sparse_attention_config.json")
     return {"base": list(base), "increments": [[b if b > -1 else None, i] for b, i in increments],
+            "max_rounds": max_rounds,
             "calibration_lengths": lengths,
             "per_length": per_length, "calibration_filler": filler or "qwen/varied", "recall_history": recalls}
 
@@ -135,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="training output directory")
     p.add_argument("--out", required=True, help="model directory to write (e.g. models/demo-passkey)")
     p.add_argument("--local-size", type=int, required=True, help="DCA local_size chosen by measurement")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="DCA chunk_size (the largest relative position DCA produces) chosen by measurement; "
+                        "default: the checkpoint's (T)")
     p.add_argument("--sparse-threshold", type=int, default=None, help="default: 2 x chunk_size")
     p.add_argument("--calib-lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--calib-per-length", type=int, default=2)
@@ -147,6 +157,8 @@ def main(argv=None) -> int:
                    help="base slash budget (the 100 nearest diagonals are always forced)")
     p.add_argument("--increment-scale", type=int, default=64,
                    help="budget increments for recall buckets [0.8,0.9), [0.7,0.8), [0.6,0.7), below: 1x/2x/4x/6x this")
+    p.add_argument("--max-rounds", type=int, default=3,
+                   help="refinement rounds per layer at most (it stops earlier once every head's recall reaches 0.9)")
     p.add_argument("--earlier-stages", nargs="*", default=[], metavar="DIR",
                    help="outputs of the earlier training stages, in order (--ckpt is the last), or a finalized "
                         "model they continue: their loss.csv, evals.csv and train_args.json are merged with the "
@@ -157,10 +169,13 @@ def main(argv=None) -> int:
     from longserve.bench import haystacks as hs
     if args.calib_filler is not None and args.calib_filler not in hs.TRAINING_STYLES:
         p.error(f"--calib-filler must be one of {', '.join(hs.TRAINING_STYLES)} (the held-out haystack stays unseen)")
+    if args.max_rounds < 1:
+        p.error("--max-rounds must be >= 1")
     if any(Path(d).resolve() == Path(args.out).resolve() for d in args.earlier_stages):
         p.error("an --earlier-stages directory is --out itself: copy it elsewhere first (--out is overwritten)")
     try:
-        dca = copy_checkpoint(Path(args.ckpt), Path(args.out), args.local_size, args.sparse_threshold)
+        dca = copy_checkpoint(Path(args.ckpt), Path(args.out), args.local_size, args.sparse_threshold,
+                              args.chunk_size)
         if args.earlier_stages:
             steps = merge_stages([Path(d) for d in args.earlier_stages] + [Path(args.ckpt)], Path(args.out))
             n = len(json.loads((Path(args.out) / "train_args.json").read_text())["stages"])
@@ -176,7 +191,7 @@ def main(argv=None) -> int:
     inc = args.increment_scale
     increments = ((0.9, 0), (0.8, inc), (0.7, 2 * inc), (0.6, 4 * inc), (float("-inf"), 6 * inc))
     report = refine(Path(args.out), dca, args.calib_lengths, args.calib_per_length, args.seed,
-                    (args.base_vertical, args.base_slash), increments, args.calib_filler)
+                    (args.base_vertical, args.base_slash), increments, args.calib_filler, args.max_rounds)
     (Path(args.out) / "sparse_refinement.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -29,6 +29,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 
 from longserve.bench import demo_prompts as dp
 from longserve.bench import haystacks as hs
+from longserve.bench import passkey_oracle as oracle
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -151,10 +152,23 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, valid, answer
 
 
-def losses(model, ids, valid, answer, autocast: bool):
-    """Mean next-token loss over all real tokens, and over the answer's key digits and ending alone."""
+def losses(model, ids, valid, answer, autocast: bool, dca: tuple[int, int] | None = None):
+    """Mean next-token loss over all real tokens, and over the answer's key digits and ending alone.
+    ``dca`` = (chunk_size, local_size) runs the forward with DCA positions (the passkey oracle's differentiable
+    attention, docs/algorithms.md#dca-positions) instead of plain RoPE."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids).logits
+        if dca is None:
+            logits = model(input_ids=ids).logits
+        else:
+            plain = model.config._attn_implementation
+            oracle._SETTINGS.update(chunk_size=dca[0], local_size=dca[1], sparse=None, capture=None, stats=None,
+                                    prompt_len=None)
+            model.set_attn_implementation(oracle.ATTN_NAME)
+            try:        # all position ids 0: the model's own rotary is the identity, the oracle rotates
+                logits = model(input_ids=ids, position_ids=torch.zeros_like(ids)).logits
+            finally:
+                model.set_attn_implementation(plain)
+                oracle._SETTINGS.update(chunk_size=None, local_size=None)
     logits = logits[:, :-1].float()
     tgt, v, a = ids[:, 1:], valid[:, 1:], answer[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
@@ -249,6 +263,7 @@ def _train(args) -> list[dict]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     data_rng = random.Random(args.seed)
+    dca_rng = random.Random(args.seed + 3_000_017)     # its own stream: --dca-train leaves the data unchanged
     eval_rng = random.Random(args.seed + 1_000_003)
     n_eval = args.eval_samples
     eval_tasks = Tasks(tokenizer, 0.0, mask_ending=tasks.mask_ending)    # seed needle, 5-digit keys
@@ -270,13 +285,18 @@ def _train(args) -> list[dict]:
         ids, valid, answer = collate(batch, tokenizer.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        loss, ans_loss, *_ = losses(model, ids, valid, answer, args.autocast)
+        dca = None
+        if args.dca_train and dca_rng.random() < args.dca_train:
+            chunk = dca_rng.choice(args.dca_train_chunks)
+            dca = (chunk, chunk // 4)
+        loss, ans_loss, *_ = losses(model, ids, valid, answer, args.autocast, dca)
         opt.zero_grad(set_to_none=True)
         (loss + args.answer_weight * ans_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = time.time() - start
-        loss_rows.append({"step": step + 1, "tokens": int(valid.sum()), "loss": round(loss.item(), 6),
+        dca_column = {"dca_chunk": dca[0] if dca else 0} if args.dca_train else {}
+        loss_rows.append({"step": step + 1, "tokens": int(valid.sum()), **dca_column, "loss": round(loss.item(), 6),
                           "answer_loss": round(ans_loss.item(), 6), "lr": round(lr_at(step, args), 8),
                           "elapsed_s": round(elapsed, 1)})
         if (step + 1) % args.log_every == 0:
@@ -336,6 +356,12 @@ def parse_args(argv=None):
                    help="filler of the evaluation prompts that can stop training (default: drawn as originally)")
     p.add_argument("--heldout-eval", action="store_true",
                    help="also report passkey accuracy at T on the held-out haystack (column heldout_passkey_acc)")
+    p.add_argument("--dca-train", type=float, default=0.0,
+                   help="share of steps whose forward uses DCA with a chunk_size below T (drawn from "
+                        "--dca-train-chunks, local_size a quarter of it), so prompts of at most T tokens already "
+                        "span several DCA chunks and their repeated positions, as prompts far past T do at serving")
+    p.add_argument("--dca-train-chunks", type=lambda t: [int(x) for x in t.split(",")], default=[128, 192, 256],
+                   help="chunk_size values for --dca-train steps (default 128,192,256)")
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
@@ -368,6 +394,10 @@ def parse_args(argv=None):
         p.error("--stop-after-steps must be >= 0")
     if not 0 < args.dca_local < args.seq_len:
         p.error("--dca-local must be in (0, seq-len)")
+    if not 0.0 <= args.dca_train <= 1.0:
+        p.error("--dca-train must be in [0, 1]")
+    if args.dca_train and not all(8 <= c <= args.seq_len and c % 4 == 0 for c in args.dca_train_chunks):
+        p.error("--dca-train-chunks must be multiples of 4 in [8, seq-len]")
     if args.heads % args.kv_heads or args.hidden % args.heads:
         p.error("--heads must divide --hidden and be a multiple of --kv-heads")
     return args
