@@ -35,5 +35,5 @@ NO_BUDGET=(--time-budget-min 100000 --threads 2)
     --needles varied --none-fraction 0.08 --kv-fraction 0.28 --eval-style pydoc --heldout-eval "${NO_BUDGET[@]}"
 "$PY" tools/demo_finalize.py --ckpt "$WORK/stage5" \
     --earlier-stages "$WORK/stage1" "$WORK/stage2" "$WORK/stage3" "$WORK/stage4" \
-    --out "$MODEL" --local-size 128 --calib-lengths 4096 --calib-per-length 1 --increment-scale 16 --calib-filler pydoc \
-    --threads 2
+    --out "$MODEL" --chunk-size 384 --local-size 96 --sparse-threshold 1024 --calib-lengths 8192 --calib-per-length 1 \
+    --increment-scale 16 --max-rounds 20 --calib-filler pydoc --threads 1
