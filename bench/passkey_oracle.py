@@ -13,6 +13,8 @@ those digits when the answer prefix is right.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AttentionInterface, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
@@ -27,6 +29,21 @@ ATTN_NAME = "longserve_dca_oracle"
 # scale (None: the whole input is the prompt).
 _SETTINGS: dict = {"chunk_size": None, "local_size": None, "sparse": None, "capture": None, "stats": None,
                    "prompt_len": None}
+
+
+@contextlib.contextmanager
+def settings(**overrides):
+    """Applies ``overrides`` to the oracle's settings for the block and restores the previous ones after it, also
+    when the block raises; the one way callers (trainer, finalize, tests) switch DCA positions on and off."""
+    unknown = set(overrides) - set(_SETTINGS)
+    if unknown:
+        raise KeyError(f"unknown oracle settings: {', '.join(sorted(unknown))}")
+    saved = dict(_SETTINGS)
+    _SETTINGS.update(overrides)
+    try:
+        yield
+    finally:
+        _SETTINGS.update(saved)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -110,8 +127,7 @@ def _kernels_sparse(module, query, key, value, theta, scaling):
     outs = [dual_chunk_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), rope_theta=theta,
                                  chunk_size=_SETTINGS["chunk_size"], local_size=_SETTINGS["local_size"],
                                  original_max_position_embeddings=original_max(module.config),
-                                 sparse=budgets, scale=scaling,
-                                 stats=_SETTINGS["stats"])
+                                 sparse=budgets, scale=scaling, stats=_SETTINGS["stats"])
             for q, k, v in zip(query, key, value)]
     return torch.stack(outs)
 
@@ -132,15 +148,12 @@ def answer_correct(model, tok, sample: dp.Sample, chunk_size: int | None, local_
     """True iff every target digit is the argmax given the prompt and the correct answer prefix; ``stats`` (a
     ``kernels.PairStats``) gets the sparse calls' pair counts added."""
     prompt = tok.encode(dp.chat_prompt(sample.prompt), add_special_tokens=False)
-    _SETTINGS.update(chunk_size=chunk_size, local_size=local_size, sparse=sparse, stats=stats, prompt_len=len(prompt))
     head = sample.answer.rpartition(sample.target)[0]
     head_ids = tok.encode(head, add_special_tokens=False)
     digits = tok.encode(sample.target, add_special_tokens=False)
     ids = torch.tensor([prompt + head_ids + digits])
-    try:
+    with settings(chunk_size=chunk_size, local_size=local_size, sparse=sparse, stats=stats, prompt_len=len(prompt)):
         hidden = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
-    finally:
-        _SETTINGS["prompt_len"] = None
     first = len(prompt) + len(head_ids) - 1
     logits = model.lm_head(hidden[0, first: first + len(digits)])
     return bool((logits.argmax(-1) == torch.tensor(digits)).all())

@@ -71,9 +71,8 @@ def test_oracle_dca_equals_plain_up_to_the_chunk_size(dca):
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
-        po._SETTINGS.update(chunk_size=dca["chunk_size"], local_size=dca["local_size"])
-        with_dca = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
-        po._SETTINGS.update(chunk_size=None, local_size=None)
+        with po.settings(chunk_size=dca["chunk_size"], local_size=dca["local_size"]):
+            with_dca = model.model(input_ids=ids, position_ids=torch.zeros_like(ids)).last_hidden_state
     assert (plain - with_dca).abs().max().item() < 1e-4
 
 
@@ -88,14 +87,23 @@ def test_oracle_attention_matches_reference_dca(chunk_size, local_size):
     L, H, G, D = 45, 4, 2, 8
     q, k, v = (torch.randn(1, n, L, D, generator=g, dtype=torch.float64) for n in (H, G, G))
     module = SimpleNamespace(config=SimpleNamespace(rope_parameters={"rope_theta": 100.0}))
-    po._SETTINGS.update(chunk_size=chunk_size, local_size=local_size)
-    try:
+    with po.settings(chunk_size=chunk_size, local_size=local_size):
         got, _ = po.dca_attention(module, q, k, v, None, scaling=D ** -0.5)
-    finally:
-        po._SETTINGS.update(chunk_size=None, local_size=None)
     want = dual_chunk_attention_reference(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                           rope_theta=100.0, chunk_size=chunk_size, local_size=local_size)
     assert torch.allclose(got[0], want, atol=1e-10)
+
+
+def test_oracle_settings_are_restored_after_the_block_and_on_error():
+    from longserve.bench import passkey_oracle as po
+    before = dict(po._SETTINGS)
+    with pytest.raises(RuntimeError), po.settings(chunk_size=16, local_size=4):
+        assert po._SETTINGS["chunk_size"] == 16
+        raise RuntimeError("inside")
+    assert po._SETTINGS == before
+    with pytest.raises(KeyError, match="chunk"):
+        with po.settings(chunk=16):
+            pass
 
 
 def test_oracle_yarn_scale_matches_reference_prefill_and_decode():
@@ -112,11 +120,8 @@ def test_oracle_yarn_scale_matches_reference_prefill_and_decode():
     config = SimpleNamespace(rope_parameters={"rope_theta": 100.0},
                              dual_chunk_attention_config={"original_max_position_embeddings": 12})
     toy = dict(rope_theta=100.0, chunk_size=16, local_size=4, original_max_position_embeddings=12)
-    po._SETTINGS.update(chunk_size=16, local_size=4, prompt_len=n_prompt)
-    try:
+    with po.settings(chunk_size=16, local_size=4, prompt_len=n_prompt):
         got, _ = po.dca_attention(SimpleNamespace(config=config), q, k, v, None, scaling=D ** -0.5)
-    finally:
-        po._SETTINGS.update(chunk_size=None, local_size=None, prompt_len=None)
     qs, ks, vs = (x[0].transpose(0, 1) for x in (q, k, v))
     prefill = dual_chunk_attention_reference(qs[:n_prompt], ks[:n_prompt], vs[:n_prompt], **toy)
     unscaled = dual_chunk_attention_reference(qs, ks, vs, **dict(toy, original_max_position_embeddings=0))
@@ -148,8 +153,8 @@ def test_training_is_reproducible(tmp_path):
 
 def test_dca_training_steps_are_seeded_and_leave_the_data_stream_alone(tmp_path):
     """--dca-train runs a share of the steps with DCA positions at a chunk below T: the same data (its own random
-    stream), a different forward (prompts of 200-256 tokens span several 64-token chunks), reproducible, and the
-    model's own attention implementation is back after each DCA step."""
+    stream), a different forward (prompts of 200-256 tokens span several 64-token chunks), reproducible, and bad
+    values refused."""
     train = _load_tool("train_demo_model")
     argv = ["--tokenizer", str(MODEL), "--seed", "3", "--layers", "1", "--hidden", "32", "--heads", "2",
             "--kv-heads", "1", "--intermediate", "64", "--seq-len", "256", "--min-len", "200",

@@ -111,14 +111,11 @@ def refine(out: Path, dca: dict, lengths: list[int], per_length: int, seed: int,
     model, tok = po.load(str(out))
     cfg = model.config
     captured: list = []
-    po._SETTINGS.update(chunk_size=dca["chunk_size"], local_size=dca["local_size"], sparse=None, capture=captured)
-    try:
-        with torch.no_grad():
-            for ids in calibration_prompts(tok, lengths, per_length, seed, filler):
-                t = torch.tensor([ids])
-                model.model(input_ids=t, position_ids=torch.zeros_like(t))
-    finally:
-        po._SETTINGS.update(chunk_size=None, local_size=None, capture=None)
+    with po.settings(chunk_size=dca["chunk_size"], local_size=dca["local_size"], sparse=None, capture=captured), \
+            torch.no_grad():
+        for ids in calibration_prompts(tok, lengths, per_length, seed, filler):
+            t = torch.tensor([ids])
+            model.model(input_ids=t, position_ids=torch.zeros_like(t))
     heads = cfg.num_attention_heads
     config = SparseAttentionConfig(tuple(tuple(HeadPattern(*base) for _ in range(heads))
                                          for _ in range(cfg.num_hidden_layers)))

@@ -85,6 +85,14 @@ def weighted(text: str, known: tuple[str, ...], what: str) -> dict[str, float]:
     return out
 
 
+def int_list(text: str) -> list[int]:
+    """Parse "32,48,64" into [32, 48, 64]."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 class Tasks:
     """Seeded generator of tokenised training / evaluation examples sized in tokens.
 
@@ -161,14 +169,13 @@ def losses(model, ids, valid, answer, autocast: bool, dca: tuple[int, int] | Non
             logits = model(input_ids=ids).logits
         else:
             plain = model.config._attn_implementation
-            oracle._SETTINGS.update(chunk_size=dca[0], local_size=dca[1], sparse=None, capture=None, stats=None,
-                                    prompt_len=None)
             model.set_attn_implementation(oracle.ATTN_NAME)
             try:        # all position ids 0: the model's own rotary is the identity, the oracle rotates
-                logits = model(input_ids=ids, position_ids=torch.zeros_like(ids)).logits
+                with oracle.settings(chunk_size=dca[0], local_size=dca[1], sparse=None, capture=None, stats=None,
+                                     prompt_len=None):
+                    logits = model(input_ids=ids, position_ids=torch.zeros_like(ids)).logits
             finally:
                 model.set_attn_implementation(plain)
-                oracle._SETTINGS.update(chunk_size=None, local_size=None)
     logits = logits[:, :-1].float()
     tgt, v, a = ids[:, 1:], valid[:, 1:], answer[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
@@ -360,7 +367,7 @@ def parse_args(argv=None):
                    help="share of steps whose forward uses DCA with a chunk_size below T (drawn from "
                         "--dca-train-chunks, local_size a quarter of it), so prompts of at most T tokens already "
                         "span several DCA chunks and their repeated positions, as prompts far past T do at serving")
-    p.add_argument("--dca-train-chunks", type=lambda t: [int(x) for x in t.split(",")], default=[128, 192, 256],
+    p.add_argument("--dca-train-chunks", type=int_list, default=[128, 192, 256],
                    help="chunk_size values for --dca-train steps (default 128,192,256)")
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-3)
