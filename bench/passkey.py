@@ -7,7 +7,10 @@ in the model's own tokens with its chat template, and go through our engine (gre
 or through the transformers oracle (`--backend oracle`, teacher-forced, engine-independent). A reply is
 correct when it is exactly the trained answer ("The pass key is 28884."; `--match number`: when its first number
 is the key). Output: a table on stdout, plus
-`passkey.csv`, `passkey.png` (heatmap in the style of the Qwen passkey figure) and `summary.json` in --out.
+`passkey.csv`, `passkey.png` (heatmap in the style of the Qwen passkey figure), `prompts.csv` (one row per prompt,
+with the needle's distance from the end of the prompt) and `summary.json` in --out. A depth is a fraction of the
+filler, so the distance DCA has to bridge varies with the sentences around it; `--distance-bins` adds a table by
+that distance, which is what decides whether plain RoPE still reads a needle (docs: bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -68,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a reply counts when it is exactly the trained answer 'The pass key is <key>.' (default), or "
                         "when its first number is the key (lenient: 'The pass key is 28884Q.' counts)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (keys, filler)")
+    p.add_argument("--distance-bins", type=_ints, default=None,
+                   help="also tabulate accuracy by the needle's distance in tokens from the end of the prompt, "
+                        "with these upper bounds, e.g. 512,768,1024 (a last open bin is added)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default bench/results/passkey-<time>)")
 
@@ -88,6 +94,37 @@ def chat_ids(tokenizer, sample) -> list[int]:
     """The token ids of `sample`'s prompt as one user turn in the model's chat template, ready for generation."""
     return list(tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
                                               add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def needle_distance(tokenizer, sample, ids: list[int]) -> int:
+    """Tokens from the first token of the needle's key to the end of the prompt `ids` (the chat template included):
+    the relative distance the model must bridge to read the key. The prefix is tokenized on its own, so a token that
+    straddles the cut can move the figure by one."""
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    cut = chat.index(sample.prompt) + sample.prompt.index(sample.target)
+    return len(ids) - len(tokenizer.encode(chat[:cut], add_special_tokens=False))
+
+
+def distance_table(rows, bounds: list[int]) -> list[dict]:
+    """[{"low", "high", "prompts", "correct"}] over `rows` of (needle_distance, correct), binned by the upper
+    `bounds` (inclusive) plus an open last bin; empty bins are left out."""
+    edges = sorted(set(bounds))
+    bins = [{"low": lo + 1, "high": hi, "prompts": 0, "correct": 0}
+            for lo, hi in zip([-1] + edges, edges + [None])]
+    for distance, correct in rows:
+        b = next(b for b in bins if b["high"] is None or distance <= b["high"])
+        b["prompts"] += 1
+        b["correct"] += bool(correct)
+    return [b for b in bins if b["prompts"]]
+
+
+def format_distance_table(bins) -> str:
+    lines = ["needle distance (tokens)   prompts   accuracy", "-" * 45]
+    for b in bins:
+        span = f"{b['low']}-{b['high']}" if b["high"] is not None else f">= {b['low']}"
+        lines.append(f"{span:>24} {b['prompts']:>9} {100 * b['correct'] / b['prompts']:>9.1f}%")
+    return "\n".join(lines)
 
 
 def build_prompts(tokenizer, lengths, depths, samples, key_digits, filler, seed):
@@ -198,7 +235,9 @@ def evaluate(args) -> dict:
     cells = [{"length": k[0], "depth": k[1], "samples": len(grid[k]), "correct": sum(verdicts[k]),
               "accuracy": sum(verdicts[k]) / len(grid[k]),
               "mean_prompt_tokens": round(sum(len(ids) for _, ids in grid[k]) / len(grid[k]), 1),
-              "answers": answers.get(k)}
+              "answers": answers.get(k),
+              "prompts": [{"tokens": len(ids), "needle_distance": needle_distance(tokenizer, s, ids), "correct": v}
+                          for (s, ids), v in zip(grid[k], verdicts[k])]}
              for k in keys]
     pairs = None
     if args.sparse == "on":
@@ -271,14 +310,24 @@ def run(args) -> int:
         for c in cells:
             f.write(f"{c['length']},{c['depth']},{c['samples']},{c['correct']},{c['accuracy']:.4f},"
                     f"{c['mean_prompt_tokens']}\n")
+    with open(out / "prompts.csv", "w") as f:
+        f.write("length,depth,prompt,prompt_tokens,needle_distance,correct\n")
+        for c in cells:
+            for i, pr in enumerate(c["prompts"]):
+                f.write(f"{c['length']},{c['depth']},{i},{pr['tokens']},{pr['needle_distance']},{int(pr['correct'])}\n")
+    by_distance = None
+    if args.distance_bins:
+        by_distance = distance_table([(pr["needle_distance"], pr["correct"]) for c in cells for pr in c["prompts"]],
+                                     args.distance_bins)
+        print(format_distance_table(by_distance))
     save_heatmap(out / "passkey.png", cells, args.lengths, args.depths, f"passkey: {Path(args.model).name}, {mode}")
     summary = {"model": args.model, "dca": args.dca, "sparse": args.sparse, "backend": args.backend,
                "kernels": args.kernels, "filler": args.filler, "match": args.match, "depths": args.depths,
                "answers": {f"{c['length']}/{c['depth']}": c["answers"] for c in cells if c["answers"]},
                "samples": args.samples, "seed": args.seed, "seconds": result["seconds"],
-               "sparse_pairs": result["sparse_pairs"],
+               "sparse_pairs": result["sparse_pairs"], "by_needle_distance": by_distance,
                "average_by_length": {str(n): sum(c["accuracy"] for c in cells if c["length"] == n)
                                      / len(args.depths) for n in args.lengths}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out}/passkey.csv, passkey.png, summary.json")
+    print(f"wrote {out}/passkey.csv, passkey.png, prompts.csv, summary.json")
     return 0

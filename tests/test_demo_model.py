@@ -229,10 +229,14 @@ def test_bench_passkey_writes_table_csv_heatmap_and_pair_counts(tmp_path, capsys
     passkey.add_arguments(parser)
     args = parser.parse_args(["--model", str(MODEL), "--lengths", "260", "--depths", "0,1", "--samples", "1",
                               "--backend", "oracle", "--sparse", "on", "--sparse-threshold", "128",
-                              "--threads", "1", "--out", str(tmp_path)])
+                              "--threads", "1", "--distance-bins", "128", "--out", str(tmp_path)])
     assert passkey.run(args) == 0
     out = capsys.readouterr().out
-    assert "length \\ depth" in out and "sparse prefill computed" in out
+    assert "length \\ depth" in out and "sparse prefill computed" in out and "needle distance (tokens)" in out
+    with open(tmp_path / "prompts.csv", newline="") as f:
+        prompts = {float(r["depth"]): int(r["needle_distance"]) for r in csv.DictReader(f)}
+    # depth 1: only the question and the chat template's tail follow the key; depth 0: nearly the whole prompt
+    assert 10 < prompts[1.0] < 60 and 200 < prompts[0.0] <= 260
     rows = (tmp_path / "passkey.csv").read_text().strip().splitlines()
     assert rows[0].startswith("length,depth") and len(rows) == 3
     assert (tmp_path / "passkey.png").read_bytes()[:4] == b"\x89PNG"
@@ -241,6 +245,19 @@ def test_bench_passkey_writes_table_csv_heatmap_and_pair_counts(tmp_path, capsys
     assert 0 < pairs["computed_fraction"] <= 1 and pairs["computed"] <= pairs["dense_causal"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", str(MODEL), "--lengths", "0"])
+
+
+def test_distance_table_bins_by_inclusive_upper_bounds_and_drops_empty_bins():
+    from longserve.bench.passkey import distance_table, format_distance_table
+
+    rows = [(512, True), (513, False), (513, True), (2000, False)]
+    bins = distance_table(rows, [768, 512])
+    assert bins == [{"low": 0, "high": 512, "prompts": 1, "correct": 1},
+                    {"low": 513, "high": 768, "prompts": 2, "correct": 1},
+                    {"low": 769, "high": None, "prompts": 1, "correct": 0}]
+    assert distance_table([(5, True)], [512]) == [{"low": 0, "high": 512, "prompts": 1, "correct": 1}]
+    table = format_distance_table(bins)
+    assert "513-768" in table and ">= 769" in table and "50.0%" in table
 
 
 def _heldout_replies(tokenizer, length: int, dca_on: bool):
