@@ -288,10 +288,10 @@ def test_engine_with_dca_answers_passkeys_at_twice_the_training_length_on_unseen
 def test_without_dca_the_model_fails_past_twice_the_training_length(tokenizer):
     """The ablation: the same kind of prompts at 4T without DCA must mostly fail (at most half right; the bench
     measures 0 of 40), while DCA answers all of them (bench/RESULTS.md). At 2T plain RoPE still answers 87.5% in the
-    bench: a needle at depth 50% or more lies within T tokens of the question, a distance the model was trained on
-    (those depths: 24 of 24 right; depths 0 and 25%: 11 of 16). At 4T plain RoPE breaks down at every depth, so the
-    ablation is asserted there. (A stage trained with a lower RoPE base still answered 14 of this test's 20 prompts
-    at 2T without DCA, and lost 16T with DCA: bench/RESULTS.md.)"""
+    bench: it reads every needle up to 1.5T from the question (30 of 30; farther, 5 of 10), and of this test's 20 2T
+    needles the 12 past T (545-975 tokens away) are read 9 times. At 4T plain RoPE breaks down at every
+    depth, so the ablation is asserted there. (A stage trained with a lower RoPE base still answered 14 of the 20 2T
+    prompts without DCA, and lost 16T with DCA: bench/RESULTS.md.)"""
     replies, samples = _heldout_replies(tokenizer, 4 * dp.training_length(MODEL), dca_on=False)
     assert sum(r == s.answer for r, s in zip(replies, samples)) <= 0.5 * len(samples), replies
 
