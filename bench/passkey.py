@@ -30,7 +30,7 @@ def _ints(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
     if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError("lengths must be positive integers")
+        raise argparse.ArgumentTypeError(f"expected positive integers (token counts), got {text!r}")
     return vals
 
 
